@@ -1,0 +1,97 @@
+"""Indexed reading of a shard set: one seek and one read per sample, no tar scan."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from shards.manifest import Manifest, load_manifest
+
+
+class CorruptSampleError(ValueError):
+    """A member that cannot be decoded; the message names the shard and member."""
+
+
+def decode_image(data: bytes, where: str) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:
+        raise CorruptSampleError(f"{where}: cannot decode image ({exc})") from exc
+
+
+def decode_labels(data: bytes, where: str) -> dict:
+    try:
+        return json.loads(data)
+    except Exception as exc:
+        raise CorruptSampleError(f"{where}: cannot decode labels ({exc})") from exc
+
+
+class ShardReader:
+    """Random access to the samples of one split, by position in the manifest's order.
+
+    File handles are opened lazily and per process, so a reader can be handed to DataLoader workers.
+    """
+
+    def __init__(self, directory: str | os.PathLike, split: str, manifest: Manifest | None = None):
+        self.directory = Path(directory)
+        self.manifest = manifest or load_manifest(self.directory)
+        self.split = split
+        shards = self.manifest.split(split).shards
+        self._paths = [self.directory / s.name for s in shards]
+        self._shard_of: list[int] = []
+        self._members = []
+        for si, shard in enumerate(shards):
+            self._shard_of.extend([si] * len(shard.members))
+            self._members.extend(shard.members)
+        self.shard_sizes = [len(s.members) for s in shards]
+        self._handles: dict[int, object] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        return state
+
+    def _handle(self, shard: int):
+        if self._pid != os.getpid():  # forked: never share file offsets with the parent
+            self._handles, self._pid = {}, os.getpid()
+        fh = self._handles.get(shard)
+        if fh is None:
+            fh = self._handles[shard] = open(self._paths[shard], "rb", buffering=0)
+        return fh
+
+    def where(self, index: int) -> str:
+        member = self._members[index]
+        return f"{self._paths[self._shard_of[index]].name}:{member.key}"
+
+    def read_raw(self, index: int) -> tuple[bytes, bytes]:
+        """The image and label bytes of sample ``index``, read with one contiguous read."""
+        m = self._members[index]
+        fh = self._handle(self._shard_of[index])
+        span = m.json_offset + m.json_size - m.image_offset
+        data = os.pread(fh.fileno(), span, m.image_offset)
+        if len(data) != span:
+            raise CorruptSampleError(f"{self.where(index)}: shard is truncated")
+        return data[: m.image_size], data[m.json_offset - m.image_offset :]
+
+    def read(self, index: int) -> tuple[np.ndarray, dict]:
+        image_bytes, json_bytes = self.read_raw(index)
+        where = self.where(index)
+        return decode_image(image_bytes, where), decode_labels(json_bytes, where)
+
+    def labels(self, index: int) -> dict:
+        m = self._members[index]
+        data = os.pread(self._handle(self._shard_of[index]).fileno(), m.json_size, m.json_offset)
+        return decode_labels(data, self.where(index))
+
+    def close(self) -> None:
+        for fh in self._handles.values():
+            fh.close()
+        self._handles = {}
