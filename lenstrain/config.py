@@ -1,0 +1,245 @@
+"""Typed training configuration, validated at the edge.
+
+A config file holds the training sections of a job: ``seed data model optim schedule train parallel
+checkpoint log``. A whole job file from ``jobs/`` is accepted too: its ``resources`` section belongs
+to the launcher and is ignored here. Unknown keys, wrong types and out-of-range values raise
+:class:`ConfigError`, whose message names each dotted path and the valid choices.
+"""
+
+from __future__ import annotations
+
+import copy
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+LAUNCHER_SECTIONS = ("resources", "name")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message is meant for the user, verbatim."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentConfig(Section):
+    rotate: bool = True  # any angle: lensing labels are rotation invariant
+    flip: bool = True
+
+
+class DataConfig(Section):
+    shards: Path
+    batch_size: int = Field(32, ge=1, description="per rank, per micro-step")
+    workers: int = Field(2, ge=0)
+    prefetch: int = Field(2, ge=1)
+    target: str | None = None  # default: the shard set's primary target
+    target_scaling: Literal["standard", "minmax", "none"] = "standard"
+    normalize: bool = True  # pixel mean/std from the manifest
+    augment: AugmentConfig = AugmentConfig()
+    val_split: str = "val"
+    val_batch_size: int | None = Field(None, ge=1)
+    keep_global_batch: bool = True  # on a resume with another world size
+
+
+class ModelConfig(Section):
+    name: str = "alternet_tiny"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    channels_last: bool = False
+    compile: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from lenstrain.models import list_models
+
+        known = list_models()
+        if name not in known:
+            raise ValueError(f"unknown model {name!r}; valid choices: {', '.join(known)}")
+        return name
+
+
+class OptimConfig(Section):
+    name: Literal["adam", "adamw", "radam", "sgd", "lion"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    l1: float = Field(0.0, ge=0, description="L1 penalty on weights, added to the loss")
+    l2: float = Field(0.0, ge=0, description="L2 penalty on weights, added to the loss")
+
+
+class ScheduleConfig(Section):
+    name: Literal["constant", "cosine", "onecycle", "step", "plateau"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    step_size: int = Field(1000, ge=1)  # step schedule
+    gamma: float = Field(0.1, gt=0, le=1)  # step schedule
+    pct_start: float = Field(0.3, gt=0, lt=1)  # one-cycle
+    factor: float = Field(0.5, gt=0, lt=1)  # plateau
+    patience: int = Field(2, ge=0)  # plateau, in validations
+    metric: str = "val/loss"  # plateau
+
+
+class EarlyStoppingConfig(Section):
+    metric: str = "val/loss"
+    mode: Literal["min", "max"] = "min"
+    patience: int = Field(5, ge=1, description="validations without improvement")
+    min_delta: float = Field(0.0, ge=0)
+
+
+class TrainConfig(Section):
+    max_steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    grad_accum: int = Field(1, ge=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    loss: Literal["auto", "mse", "mae", "huber", "bce", "ce"] = "auto"
+    huber_delta: float = Field(1.0, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    nan_policy: Literal["stop", "skip"] = "stop"
+    max_skipped_steps: int = Field(10, ge=0)
+    deterministic: bool = False
+    val_every_steps: int = Field(0, ge=0, description="0: validate at the end only")
+    early_stopping: EarlyStoppingConfig | None = None
+    tta_rotations: int = Field(1, ge=1, description="test-time rotation averaging in eval")
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainConfig:
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("set train.max_steps or train.epochs")
+        return self
+
+
+class ParallelConfig(Section):
+    strategy: Literal["single", "ddp", "deepspeed"] = "ddp"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    zero_stage: int = Field(1, ge=0, le=3)  # deepspeed
+    offload_optimizer: bool = False  # deepspeed
+    find_unused_parameters: bool = False
+
+
+class CheckpointConfig(Section):
+    every_steps: int = Field(500, ge=0, description="0: off")
+    every_minutes: float | None = Field(30.0, gt=0)
+    keep: int = Field(3, ge=1)
+    best_metric: str | None = "val/loss"
+    best_mode: Literal["min", "max"] = "min"
+
+
+class LogConfig(Section):
+    every_steps: int = Field(10, ge=1)
+    images: bool = True
+    console: bool = True
+
+
+class LenstrainConfig(Section):
+    seed: int = 0
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    train: TrainConfig
+    parallel: ParallelConfig = ParallelConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """Apply ``a.b=c`` overrides; values parse as YAML (``3e-4``, ``true``, ``[1,2]``)."""
+    data = copy.deepcopy(data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=3e-4")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _field_choices(model: type[BaseModel], loc: tuple) -> list[str] | None:
+    """The valid keys at ``loc`` (for an unknown key), walking nested models."""
+    current: Any = model
+    for part in loc[:-1]:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return None
+        current = _model_of(field.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return None
+
+
+def _model_of(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        path = prefix + ".".join(str(p) for p in loc) if loc else (prefix.rstrip(".") or "(top level)")
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            choices = _field_choices(model, loc)
+            msg = "unknown key" + (f"; valid keys: {', '.join(choices)}" if choices else "")
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        lines.append(f"  {path}: {msg}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def validate_config(data: dict) -> LenstrainConfig:
+    data = {k: v for k, v in data.items() if k not in LAUNCHER_SECTIONS}
+    try:
+        return LenstrainConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, LenstrainConfig)) from None
+
+
+def load_config(source: str | Path | dict, overrides: list[str] | None = None) -> LenstrainConfig:
+    """Read (a path) or take (a dict) a config, apply ``--set`` overrides, and validate it."""
+    data = read_yaml(source) if not isinstance(source, dict) else source
+    return validate_config(apply_overrides(data, overrides))
+
+
+def dump_config(config: LenstrainConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
