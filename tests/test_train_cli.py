@@ -1,0 +1,74 @@
+"""The train command's edges: strict config errors, TensorBoard events, run-dir layout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lenstrain.cli import main
+from tests.train_helpers import lenstrain, make_ring_shards, write_config
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_ring_shards(tmp_path_factory.mktemp("data") / "rings", n=60)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("optim.lrr=1e-3", "optim.lrr: unknown key; valid keys: name, lr"),
+        ("optim.name=adamx", "optim.name: Input should be 'adam', 'adamw', 'radam', 'sgd' or 'lion'"),
+        ("train.precision=fp8", "train.precision: Input should be 'auto', 'fp32', 'bf16' or 'fp16'"),
+        ("data.batch_size=0", "data.batch_size: Input should be greater than or equal to 1"),
+        ("model.name=resnet9", "model.name: unknown model 'resnet9'; valid choices: "),
+        ("parallel.strategy=fsdp", "parallel.strategy: Input should be 'single', 'ddp' or 'deepspeed'"),
+        ("checkpoint.keep=abc", "checkpoint.keep: Input should be a valid integer"),
+        ("data.shards=/nonexistent", "data.shards: /nonexistent is not a shard set"),
+    ],
+)
+def test_bad_configs_exit_2_naming_the_dotted_path(tmp_path, shards, override, expected, capsys):
+    config = write_config(tmp_path / "c.yaml", shards)
+    code = main(["train", str(config), "--run-dir", str(tmp_path / "run"), "--set", override])
+    assert code == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_bad_config_exit_status_from_the_command_line(tmp_path, shards):
+    config = write_config(tmp_path / "c.yaml", shards)
+    proc = lenstrain("train", config, "--run-dir", tmp_path / "run", "--set", "train.max_stepz=3")
+    assert proc.returncode == 2
+    assert "train.max_stepz: unknown key" in proc.stderr
+
+
+def test_job_file_with_resources_is_accepted(tmp_path, shards):
+    config = write_config(tmp_path / "c.yaml", shards, train={"max_steps": 2})
+    job = yaml.safe_load(config.read_text())
+    job["resources"] = {"nodes": 1}
+    config.write_text(yaml.safe_dump(job))
+    proc = lenstrain("train", config, "--run-dir", tmp_path / "run", check=True)
+    assert "step 2/2" in proc.stdout
+
+
+def test_tensorboard_events_and_run_layout(tmp_path, shards):
+    config = write_config(tmp_path / "c.yaml", shards, train={"max_steps": 6, "val_every_steps": 3},
+                          log={"every_steps": 2, "images": True})
+    run = tmp_path / "run"
+    lenstrain("train", config, "--run-dir", run, check=True)
+    assert (run / "config.yaml").is_file() and (run / "checkpoints" / "step-00000006" / "COMPLETE").is_file()
+    progress = json.loads((run / "progress.json").read_text())
+    assert progress["state"] == "done" and progress["step"] == 6
+
+    events = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    tags = events.Tags()
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "perf/samples_per_s", "val/mse", "val/mae", "val/r2"):
+        assert tag in tags["scalars"], tag
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6]
+    assert [e.step for e in events.Scalars("val/r2")] == [3, 6]
+    assert all(e.value == e.value for e in events.Scalars("train/loss"))  # finite, not NaN
+    assert "val/pred_vs_true" in tags["images"] and "data/train_batch" in tags["images"]
