@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.slurm_helpers import start_cluster, stop_cluster
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The real devcluster, up for the whole session; SLURM_CONF points at it. Fails (never skips) if
+    ``slurm/devcluster up`` fails."""
+    try:
+        cluster = start_cluster()
+    except Exception:
+        stop_cluster()
+        raise
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(cluster.conf)
+    try:
+        yield cluster
+    finally:
+        if previous is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = previous
+        stop_cluster()
