@@ -53,6 +53,9 @@ class Member(_Strict):
     image_size: int
     json_offset: int
     json_size: int
+    # CRC-32 of each member's data, so that verification can name the member a damaged shard lost.
+    image_crc32: int | None = None
+    json_crc32: int | None = None
 
 
 class Shard(_Strict):

@@ -13,8 +13,10 @@ import math
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from shards.manifest import (
+    MANIFEST_NAME,
     SPLITS,
     ImageInfo,
     Manifest,
@@ -77,7 +80,7 @@ class _HashingFile:
     """A write-only file that hashes what passes through it (saves a second read of every shard)."""
 
     def __init__(self, path: Path):
-        self._fh = open(path, "wb")
+        self._fh = open(path, "wb")  # noqa: SIM115 - closed in finish()
         self._hash = hashlib.sha256()
         self._pos = 0
 
@@ -113,14 +116,16 @@ class _ShardWriter:
     def __init__(self, path: Path):
         self.path = path
         self._file = _HashingFile(path)
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
         self.members: list[Member] = []
 
-    def add(self, key: str, image_bytes: bytes, json_bytes: bytes) -> None:
+    def add(self, key: str, image_bytes: bytes, json_bytes: bytes, crcs: tuple[int, int] | None = None) -> None:
+        image_crc, json_crc = crcs or (zlib.crc32(image_bytes), zlib.crc32(json_bytes))
         image_offset = self._add(f"{key}.image.npy", image_bytes)
         json_offset = self._add(f"{key}.json", json_bytes)
         self.members.append(Member(key=key, image_offset=image_offset, image_size=len(image_bytes),
-                                   json_offset=json_offset, json_size=len(json_bytes)))
+                                   json_offset=json_offset, json_size=len(json_bytes),
+                                   image_crc32=image_crc, json_crc32=json_crc))
 
     def _add(self, name: str, data: bytes) -> int:
         """Append one member and return the byte offset of its data in the tar."""
@@ -166,6 +171,15 @@ _WORKER_DTYPE = "float32"
 def _init_worker(fn: SampleFn, dtype: str) -> None:
     global _WORKER_FN, _WORKER_DTYPE
     _WORKER_FN, _WORKER_DTYPE = fn, dtype
+
+
+def _init_pool_worker(fn: SampleFn, dtype: str) -> None:
+    # A forked worker inherits the parent's Python signal handlers. Python runs those in the main thread
+    # only, so a worker blocked on the task queue could miss the SIGTERM of Pool.terminate() and hang it.
+    # Workers take SIGTERM's default action and leave SIGINT (Ctrl-C) to the parent.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(fn, dtype)
     try:  # one BLAS thread per worker: the pool is the parallelism
         import threadpoolctl
 
@@ -183,23 +197,31 @@ def _produce(index: int):
             raise BadSample(f"image has shape {image.shape}, expected (C, H, W)")
         if not np.isfinite(image).all():
             raise BadSample("image holds NaN or Inf values")
-        cast = image.astype(_WORKER_DTYPE)
+        with np.errstate(over="ignore"):
+            cast = image.astype(_WORKER_DTYPE)
+        if not np.isfinite(cast).all():
+            raise BadSample(f"image values overflow {_WORKER_DTYPE} (max |value| {float(np.abs(image).max()):.4g})")
         stats = (float(cast.sum(dtype=np.float64)), float(np.square(cast, dtype=np.float64).sum()),
                  float(cast.min()), float(cast.max()), cast.size, image.shape)
-        return index, encode_image(cast, _WORKER_DTYPE), encode_labels(labels), labels, stats, None
+        image_bytes, json_bytes = encode_image(cast, _WORKER_DTYPE), encode_labels(labels)
+        crcs = (zlib.crc32(image_bytes), zlib.crc32(json_bytes))  # computed here, off the writing process
+        return index, image_bytes, json_bytes, labels, stats, crcs, None
     except BadSample as exc:
-        return index, None, None, None, None, str(exc)
+        return index, None, None, None, None, None, str(exc)
 
 
 def _iter_results(fn: SampleFn, order: list[int], dtype: str, workers: int):
     if workers <= 1:
         _init_worker(fn, dtype)
-        for i in order:
-            yield _produce(i)
+        try:
+            for i in order:
+                yield _produce(i)
+        finally:
+            _init_worker(None, "float32")  # do not keep the source (maybe a large array) alive
         return
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     chunk = max(1, min(64, len(order) // (workers * 8) or 1))
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(fn, dtype)) as pool:
+    with ctx.Pool(workers, initializer=_init_pool_worker, initargs=(fn, dtype)) as pool:
         yield from pool.imap(_produce, order, chunksize=chunk)
 
 
@@ -208,8 +230,15 @@ def prepare_output(out: Path, overwrite: bool) -> Path:
     out = Path(out)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    if out.exists() and not _replaceable(out):
+        raise OutputExistsError(f"{out} exists and is not a shard set (no {MANIFEST_NAME}); refusing to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+
+
+def _replaceable(out: Path) -> bool:
+    """Only a shard set or an empty directory may be replaced by ``overwrite``."""
+    return out.is_dir() and ((out / MANIFEST_NAME).is_file() or not any(out.iterdir()))
 
 
 def publish(staging: Path, out: Path) -> None:
@@ -276,7 +305,7 @@ def pack_shard_set(
         current_split = None
         results = _iter_results(sample_fn, order, dtype, workers)
         with progress(total=len(order), desc=desc) as bar:
-            for index, image_bytes, json_bytes, labels, stats, error in results:
+            for index, image_bytes, json_bytes, labels, stats, crcs, error in results:
                 bar.update(1)
                 split = split_of[index]
                 if error is not None:
@@ -299,7 +328,7 @@ def pack_shard_set(
                 if writer is None:
                     current_split = split
                     writer = _ShardWriter(staging / shard_name(split, len(splits[split].shards)))
-                writer.add(key_of(index), image_bytes, json_bytes)
+                writer.add(key_of(index), image_bytes, json_bytes, crcs)
                 splits[split].count += 1
                 if split == "train":
                     total, total_sq, lo, hi, size, _ = stats
@@ -308,7 +337,8 @@ def pack_shard_set(
                     pixel.total_sq += total_sq
                     pixel.lo, pixel.hi = min(pixel.lo, lo), max(pixel.hi, hi)
                     for name, rs in target_stats.items():
-                        rs.add(np.asarray([labels[name]], dtype=np.float64))
+                        if labels.get(name) is not None:  # a target that only some samples carry
+                            rs.add(np.asarray([labels[name]], dtype=np.float64))
                 for name, counts in class_counts.items():
                     if labels.get(name) is not None:
                         cls = class_names[name].get(labels[name], str(labels[name]))

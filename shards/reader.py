@@ -64,7 +64,7 @@ class ShardReader:
             self._handles, self._pid = {}, os.getpid()
         fh = self._handles.get(shard)
         if fh is None:
-            fh = self._handles[shard] = open(self._paths[shard], "rb", buffering=0)
+            fh = self._handles[shard] = open(self._paths[shard], "rb", buffering=0)  # noqa: SIM115
         return fh
 
     def where(self, index: int) -> str:

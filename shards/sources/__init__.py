@@ -1,0 +1,1 @@
+"""Importers that turn existing datasets into shard sets."""
