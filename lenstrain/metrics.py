@@ -3,13 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torchmetrics.functional import (
-    accuracy,
-    auroc,
-    mean_absolute_error,
-    mean_squared_error,
-    r2_score,
-)
 
 
 def predictions_from_output(output: torch.Tensor, kind: str, loss: str) -> torch.Tensor:
@@ -25,6 +18,9 @@ def predictions_from_output(output: torch.Tensor, kind: str, loss: str) -> torch
 
 def compute_metrics(pred: torch.Tensor, target: torch.Tensor, kind: str, num_classes: int = 0) -> dict[str, float]:
     """Regression: mse, mae, r2 in the target's own units. Classification: accuracy, auc."""
+    # torchmetrics pulls in torchvision: imported here, not at start-up of every process.
+    from torchmetrics.functional import accuracy, auroc, mean_absolute_error, mean_squared_error, r2_score
+
     if kind == "regression":
         pred, target = pred.double(), target.double()
         out = {"mse": float(mean_squared_error(pred, target)), "mae": float(mean_absolute_error(pred, target))}

@@ -238,6 +238,7 @@ def train_loop(cfg: LenstrainConfig, run_dir: Path, info: DistInfo) -> int:
     tb = TBLogger(run_dir / "tb", enabled=info.is_main)
     penalty = cfg.optim.l1 or cfg.optim.l2
     last_metrics: dict[str, float] = {}
+    metrics_step = -1
     last_ckpt_time = time.monotonic()
     window_start, window_samples = time.perf_counter(), 0
     status = 0
@@ -246,8 +247,11 @@ def train_loop(cfg: LenstrainConfig, run_dir: Path, info: DistInfo) -> int:
         nonlocal last_ckpt_time
         if checkpointer.saved_step == state.step:
             return
+        # Metrics belong to a checkpoint only when they were measured at its step.
+        metrics = last_metrics if metrics_step == state.step else {}
         meta_out = {"step": state.step, "cursor": stream.cursor.state_dict(), "train_state": state.state_dict(),
-                    "metrics": last_metrics, "world_size": info.world_size, "reason": reason, "time": time.time()}
+                    "metrics": metrics, "last_metrics": last_metrics, "last_metrics_step": metrics_step,
+                    "world_size": info.world_size, "reason": reason, "time": time.time()}
         path = checkpointer.save(state.step, objects, meta_out)
         last_ckpt_time = time.monotonic()
         log(f"checkpoint {path.name} complete ({reason})")
@@ -311,6 +315,7 @@ def train_loop(cfg: LenstrainConfig, run_dir: Path, info: DistInfo) -> int:
         validate_now = cfg.train.val_every_steps and state.step % cfg.train.val_every_steps == 0
         if validate_now or state.step == steps:
             last_metrics = validate(model, backend, cfg, task, loss_fn, tb, state, scheduler, log)
+            metrics_step = state.step
             if state.stopped_early:
                 log(f"early stopping at step {state.step}: {cfg.train.early_stopping.metric} has not improved "
                     f"for {cfg.train.early_stopping.patience} validations")

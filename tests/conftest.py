@@ -3,8 +3,15 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from tests.slurm_helpers import start_cluster, stop_cluster
+
+# Tests use tiny models: one thread each beats contending threads on a small CI machine, and
+# subprocesses started by tests inherit the setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("LENSTRAIN_NO_PROGRESS", "1")
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,181 @@
+"""The learning-rate range test (Smith 2015, "Cyclical Learning Rates for Training Neural Networks").
+
+``python -m lenstrain lr-find CONFIG --out DIR`` trains the configured model on the train stream
+for up to ``--steps`` steps while the learning rate grows exponentially from ``--min-lr`` to
+``--max-lr``. The loss is smoothed with a bias-corrected exponential moving average, and the test
+stops once the smoothed loss exceeds 4 times its best (divergence) or turns non-finite.
+
+The suggested learning rate is where the smoothed loss falls fastest against log(lr); when it never
+falls, it is the lr of the lowest loss divided by 10. Outputs in ``DIR``: ``lr_find.png`` (loss
+against lr, log axis, suggestion marked), ``lr_find.json`` (``lrs``, ``losses`` (smoothed),
+``raw_losses``, ``suggested_lr``, ``method``, ``stopped``) and TensorBoard events in ``DIR/tb``.
+Nothing of the model is saved: the test spends the weights it trains.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lenstrain.backends import Backend
+from lenstrain.config import ConfigError, load_config
+from lenstrain.distributed import DistInfo
+from lenstrain.losses import build_loss, weight_penalty
+from lenstrain.optim import build_optimizer
+from lenstrain.tb import TBLogger
+
+SMOOTHING = 0.98
+DIVERGENCE = 4.0
+
+
+def log(message: str) -> None:
+    print(f"[lenstrain] {message}", flush=True)
+
+
+def lr_at(i: int, steps: int, min_lr: float, max_lr: float) -> float:
+    """Step ``i`` of an exponential ramp from ``min_lr`` (i = 0) to ``max_lr`` (i = steps - 1)."""
+    return min_lr * (max_lr / min_lr) ** (i / max(1, steps - 1))
+
+
+def suggest_lr(lrs, losses, min_lr: float, max_lr: float) -> tuple[float, str]:
+    """The lr at the steepest descent of the smoothed loss against log(lr), else the min-loss lr / 10."""
+    lrs, losses = np.asarray(lrs, dtype=float), np.asarray(losses, dtype=float)
+    n = len(lrs)
+    half = max(1, n // 25)  # slopes over a few points, so one noisy batch does not decide
+    at = np.arange(n // 10 + half, n - half)  # the first points carry the least averaging
+    if len(at):
+        x = np.log(lrs)
+        slope = (losses[at + half] - losses[at - half]) / (x[at + half] - x[at - half])
+        k = int(np.argmin(slope))
+        if slope[k] < 0:
+            return float(np.clip(lrs[at[k]], min_lr, max_lr)), "steepest descent of the smoothed loss"
+    i = int(np.argmin(losses))
+    return float(np.clip(lrs[i] / 10, min_lr, max_lr)), "lr of the lowest smoothed loss / 10"
+
+
+def range_test(model, backend: Backend, stream, loss_fn, *, min_lr: float, max_lr: float, steps: int,
+               l1: float = 0.0, l2: float = 0.0, tb: TBLogger | None = None, log=log) -> dict:
+    """Run the ramp; returns ``lrs``, ``losses`` (smoothed), ``raw_losses`` and why it ``stopped``."""
+    device = backend.info.device
+    lrs, smoothed, raw = [], [], []
+    average, best = 0.0, math.inf
+    stopped = f"reached max_lr after {steps} steps"
+    model.train()
+    for i in range(steps):
+        lr = lr_at(i, steps, min_lr, max_lr)
+        for group in backend.optimizer.param_groups:
+            group["lr"] = lr
+        micro_batches = stream.next_step()
+        total = 0.0
+        for batch in micro_batches:
+            x, y = batch["image"].to(device), batch["target"].to(device)
+            with backend.autocast():
+                loss = loss_fn(backend.train_module(x), y)
+                if l1 or l2:
+                    loss = loss + weight_penalty(model, l1, l2)
+            backend.backward(loss / len(micro_batches))
+            total += float(loss.detach()) / len(micro_batches)
+        if not math.isfinite(total):
+            backend.optimizer.zero_grad(set_to_none=True)
+            stopped = f"non-finite loss at lr {lr:.3g} (step {i + 1})"
+            break
+        backend.step()
+        average = SMOOTHING * average + (1 - SMOOTHING) * total
+        value = average / (1 - SMOOTHING ** (i + 1))
+        lrs.append(lr)
+        raw.append(total)
+        smoothed.append(value)
+        best = min(best, value)
+        if tb is not None:
+            tb.scalars({"lr_find/loss": total, "lr_find/smoothed_loss": value, "lr_find/lr": lr,
+                        "lr_find/log10_lr": math.log10(lr)}, i)
+        if (i + 1) % max(1, steps // 10) == 0:
+            log(f"step {i + 1}/{steps} lr {lr:.3g} loss {total:.4g} smoothed {value:.4g}")
+        if value > DIVERGENCE * best:
+            stopped = f"diverged at lr {lr:.3g} (step {i + 1}): smoothed loss {value:.4g} > {DIVERGENCE:g} x best {best:.4g}"
+            break
+    return {"lrs": lrs, "losses": smoothed, "raw_losses": raw, "stopped": stopped}
+
+
+def plot(result: dict, suggested: float):
+    from lenstrain.plots import plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(result["lrs"], result["raw_losses"], color="0.75", lw=1, label="loss")
+    ax.plot(result["lrs"], result["losses"], color="C0", lw=2, label="smoothed loss")
+    ax.axvline(suggested, color="C3", ls="--", lw=1, label=f"suggested lr {suggested:.2g}")
+    ax.set_xscale("log")
+    smooth, low = result["losses"], min(min(result["losses"]), min(result["raw_losses"]))
+    high = max(smooth[0], min(max(smooth), DIVERGENCE * min(smooth)))  # the divergence off the top
+    ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low) + 1e-12)
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("loss")
+    ax.set_title("LR range test")
+    ax.legend(loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def main(args) -> int:
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not (args.min_lr > 0 and args.max_lr > args.min_lr):
+        print(f"error: need 0 < --min-lr < --max-lr, got {args.min_lr:g} and {args.max_lr:g}", file=sys.stderr)
+        return 2
+    if args.steps < 2:
+        print(f"error: --steps {args.steps}: the ramp needs at least 2 steps", file=sys.stderr)
+        return 2
+    if not (Path(cfg.data.shards) / "manifest.json").is_file():
+        print(f"error: data.shards: {cfg.data.shards} is not a shard set (no manifest.json)", file=sys.stderr)
+        return 2
+
+    from lenstrain.train import build_model, build_task, build_train_stream, resolve_precision
+    from shards.manifest import write_json_atomic
+
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
+    try:
+        task = build_task(cfg)
+        loss_fn = build_loss(task.loss_name, task.target.kind, task.num_classes, huber_delta=cfg.train.huber_delta,
+                             label_smoothing=cfg.train.label_smoothing)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    model = build_model(cfg, task, info)
+    optimizer = build_optimizer(cfg.optim, model)
+    backend = Backend(model, optimizer, info, precision=resolve_precision(cfg.train.precision, device),
+                      grad_clip=cfg.train.grad_clip)
+    stream = build_train_stream(cfg, task, info, None, log)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"LR range test of {cfg.model.name} with {cfg.optim.name} ({task.loss_name} loss on {task.target.name!r}): "
+        f"lr {args.min_lr:g} to {args.max_lr:g} over at most {args.steps} steps, global batch {stream.global_batch}")
+    tb = TBLogger(out / "tb", enabled=True)
+    try:
+        result = range_test(model, backend, stream, loss_fn, min_lr=args.min_lr, max_lr=args.max_lr,
+                            steps=args.steps, l1=cfg.optim.l1, l2=cfg.optim.l2, tb=tb)
+    finally:
+        stream.close()
+    if not result["lrs"]:
+        tb.close()
+        print(f"error: no finite loss at all ({result['stopped']}); lower --min-lr", file=sys.stderr)
+        return 1
+    suggested, method = suggest_lr(result["lrs"], result["losses"], args.min_lr, args.max_lr)
+    fig = plot(result, suggested)
+    fig.savefig(out / "lr_find.png")
+    tb.figure("lr_find/loss_vs_lr", fig, len(result["lrs"]))  # closes the figure
+    tb.close()
+    write_json_atomic(out / "lr_find.json", {**result, "suggested_lr": suggested, "method": method,
+                                             "min_lr": args.min_lr, "max_lr": args.max_lr,
+                                             "optimizer": cfg.optim.name, "model": cfg.model.name})
+    log(result["stopped"])
+    log(f"suggested lr {suggested:.3g} ({method}); try --set optim.lr={suggested:.2g}")
+    log(f"wrote {out / 'lr_find.png'}, {out / 'lr_find.json'} and TensorBoard events in {out / 'tb'}")
+    return 0

@@ -1,0 +1,475 @@
+"""Training methods: losses, optimizers (Lion by hand), schedules, penalties, early stopping,
+test-time rotation averaging, the LR range test, and the eval/predict commands, on a real shard set."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lenstrain.backends import Backend
+from lenstrain.checkpoint import list_checkpoints, read_meta
+from lenstrain.cli import main as cli
+from lenstrain.config import load_config
+from lenstrain.distributed import DistInfo
+from lenstrain.evaluate import choose_checkpoint, split_keys
+from lenstrain.losses import build_loss, weight_penalty
+from lenstrain.lr_find import suggest_lr
+from lenstrain.optim import PlateauScheduler, build_optimizer, build_scheduler
+from lenstrain.train import build_builder, build_model, build_task, evaluate, run_training
+from shards.manifest import load_manifest
+from shards.pack import TargetSpec, pack_shard_set
+from tests.train_helpers import lenstrain, make_ring_shards, write_config
+
+CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a small shared machine, more threads only contend (and run slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_ring_shards(tmp_path_factory.mktemp("data") / "rings")
+
+
+def config(shards: Path, **sections):
+    """A validated config: the tiny model on the 32x32 ring set, fp32 on CPU."""
+    data = {
+        "seed": 3,
+        "data": {"shards": str(shards), "batch_size": 4, "workers": 0},
+        "model": {"name": "alternet_tiny"},
+        "optim": {"name": "adamw", "lr": 1e-3},
+        "train": {"max_steps": 4, "precision": "fp32"},
+        "checkpoint": {"every_steps": 2, "keep": 3, "every_minutes": None},
+        "log": {"every_steps": 1, "images": False},
+    }
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value)
+    return load_config(data)
+
+
+def one_step(cfg, loss_fn=None) -> tuple[float, float]:
+    """Build everything from ``cfg`` and take one optimizer step on a real batch; returns the loss
+    and how far the weights moved."""
+    task = build_task(cfg)
+    model = build_model(cfg, task, CPU)
+    optimizer = build_optimizer(cfg.optim, model)
+    scheduler = build_scheduler(cfg.schedule, optimizer, total_steps=10)
+    backend = Backend(model, optimizer, CPU, precision="fp32", grad_clip=cfg.train.grad_clip)
+    loss_fn = loss_fn or build_loss(task.loss_name, task.target.kind, task.num_classes,
+                                    huber_delta=cfg.train.huber_delta, label_smoothing=cfg.train.label_smoothing)
+    builder, _ = build_builder(cfg, task, "train", augment=False)
+    batch = builder(np.arange(4), None)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = loss_fn(model(batch["image"]), batch["target"])
+    backend.backward(loss)
+    backend.step()
+    scheduler.step()
+    moved = sum(float((p.detach() - b).abs().sum()) for p, b in zip(model.parameters(), before, strict=True))
+    return float(loss.detach()), moved
+
+
+# ------------------------------------------------------------------------------------ losses
+
+
+@pytest.mark.parametrize("loss, target, extra", [
+    ("mse", "y", {}), ("mae", "y", {}), ("huber", "y", {"huber_delta": 0.5}),
+    ("bce", "cls", {"label_smoothing": 0.1}), ("ce", "cls", {"label_smoothing": 0.1}),
+])
+def test_each_loss_builds_from_config_and_trains(shards, loss, target, extra):
+    cfg = config(shards, data={"target": target}, train={"loss": loss, **extra})
+    value, moved = one_step(cfg)
+    assert math.isfinite(value) and value > 0
+    assert moved > 0
+
+
+def test_loss_values_and_label_smoothing():
+    out, y = torch.tensor([[0.5], [2.0], [-1.0]]), torch.tensor([0.0, 0.5, 1.0])
+    huber = build_loss("huber", "regression", 0, huber_delta=0.5, label_smoothing=0)
+    err = (out.squeeze(-1) - y).abs()
+    expected = torch.where(err < 0.5, 0.5 * err**2, 0.5 * (err - 0.25)).mean()
+    assert torch.allclose(huber(out, y), expected)
+    assert torch.allclose(build_loss("mae", "regression", 0, huber_delta=1, label_smoothing=0)(out, y), err.mean())
+
+    logits, labels = torch.tensor([[3.0], [-2.0]]), torch.tensor([1, 0])
+    bce = build_loss("bce", "classification", 2, huber_delta=1, label_smoothing=0.2)
+    soft = torch.tensor([0.9, 0.1])  # 1 -> 1 - 0.2 + 0.1, 0 -> 0.1
+    assert torch.allclose(bce(logits, labels), F.binary_cross_entropy_with_logits(logits.squeeze(-1), soft))
+
+    logits3, labels3 = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]]), torch.tensor([0, 2])
+    ce = build_loss("ce", "classification", 3, huber_delta=1, label_smoothing=0.3)
+    logp = torch.log_softmax(logits3, -1)
+    q = torch.full((2, 3), 0.1)
+    q[0, 0] = q[1, 2] = 0.8  # (1 - 0.3) on the true class + 0.3 / 3 everywhere
+    assert torch.allclose(ce(logits3, labels3), -(q * logp).sum(-1).mean())
+    with pytest.raises(ValueError, match="needs 2 classes"):
+        build_loss("bce", "classification", 3, huber_delta=1, label_smoothing=0)
+
+
+def test_weight_penalties_add_the_right_amount():
+    cfg = load_config({"data": {"shards": "x"}, "train": {"max_steps": 1}, "optim": {"l1": 0.01, "l2": 0.003}})
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    weights = [model[0].weight, model[2].weight]  # not biases, not the norm's scale
+    expected = sum(0.01 * w.abs().sum() + 0.003 * w.pow(2).sum() for w in weights)
+    x, y = torch.randn(8, 3), torch.randn(8)
+    base = F.mse_loss(model(x).squeeze(-1), y)
+    total = base + weight_penalty(model, cfg.optim.l1, cfg.optim.l2)
+    assert torch.allclose(total - base, expected)
+    total.backward()
+    w = model[0].weight
+    base_grad = torch.autograd.grad(F.mse_loss(model(x).squeeze(-1), y), w)[0]
+    assert torch.allclose(w.grad - base_grad, 0.01 * w.sign() + 2 * 0.003 * w.detach(), atol=1e-6)
+    assert weight_penalty(model, 0.0, 0.0) is None
+
+
+# ------------------------------------------------------------------------------------ optimizers
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "radam", "sgd", "lion"])
+def test_each_optimizer_builds_from_config_and_trains(shards, name):
+    cfg = config(shards, optim={"name": name, "lr": 1e-3, "weight_decay": 0.01})
+    value, moved = one_step(cfg)
+    assert math.isfinite(value) and moved > 0
+
+
+def test_lion_follows_the_paper_update_rule():
+    lr, wd, b1, b2 = 0.01, 0.1, 0.9, 0.99
+    cfg = load_config({"data": {"shards": "x"}, "train": {"max_steps": 1},
+                       "optim": {"name": "lion", "lr": lr, "weight_decay": wd, "betas": [b1, b2]}})
+    torch.manual_seed(1)
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(16, 3), torch.randn(16, 2)
+    optimizer = build_optimizer(cfg.optim, model)
+    start = model.weight.detach().clone()
+
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+    m = {n: torch.zeros_like(p) for n, p in theta.items()}
+    decay = {"weight": wd, "bias": 0.0}  # decoupled weight decay on weight matrices only
+    for _ in range(5):
+        # the gradient at the hand-updated parameters
+        ref = {n: t.clone().requires_grad_(True) for n, t in theta.items()}
+        grads = torch.autograd.grad(F.mse_loss(x @ ref["weight"].T + ref["bias"], y), [ref["weight"], ref["bias"]])
+        for (n, t), g in zip(theta.items(), grads, strict=True):
+            c = b1 * m[n] + (1 - b1) * g
+            theta[n] = t - lr * (torch.sign(c) + decay[n] * t)
+            m[n] = b2 * m[n] + (1 - b2) * g
+        optimizer.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        optimizer.step()
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.detach(), theta[n], atol=1e-6), n
+        assert torch.allclose(optimizer.state[p]["exp_avg"], m[n], atol=1e-6), n
+    assert (model.weight - start).abs().max() > 0.04  # 5 sign steps of 0.01 really moved it
+
+
+# ------------------------------------------------------------------------------------ schedules
+
+
+@pytest.mark.parametrize("name", ["constant", "cosine", "onecycle", "step", "plateau"])
+def test_each_schedule_builds_from_config_and_trains(shards, name):
+    cfg = config(shards, schedule={"name": name, "warmup_steps": 2 if name == "cosine" else 0})
+    value, moved = one_step(cfg)
+    assert math.isfinite(value) and moved > 0
+
+
+def lr_curve(schedule: dict, steps: int, total: int, lr: float = 0.1) -> list[float]:
+    cfg = load_config({"data": {"shards": "x"}, "train": {"max_steps": total}, "optim": {"name": "sgd", "lr": lr},
+                       "schedule": schedule})
+    optimizer = build_optimizer(cfg.optim, nn.Linear(2, 1))
+    scheduler = build_scheduler(cfg.schedule, optimizer, total)
+    lrs = [scheduler.get_last_lr()[0]]
+    for _ in range(steps):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(scheduler.get_last_lr()[0])
+    return lrs
+
+
+def test_schedule_curves():
+    assert lr_curve({"name": "constant"}, 20, 20) == pytest.approx([0.1] * 21)
+
+    cos = lr_curve({"name": "cosine", "warmup_steps": 5, "min_lr_ratio": 0.1}, 50, 50)
+    assert cos[:5] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1])  # warmup rises to the peak
+    assert cos[5] == pytest.approx(0.1)
+    assert np.all(np.diff(cos[5:]) <= 1e-12)  # then decays
+    assert cos[50] == pytest.approx(0.1 * 0.1)  # ends at min_lr_ratio
+    assert cos[5 + 45 // 2] == pytest.approx(0.01 + 0.09 * 0.5 * (1 + math.cos(math.pi * 22 / 45)))
+
+    one = lr_curve({"name": "onecycle", "pct_start": 0.3}, 40, 40)
+    peak = int(np.argmax(one))
+    assert one[peak] == pytest.approx(0.1, rel=1e-2) and 10 <= peak <= 14
+    assert one[0] < 0.1 / 10 and one[-1] < one[0]  # starts low, ends lower
+
+    step = lr_curve({"name": "step", "step_size": 10, "gamma": 0.5}, 35, 35)
+    assert step[0] == step[9] == pytest.approx(0.1)
+    assert step[10] == step[19] == pytest.approx(0.05)
+    assert step[30] == pytest.approx(0.0125)
+
+
+def test_plateau_reduces_after_patience_bad_validations():
+    cfg = load_config({"data": {"shards": "x"}, "train": {"max_steps": 100}, "optim": {"name": "sgd", "lr": 0.1},
+                       "schedule": {"name": "plateau", "patience": 2, "factor": 0.5}})
+    optimizer = build_optimizer(cfg.optim, nn.Linear(2, 1))
+    scheduler = build_scheduler(cfg.schedule, optimizer, 100)
+    assert isinstance(scheduler, PlateauScheduler)
+    seen = []
+    for value in [1.0, 0.9, 0.9, 0.9, 0.95, 0.9, 0.9, 0.8]:
+        scheduler.step()
+        scheduler.observe({"val/loss": value, "val/r2": 0.0})
+        seen.append(scheduler.get_last_lr()[0])
+    # 0.9 is the best; `patience` (2) bad validations are tolerated, the next one halves the lr
+    assert seen == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.05])
+    scheduler.observe({"val/r2": 0.5})  # another metric: ignored
+    assert scheduler.get_last_lr()[0] == pytest.approx(0.05)
+
+
+def test_plateau_warmup_rises_then_holds():
+    lrs = lr_curve({"name": "plateau", "warmup_steps": 4}, 8, 100)
+    assert lrs[:4] == pytest.approx([0.025, 0.05, 0.075, 0.1]) and lrs[4:] == pytest.approx([0.1] * 5)
+
+
+# ------------------------------------------------------------------------------------ early stopping
+
+
+def test_early_stopping_stops_a_real_run(tmp_path, shards):
+    cfg = write_config(tmp_path / "c.yaml", shards,
+                       train={"max_steps": 40, "val_every_steps": 2, "deterministic": False,
+                              "early_stopping": {"metric": "val/loss", "patience": 1, "min_delta": 1e9}},
+                       checkpoint={"every_steps": 0})
+    run = tmp_path / "run"
+    proc = lenstrain("train", cfg, "--run-dir", run)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # the first validation (step 2) sets the best; the second (step 4) cannot beat it by 1e9
+    assert "early stopping at step 4" in proc.stdout, proc.stdout
+    assert "step 5/40" not in proc.stdout
+    progress = json.loads((run / "progress.json").read_text())
+    assert progress["state"] == "done" and progress["step"] == 4
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [4]
+    assert read_meta(run / "checkpoints" / "step-00000004")["train_state"]["stopped_early"] is True
+
+
+# ------------------------------------------------------------------------------------ rotation averaging
+
+
+class Pointwise(nn.Module):
+    """1x1 convolutions and a global average: exactly invariant to 90-degree rotations."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 8, 1), nn.Tanh(), nn.Conv2d(8, 8, 1), nn.Tanh(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 1))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class Positional(nn.Module):
+    """A dense layer over pixel positions: not rotation invariant."""
+
+    def __init__(self, size: int = 32):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(2 * size * size, 1))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.mark.parametrize("model_cls, invariant", [(Pointwise, True), (Positional, False)])
+def test_rotation_averaging(shards, model_cls, invariant):
+    cfg = config(shards)
+    task = build_task(cfg)
+    torch.manual_seed(0)
+    model = model_cls()
+    backend = Backend(model, None, CPU, precision="fp32", grad_clip=None)
+    loss_fn = build_loss(task.loss_name, task.target.kind, task.num_classes, huber_delta=1, label_smoothing=0)
+    m1, r1 = evaluate(model, backend, cfg, task, loss_fn, "test", rotations=1)
+    m4, r4 = evaluate(model, backend, cfg, task, loss_fn, "test", rotations=4)
+    assert len(r1["pred"]) == 18 and torch.equal(r1["index"], r4["index"])
+    gap = float((r1["pred"] - r4["pred"]).abs().max())
+    if invariant:
+        assert gap < 1e-5
+        assert m1["test/mse"] == pytest.approx(m4["test/mse"], rel=1e-4, abs=1e-8)
+    else:
+        assert gap > 1e-3
+        _, r2 = evaluate(model, backend, cfg, task, loss_fn, "test", rotations=2)  # the mean of two turns
+        builder, _ = build_builder(cfg, task, "test", augment=False)
+        x = builder(np.arange(18), None)["image"]
+        with torch.no_grad():
+            manual = (model(x) + model(torch.rot90(x, 1, dims=(-2, -1)))) / 2
+        assert torch.allclose(r2["pred"], task.target.decode(manual.squeeze(-1)), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ lr-find
+
+
+def test_suggest_lr():
+    lrs = np.logspace(-6, 0, 61)
+    falling = 2 - np.tanh(np.log10(lrs) + 3)  # steepest at 1e-3
+    lr, method = suggest_lr(lrs, falling, 1e-6, 1.0)
+    assert lr == pytest.approx(1e-3, rel=0.3) and "steepest" in method
+    rising = np.linspace(1, 3, 61)  # never falls: the lowest loss's lr / 10, kept inside the range
+    assert suggest_lr(lrs, rising, 1e-6, 1.0) == (1e-6, "lr of the lowest smoothed loss / 10")
+    bowl = (np.log10(lrs) + 2) ** 2
+    lr, _ = suggest_lr(lrs, bowl, 1e-6, 1.0)
+    assert 1e-6 <= lr < 1e-2
+
+
+def test_lr_find_writes_plot_json_and_tensorboard(tmp_path, shards, capsys):
+    cfg = write_config(tmp_path / "c.yaml", shards, train={"deterministic": False})
+    out = tmp_path / "lrf"
+    assert cli(["lr-find", str(cfg), "--out", str(out), "--steps", "16", "--min-lr", "1e-5", "--max-lr", "10",
+                "--set", "data.batch_size=2"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "lr_find.json").read_text())
+    assert 2 <= len(result["lrs"]) <= 16 and len(result["losses"]) == len(result["lrs"])
+    assert result["lrs"][0] == pytest.approx(1e-5) and np.all(np.diff(result["lrs"]) > 0)
+    assert 1e-5 <= result["suggested_lr"] <= 10
+    assert all(math.isfinite(v) for v in result["losses"])
+    assert (out / "lr_find.png").stat().st_size > 10_000
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    assert f"suggested lr {result['suggested_lr']:.3g}" in printed
+    assert not list(out.rglob("*.pt"))  # nothing of the model is kept
+
+    assert cli(["lr-find", str(cfg), "--out", str(out), "--min-lr", "1", "--max-lr", "0.1"]) == 2
+    assert cli(["lr-find", str(cfg), "--out", str(out), "--set", "optim.name=adamx"]) == 2
+    assert "optim.name" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ eval and predict
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, shards):
+    """A short real run (in this process): validations and checkpoints at steps 2 and 4."""
+    run = tmp_path_factory.mktemp("runs") / "reg"
+    assert run_training(config(shards, train={"val_every_steps": 2}), run) == 0
+    return run
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict]]:
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        return list(reader.fieldnames), list(reader)
+
+
+def test_eval_writes_metrics_plot_and_csv(run_dir, shards, capsys):
+    assert cli(["eval", str(run_dir)]) == 0
+    printed = capsys.readouterr().out
+    out = run_dir / "eval" / "test"
+    report = json.loads((out / "metrics.json").read_text())
+    metrics = report["metrics"]
+    assert set(metrics) == {"loss", "mse", "mae", "r2"}
+    assert metrics["mse"] >= 0 and metrics["mae"] >= 0 and metrics["r2"] is not None and metrics["r2"] <= 1
+    assert metrics["mae"] <= math.sqrt(metrics["mse"]) + 1e-9
+    assert report["samples"] == 18 and report["split"] == "test" and report["tta_rotations"] == 1
+    # the checkpoint with the best recorded val/loss
+    scored = {p: read_meta(p)["metrics"]["val/loss"] for _, p in list_checkpoints(run_dir / "checkpoints")}
+    assert len(scored) == 2 and Path(report["checkpoint"]) == min(scored, key=scored.get)
+    assert "the best by val/loss" in report["checkpoint_choice"]
+    assert "test/r2" in printed and "metrics.json" in printed
+    assert (out / "pred_vs_true.png").stat().st_size > 5_000
+
+    header, rows = read_csv(out / "predictions.csv")
+    assert header == ["key", "index", "y", "true_y"]
+    manifest = load_manifest(shards)
+    assert [r["key"] for r in rows] == split_keys(manifest, "test") and [int(r["index"]) for r in rows] == list(range(18))
+    pred, true = np.array([float(r["y"]) for r in rows]), np.array([float(r["true_y"]) for r in rows])
+    assert np.all((true >= 0) & (true <= 1))  # ring radii: in the target's own units
+    assert np.mean((pred - true) ** 2) == pytest.approx(metrics["mse"], rel=1e-5)
+
+    assert cli(["eval", str(run_dir), "--checkpoint", "latest", "--tta", "4", "--split", "val"]) == 0
+    report = json.loads((run_dir / "eval" / "val" / "metrics.json").read_text())
+    assert report["tta_rotations"] == 4 and report["step"] == 4 and report["samples"] == 18
+
+
+def test_predict_writes_one_row_per_sample(run_dir, shards, tmp_path):
+    out = tmp_path / "preds.csv"
+    assert cli(["predict", str(run_dir), "--shards", str(shards), "--split", "val", "--out", str(out)]) == 0
+    header, rows = read_csv(out)
+    assert header == ["key", "index", "y", "true_y"]
+    assert [r["key"] for r in rows] == split_keys(load_manifest(shards), "val")
+    assert all(math.isfinite(float(r["y"])) for r in rows)
+
+
+class Unlabelled:
+    """Ring images whose labels lack the run's target: predict must still work, without true_y."""
+
+    def __call__(self, i: int):
+        rng = np.random.default_rng(100 + i)
+        return rng.normal(size=(1, 32, 32)).astype(np.float32), {"z": float(i)}
+
+
+def test_predict_on_a_shard_set_without_the_target(run_dir, tmp_path):
+    other = tmp_path / "other"
+    pack_shard_set(other, sample_fn=Unlabelled(), split_of=["test"] * 5 + ["train"] * 3,
+                   targets=[TargetSpec("z", "regression")], primary_target="z", source={"kind": "noise"})
+    out = tmp_path / "p.csv"
+    assert cli(["predict", str(run_dir), "--shards", str(other), "--out", str(out)]) == 0
+    header, rows = read_csv(out)
+    assert header == ["key", "index", "y"] and len(rows) == 5
+    assert cli(["eval", str(run_dir), "--shards", str(other)]) == 2  # no labels to score against
+
+
+def test_eval_and_predict_classification(tmp_path, shards):
+    run = tmp_path / "cls"
+    assert run_training(config(shards, data={"target": "cls"}, train={"max_steps": 2, "loss": "ce"}), run) == 0
+    assert cli(["eval", str(run)]) == 0
+    report = json.loads((run / "eval" / "test" / "metrics.json").read_text())
+    assert {"accuracy", "auc"} <= set(report["metrics"]) and 0 <= report["metrics"]["accuracy"] <= 1
+    assert (run / "eval" / "test" / "roc_confusion.png").is_file()
+    out = tmp_path / "p.csv"
+    assert cli(["predict", str(run), "--shards", str(shards), "--out", str(out)]) == 0
+    header, rows = read_csv(out)
+    assert header == ["key", "index", "cls", "prob_low", "prob_high", "true_cls"] and len(rows) == 18
+    for r in rows:
+        p = [float(r["prob_low"]), float(r["prob_high"])]
+        assert sum(p) == pytest.approx(1, abs=1e-5) and r["cls"] == ["low", "high"][int(np.argmax(p))]
+        assert r["true_cls"] in ("low", "high")
+
+
+def test_checkpoint_choice(run_dir):
+    scored = {p: read_meta(p)["metrics"]["val/loss"] for _, p in list_checkpoints(run_dir / "checkpoints")}
+    best, why = choose_checkpoint(run_dir, "best", "val/loss", "min")
+    assert best == min(scored, key=scored.get) and "best by val/loss" in why
+    assert choose_checkpoint(run_dir, "best", "val/loss", "max")[0] == max(scored, key=scored.get)
+    latest = max(scored, key=lambda p: p.name)
+    path, why = choose_checkpoint(run_dir, "best", "val/nothing", "min")
+    assert path == latest and "no checkpoint records val/nothing" in why
+    assert choose_checkpoint(run_dir, "latest", "val/loss", "min")[0] == latest
+
+
+def test_eval_and_predict_errors_exit_2(run_dir, shards, tmp_path, capsys):
+    assert cli(["eval", str(tmp_path / "nothing")]) == 2
+    assert "no such run directory" in capsys.readouterr().err
+    assert cli(["eval", str(tmp_path)]) == 2
+    assert "no config.yaml" in capsys.readouterr().err
+
+    empty = tmp_path / "untrained"
+    empty.mkdir()
+    (empty / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    assert cli(["eval", str(empty)]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+    assert cli(["eval", str(run_dir), "--split", "holdout"]) == 2
+    assert "split 'holdout' is not in" in (err := capsys.readouterr().err) and "train (84), val (18), test (18)" in err
+    assert cli(["predict", str(run_dir), "--shards", str(shards), "--split", "holdout", "--out",
+                str(tmp_path / "x.csv")]) == 2
+    assert cli(["predict", str(run_dir), "--shards", str(tmp_path), "--out", str(tmp_path / "x.csv")]) == 2
+    assert "manifest.json" in capsys.readouterr().err
+    assert cli(["eval", str(run_dir), "--tta", "5"]) == 2
+    assert not (tmp_path / "x.csv").exists()
+
