@@ -1,0 +1,244 @@
+"""Simulated lensing shard sets: physics sanity, labels per task, determinism, no shortcut, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from shards.manifest import load_manifest
+from shards.reader import ShardReader
+from shards.simulate import SimulateError, simulate
+from shards.simulate import physics as P
+from shards.simulate.cli import plan
+from shards.simulate.presets import INSTRUMENTS, get_instrument
+from shards.simulate.tasks import TASKS
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "LENSTRAIN_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT)}
+FAST = {"instrument": "euclid", "workers": 1}  # 64x64: quick to render
+
+
+def _all_samples(directory: Path) -> list[tuple[np.ndarray, dict]]:
+    manifest = load_manifest(directory)
+    out = []
+    for split in manifest.splits:
+        reader = ShardReader(directory, split, manifest)
+        out.extend(reader.read(i) for i in range(len(reader)))
+        reader.close()
+    return out
+
+
+def _shards(manifest) -> dict[str, str]:
+    return {s.name: s.sha256 for split in manifest.splits.values() for s in split.shards}
+
+
+def _shards_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shards", *args], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=120)
+
+
+# ------------------------------------------------------------------------------------------ physics
+def test_einstein_radius_and_profiles():
+    from lenstronomy.LensModel.lens_model import LensModel
+    from lenstronomy.LightModel.light_model import LightModel
+
+    # theta_E^2 = 4GM/c^2 D_ls/(D_l D_s) for z_l=0.5, z_s=1, flat LCDM H0=70, Om=0.3: 1.66" for 1e12 M_sun.
+    assert P.einstein_radius(1e12) == pytest.approx(1.6645, abs=2e-3)
+    assert P.einstein_radius(1e10) == pytest.approx(P.einstein_radius(1e12) / 10)
+    # de Broglie wavelength h/(m v) at the lens: ~0.1" at 1e-22 eV, inversely proportional to the mass.
+    assert P.de_broglie_wavelength(1e-22) == pytest.approx(0.0987, rel=0.01)
+    assert P.de_broglie_wavelength(1e-24) == pytest.approx(100 * P.de_broglie_wavelength(1e-22))
+    # A granule (Gaussian convergence) deflects like a point mass of the same mass from afar.
+    lens = LensModel(["GAUSSIAN", "POINT_MASS"])
+    theta, x, y = 0.1, np.array([1.5, -2.0]), np.array([0.3, 1.0])
+    gauss = lens.alpha(x, y, [{"amp": math.pi * theta**2, "sigma": 0.05, "center_x": 0, "center_y": 0},
+                              {"theta_E": 0.0, "center_x": 0, "center_y": 0}])
+    point = lens.alpha(x, y, [{"amp": 0.0, "sigma": 0.05, "center_x": 0, "center_y": 0},
+                              {"theta_E": theta, "center_x": 0, "center_y": 0}])
+    np.testing.assert_allclose(gauss, point, rtol=1e-3)
+    # The Sersic amplitude is set so that the unlensed source has the drawn total flux.
+    config = plan("substructure", 3, instrument="model1", seed=3)
+    params = P.draw_params(config, 0)
+    _, _, models, kwargs_source = P.lenstronomy_kwargs(params)
+    assert LightModel(models).total_flux(kwargs_source)[0] == pytest.approx(params["source_flux"], rel=1e-6)
+
+
+def test_substructure_takes_mass_from_main_lens():
+    config = plan("substructure", 6, seed=5)
+    for i in range(6):
+        p = P.draw_params(config, i)
+        total = 10 ** p["halo_mass"]
+        sub = sum(p["subhalo_mass"])
+        assert p["subhalo_fraction"] == pytest.approx(sub / total)
+        assert P.einstein_radius(total - sub) == pytest.approx(p["sie_einstein_radius"])
+        assert p["einstein_radius"] == pytest.approx(P.einstein_radius(total))
+
+
+# ------------------------------------------------------------------------------------------ labels per task
+@pytest.mark.parametrize("task", list(TASKS))
+def test_labels_per_task(tmp_path, task):
+    manifest = simulate(task, 12, tmp_path / task, seed=11, **FAST)
+    spec = TASKS[task]
+    assert manifest.primary_target == spec.primary.name
+    assert manifest.target.kind == spec.primary.kind
+    assert manifest.image.shape == (1, 64, 64)
+    assert manifest.source["kind"] == "simulate" and manifest.source["seed"] == 11
+    samples = _all_samples(tmp_path / task)
+    assert len(samples) == 12
+    lo_m, hi_m = P.LOG_HALO_MASS
+    for image, labels in samples:
+        assert image.shape == (1, 64, 64) and image.dtype == np.float32 and np.isfinite(image).all()
+        cls = labels["substructure_name"]
+        assert cls in spec.classes and P.SUBSTRUCTURE_CLASSES[labels["substructure"]] == cls
+        assert lo_m <= labels["halo_mass"] <= hi_m
+        assert labels["einstein_radius"] == pytest.approx(P.einstein_radius(10 ** labels["halo_mass"]))
+        assert 0.66 < labels["einstein_radius"] < 1.9
+        assert P.LENS_AXIS_RATIO[0] <= labels["axis_ratio"] <= 1.0 and 0 <= labels["shear"] <= P.SHEAR_MAX
+        assert P.SOURCE_MAGNITUDE[0] <= labels["source_magnitude"] <= P.SOURCE_MAGNITUDE[1]
+        lo_t, hi_t = INSTRUMENTS["euclid"].exposure
+        assert lo_t <= labels["exposure"] <= hi_t
+        if cls == "no_sub":
+            assert labels["subhalo_fraction"] == 0 and labels["n_subhalos"] == 0
+        else:
+            assert P.SUBHALO_FRACTION[0] <= labels["subhalo_fraction"] <= P.SUBHALO_FRACTION[1]
+            assert labels["n_subhalos"] == len(labels["subhalo_x"]) >= 1
+        if cls == "axion":
+            assert -24 <= labels["axion_mass"] <= -22
+            assert labels["axion_mass_ev"] == pytest.approx(10 ** labels["axion_mass"])
+            assert labels["de_broglie_wavelength"] == pytest.approx(P.de_broglie_wavelength(labels["axion_mass_ev"]))
+        else:
+            assert labels["axion_mass"] is None
+        for target in spec.targets:
+            assert labels[target.name] is not None
+    if spec.regression:
+        stats_ = manifest.target.stats
+        assert stats_ is not None and stats_.min < stats_.max
+
+
+def test_class_balance_and_stratified_split(tmp_path):
+    manifest = simulate("substructure", 60, tmp_path / "s", seed=2, val=0.2, test=0.2, **FAST)
+    counts = manifest.target.class_counts
+    totals = {c: sum(counts[s][c] for s in counts) for c in ("no_sub", "cdm", "vortex")}
+    assert totals == {"no_sub": 20, "cdm": 20, "vortex": 20}
+    for split, n in (("train", 12), ("val", 4), ("test", 4)):
+        assert counts[split] == {"no_sub": n, "cdm": n, "vortex": n}
+
+
+def test_preset_overrides(tmp_path):
+    manifest = simulate("halo_mass", 6, tmp_path / "o", instrument="hst", size=48, pixel_scale=0.1, workers=1)
+    assert manifest.image.shape == (1, 48, 48)
+    assert manifest.source["instrument"]["pixel_scale"] == 0.1
+    assert manifest.source["instrument"]["psf_fwhm"] == INSTRUMENTS["hst"].psf_fwhm
+
+
+# ------------------------------------------------------------------------------------------ determinism
+def test_same_seed_byte_identical_for_any_worker_count(tmp_path):
+    one = simulate("substructure", 30, tmp_path / "w1", seed=4, instrument="euclid", workers=1, shard_size=8)
+    two = simulate("substructure", 30, tmp_path / "w2", seed=4, instrument="euclid", workers=2, shard_size=8)
+    assert _shards(one) == _shards(two)
+    assert (tmp_path / "w1/manifest.json").read_bytes() == (tmp_path / "w2/manifest.json").read_bytes()
+    other = simulate("substructure", 30, tmp_path / "s5", seed=5, instrument="euclid", workers=1, shard_size=8)
+    assert set(_shards(other).values()).isdisjoint(_shards(one).values())
+
+
+def test_sample_is_pure_function_of_seed_and_index():
+    config = plan("axion_mass", 5, instrument="euclid", seed=9)
+    a = P.Simulator(config)(3)
+    P.Simulator(config)(1)  # other work in between (and a warm model cache) changes nothing
+    b = P.Simulator(config)(3)
+    assert a[0].tobytes() == b[0].tobytes() and json.dumps(a[1]) == json.dumps(b[1])
+
+
+# ------------------------------------------------------------------------------------------ no shortcut, real signal
+def _class_statistics(instrument: str, per_class: int, seed: int) -> dict[str, dict[str, np.ndarray]]:
+    """Per image: total flux, background noise level (MAD of a border frame), the paired change of the
+    noise-free flux caused by the substructure, and the reduced chi^2 of the image against the smooth
+    lens (the same main lens and source with no substructure)."""
+    config = plan("substructure", 3 * per_class, instrument=instrument, seed=seed)
+    inst, edge = config.instrument, 6
+    out = {c: {"flux": [], "noise": [], "flux_change": [], "chi2": []} for c in config.classes}
+    for i in range(3 * per_class):
+        p = P.draw_params(config, i)
+        image = P.render(config, p)[0].astype(np.float64)
+        clean = P.render_clean(config, p)
+        smooth = P.render_clean(config, P.smooth_twin(p))
+        sigma = P.noise_sigma(smooth, inst, p["exposure"])
+        frame = np.concatenate([image[:edge].ravel(), image[-edge:].ravel(), image[edge:-edge, :edge].ravel(),
+                                image[edge:-edge, -edge:].ravel()])
+        row = out[p["substructure_name"]]
+        row["flux"].append(image.sum())
+        row["noise"].append(1.4826 * np.median(np.abs(frame - np.median(frame))))
+        row["flux_change"].append(math.log(clean.sum() / smooth.sum()))
+        row["chi2"].append(np.mean(((image - smooth) / sigma) ** 2))
+    return {c: {k: np.asarray(v) for k, v in row.items()} for c, row in out.items()}
+
+
+def test_no_brightness_or_noise_shortcut_but_real_signal():
+    s = _class_statistics("euclid", per_class=40, seed=7)
+    base = s["no_sub"]
+    # no_sub against its own smooth lens is pure noise: reduced chi^2 ~ 1.
+    assert abs(np.median(base["chi2"]) - 1) < 0.03
+    assert np.all(base["flux_change"] == 0)
+    for cls in ("cdm", "vortex"):
+        other = s[cls]
+        # 1. Same distributions of total flux and of background noise (two-sample KS tests).
+        assert stats.ks_2samp(base["flux"], other["flux"]).pvalue > 0.01, cls
+        assert stats.ks_2samp(base["noise"], other["noise"]).pvalue > 0.01, cls
+        # Mean flux within 3 standard errors.
+        se = math.sqrt(base["flux"].var() / len(base["flux"]) + other["flux"].var() / len(other["flux"]))
+        assert abs(other["flux"].mean() - base["flux"].mean()) < 3 * se, cls
+        # 2. Paired: the substructure changes the total (noise-free) flux by ~1%, against a spread of
+        #    tens of percent between images: no usable brightness cue.
+        assert abs(other["flux_change"].mean()) < 0.03, cls
+        assert other["flux_change"].mean() < 0.1 * np.log(base["flux"]).std(), cls
+        # 3. Signal: the image departs from the smooth lens well beyond the noise.
+        assert stats.ks_2samp(base["chi2"], other["chi2"]).pvalue < 1e-6, cls
+        assert np.median(other["chi2"]) > 1.03, cls
+
+
+# ------------------------------------------------------------------------------------------ API and CLI errors
+def test_api_rejects_bad_arguments(tmp_path):
+    with pytest.raises(SimulateError, match="unknown task 'nope'; valid choices: substructure"):
+        simulate("nope", 3, tmp_path / "a")
+    with pytest.raises(SimulateError, match="unknown instrument 'jwst'; valid choices: model1, euclid, hst"):
+        simulate("substructure", 3, tmp_path / "a", instrument="jwst")
+    for n in (0, -1):
+        with pytest.raises(SimulateError, match="n must be a positive integer"):
+            simulate("substructure", n, tmp_path / "a")
+    with pytest.raises(ValueError):
+        get_instrument("model1", pixel_scale=0.0)
+
+
+def test_cli_simulate_verify_and_grid(tmp_path):
+    out, grid = tmp_path / "set", tmp_path / "grid.png"
+    r = _shards_cli("simulate", "--task", "substructure", "--n", "24", "--out", str(out), "--instrument", "hst",
+                    "--workers", "2", "--seed", "1", "--grid", str(grid))
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in r.stdout and grid.is_file() and grid.stat().st_size > 10_000
+    r = _shards_cli("verify", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    # The output exists now: refused without --overwrite, exit 2.
+    r = _shards_cli("simulate", "--task", "substructure", "--n", "3", "--out", str(out))
+    assert r.returncode == 2 and "already exists" in r.stderr and "--overwrite" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "nope", "--n", "3"], "invalid choice: 'nope' (choose from 'substructure', 'halo_mass'"),
+    (["--task", "substructure", "--n", "3", "--instrument", "jwst"], "choose from 'model1', 'euclid', 'hst'"),
+    (["--task", "substructure", "--n", "0"], "argument --n: must be positive, got 0"),
+    (["--task", "substructure", "--n", "-5"], "argument --n: must be positive, got -5"),
+    (["--task", "substructure", "--n", "3", "--val", "0.6", "--test", "0.5"], "must be below 1"),
+])
+def test_cli_bad_arguments_exit_2(tmp_path, args, message):
+    r = _shards_cli("simulate", *args, "--out", str(tmp_path / "x"))
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+    assert not (tmp_path / "x").exists()
