@@ -6,6 +6,8 @@ as the one to resume from. Layout of ``RUN/checkpoints/step-XXXXXXXX/``:
 
 - ``model.pt``, ``optimizer.pt``, ``scheduler.pt``, ``scaler.pt``: ``state_dict`` of each object
   (the model unwrapped), written by rank 0 since DDP replicates them;
+- with DeepSpeed, ``deepspeed/``: the engine's collective checkpoint (model states and each rank's
+  optimizer partition) in place of ``model.pt`` and ``optimizer.pt``; ``scheduler.pt`` as above;
 - ``rng-rankR.pt``: the python, numpy and torch RNG states of rank R;
 - ``meta.json``: step, data cursor, train state and the metric, readable without torch;
 - ``COMPLETE``: written last; the size and sha256 of every other file.
@@ -142,9 +144,9 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         self.backend.barrier()
         saver = getattr(self.backend, "save_sharded", None)
-        if saver is not None:  # DeepSpeed: every rank writes its own shards
+        if saver is not None:  # DeepSpeed: every rank writes its own shards of model and optimizer
             saver(tmp)
-        elif info.is_main:
+        if info.is_main:  # what is replicated (with DeepSpeed: what the engine does not hold)
             for key, obj in objects.items():
                 torch.save(obj.state_dict(), tmp / f"{key}.pt")
         if info.is_main:
@@ -201,11 +203,10 @@ class Checkpointer:
         loader = getattr(self.backend, "load_sharded", None)
         if loader is not None:
             loader(step_dir)
-        else:
-            for key, obj in objects.items():
-                state = torch.load(step_dir / f"{key}.pt", map_location=info.device if key != "model" else "cpu",
-                                   weights_only=False)
-                obj.load_state_dict(state)
+        for key, obj in objects.items():
+            state = torch.load(step_dir / f"{key}.pt", map_location=info.device if key != "model" else "cpu",
+                               weights_only=False)
+            obj.load_state_dict(state)
         rng_file = step_dir / f"rng-rank{info.rank}.pt"
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=False))

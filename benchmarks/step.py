@@ -1,0 +1,140 @@
+"""Train-step overhead: lenstrain's step against a bare PyTorch loop, on the same model and batch.
+
+Ours is the body of ``lenstrain.train.train_loop`` for one step with its data already in memory:
+``backend.accumulating``/``backend.autocast`` around the forward and the loss (``build_loss``),
+``backend.backward``, ``float(loss)``, the per-step ``backend.any_flags`` (non-finite loss,
+preemption, checkpoint due), ``backend.step`` (unscale, clip, update, zero) and
+``scheduler.step()``. The bare loop is ``model(x)``, ``F.mse_loss``, ``zero_grad``, ``backward``,
+``clip_grad_norm_`` and ``optimizer.step()``. Both start from identical weights and AdamW.
+
+Blocks of steps alternate between the two (which goes first alternates too). Each side reports its
+median ms/step over the blocks, and the overhead is the median of the per-round ratios, with their
+interquartile range, so load from other processes on the machine hits both sides alike.
+
+    python benchmarks/step.py                          # alternet_tiny and resnet18 at 64x64, batch 32
+    python benchmarks/step.py --models resnet18 --batch 16 --rounds 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lenstrain.backends import build_backend  # noqa: E402
+from lenstrain.config import ScheduleConfig  # noqa: E402
+from lenstrain.distributed import DistInfo  # noqa: E402
+from lenstrain.losses import build_loss  # noqa: E402
+from lenstrain.models import create_model  # noqa: E402
+from lenstrain.optim import build_scheduler  # noqa: E402
+
+
+def make_ours(model, lr: float, clip: float, total_steps: int, precision: str):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=next(model.parameters()).device)
+    backend = build_backend("single", model, optimizer, info, precision=precision, grad_clip=clip)
+    scheduler = build_scheduler(ScheduleConfig(), optimizer, total_steps)
+    loss_fn = build_loss("mse", "regression", 0, huber_delta=1.0, label_smoothing=0.0)
+
+    def step(micro_batches):
+        loss_total = torch.zeros((), device=info.device)
+        for k, batch in enumerate(micro_batches):
+            x = batch["image"].to(info.device, non_blocking=True)
+            y = batch["target"].to(info.device, non_blocking=True)
+            with backend.accumulating(last=k == len(micro_batches) - 1), backend.autocast():
+                loss = loss_fn(backend.train_module(x), y)
+            backend.backward(loss / len(micro_batches))
+            loss_total += loss.detach()
+        loss_value = float(loss_total) / len(micro_batches)
+        nonfinite, _stop, _due = backend.any_flags([not math.isfinite(loss_value), False, False])
+        backend.step(skip=nonfinite)
+        scheduler.step()
+        return loss_value
+
+    return step
+
+
+def make_bare(model, lr: float, clip: float):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+
+    def step(micro_batches):
+        (batch,) = micro_batches
+        loss = F.mse_loss(model(batch["image"]).squeeze(-1), batch["target"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        return loss
+
+    return step
+
+
+def bench_model(name: str, size: int, batch: int, rounds: int, steps: int, warmup: int) -> dict:
+    torch.manual_seed(0)
+    base = create_model(name, in_channels=1, num_outputs=1, image_size=size)
+    data = [{"image": torch.randn(batch, 1, size, size), "target": torch.rand(batch)}]
+    models = {"bare": copy.deepcopy(base).train(), "lenstrain": copy.deepcopy(base).train()}
+    total = warmup + rounds * steps
+    runs = {"bare": make_bare(models["bare"], 1e-3, 1.0),
+            "lenstrain": make_ours(models["lenstrain"], 1e-3, 1.0, total, "fp32")}
+    for fn in runs.values():
+        for _ in range(warmup):
+            fn(data)
+    per_step = {k: [] for k in runs}
+    for r in range(rounds):
+        order = list(runs) if r % 2 == 0 else list(reversed(runs))
+        for key in order:
+            start = time.perf_counter()
+            for _ in range(steps):
+                fn = runs[key]
+                fn(data)
+            per_step[key].append((time.perf_counter() - start) / steps * 1e3)
+    bare, ours = statistics.median(per_step["bare"]), statistics.median(per_step["lenstrain"])
+    # each round times both sides back to back: the median of the paired ratios cancels slow drifts
+    ratios = sorted(o / b for o, b in zip(per_step["lenstrain"], per_step["bare"], strict=True))
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else [ratios[0], 0, ratios[-1]]
+    params = sum(p.numel() for p in base.parameters())
+    return {"model": name, "params": params, "size": size, "batch": batch, "bare_ms": bare, "ours_ms": ours,
+            "overhead_pct": 100 * (statistics.median(ratios) - 1),
+            "overhead_iqr": (100 * (quartiles[0] - 1), 100 * (quartiles[2] - 1))}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["alternet_tiny", "resnet18"])
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=20, help="blocks per side, alternating")
+    parser.add_argument("--steps", type=int, default=2, help="steps per block")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} torch thread(s); "
+          f"fp32, batch {args.batch} at 1x{args.size}x{args.size}; median of {args.rounds} blocks of {args.steps} steps")
+    head = (f"{'model':>14} | {'params':>10} | {'bare (ms/step)':>14} | {'lenstrain (ms/step)':>19} | "
+            f"{'overhead':>8} | {'overhead IQR':>15}")
+    print(head)
+    print("-" * len(head))
+    for name in args.models:
+        r = bench_model(name, args.size, args.batch, args.rounds, args.steps, args.warmup)
+        lo, hi = r["overhead_iqr"]
+        print(f"{name:>14} | {r['params']:>10,} | {r['bare_ms']:>14.1f} | {r['ours_ms']:>19.1f} | "
+              f"{r['overhead_pct']:>+7.1f}% | {lo:>+6.1f}%..{hi:>+5.1f}%", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,88 @@
+"""DeepSpeed ZeRO on CPU with real gloo process groups: training, preemption and exact resume."""
+
+from __future__ import annotations
+
+import random
+import shutil
+
+import pytest
+import torch
+
+from lenstrain.checkpoint import latest_complete, list_checkpoints, load_model_state
+from lenstrain.models import create_model
+from lenstrain.preemption import EXIT_REQUEUE
+from tests.train_helpers import ROOT, lenstrain, make_ring_shards, train_until_signalled, write_config
+
+pytest.importorskip("deepspeed")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def extensions_cache(monkeypatch):
+    """DeepSpeed compiles its shared-memory op on first start (about 35 s); keep it across runs."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_ring_shards(tmp_path_factory.mktemp("data") / "rings")
+
+
+def ds_config(tmp_path, shards, stage: int, steps: int, every: int):
+    return write_config(tmp_path / "c.yaml", shards, train={"max_steps": steps, "grad_clip": 1.0},
+                        parallel={"strategy": "deepspeed", "zero_stage": stage},
+                        checkpoint={"every_steps": every, "keep": 3, "every_minutes": None})
+
+
+def assert_plain_state_dict(state: dict) -> None:
+    model = create_model("alternet_tiny", in_channels=1, num_outputs=1, image_size=32)
+    assert list(state) == list(model.state_dict()), "keys and order of the unwrapped model's state dict"
+    model.load_state_dict(state)  # strict
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after the resume"
+
+
+def test_zero2_signal_and_resume_is_bit_identical(tmp_path, shards):
+    steps = 6
+    config = ds_config(tmp_path, shards, stage=2, steps=steps, every=2)
+    straight = tmp_path / "straight"
+    lenstrain("train", config, "--run-dir", straight, "--nproc", 2, check=True)
+
+    resumed = tmp_path / "resumed"
+    code, out = train_until_signalled(config, resumed, at_step=random.Random(2).randint(2, 4), nproc=2)
+    assert code == EXIT_REQUEUE, out
+    stopped = max(s for s, _ in list_checkpoints(resumed / "checkpoints"))
+    assert stopped < steps
+    second = lenstrain("train", config, "--run-dir", resumed, "--nproc", 2, check=True)
+    assert f"(step {stopped}, epoch" in second.stdout, second.stdout
+
+    last = latest_complete(straight / "checkpoints")
+    assert (last / "deepspeed").is_dir() and (last / "scheduler.pt").is_file()
+    assert not (last / "model.pt").exists()  # the engine's collective checkpoint holds the model
+    final = load_model_state(last)
+    assert_plain_state_dict(final)
+    assert_same_weights(final, load_model_state(latest_complete(resumed / "checkpoints")))
+
+
+def test_zero3_resume_from_a_partitioned_checkpoint_is_bit_identical(tmp_path, shards):
+    """Parameters partitioned too: resume from the straight run's mid-run checkpoint, in a new run."""
+    config = ds_config(tmp_path, shards, stage=3, steps=6, every=3)
+    straight = tmp_path / "straight"
+    lenstrain("train", config, "--run-dir", straight, "--nproc", 2, check=True)
+    mid = straight / "checkpoints" / "step-00000003"
+    assert mid.is_dir()
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(mid, resumed / "checkpoints" / mid.name)
+    second = lenstrain("train", config, "--run-dir", resumed, "--nproc", 2, check=True)
+    assert "(step 3, epoch" in second.stdout, second.stdout
+
+    final = load_model_state(latest_complete(straight / "checkpoints"))
+    assert_plain_state_dict(final)
+    assert_same_weights(final, load_model_state(latest_complete(resumed / "checkpoints")))
