@@ -242,6 +242,7 @@ def train_loop(cfg: LenstrainConfig, run_dir: Path, info: DistInfo) -> int:
     last_ckpt_time = time.monotonic()
     window_start, window_samples = time.perf_counter(), 0
     status = 0
+    loss_value = last_logged_loss = None
 
     def save(reason: str) -> None:
         nonlocal last_ckpt_time
@@ -310,6 +311,7 @@ def train_loop(cfg: LenstrainConfig, run_dir: Path, info: DistInfo) -> int:
             log(f"step {state.step}/{steps} loss {mean_loss:.4g} lr {lr:.3g} grad {grad_norm:.3g} "
                 f"{rate:.1f} samples/s")
             progress("running", mean_loss, rate)
+            last_logged_loss = mean_loss
             window_start, window_samples = time.perf_counter(), 0
 
         validate_now = cfg.train.val_every_steps and state.step % cfg.train.val_every_steps == 0
@@ -326,14 +328,16 @@ def train_loop(cfg: LenstrainConfig, run_dir: Path, info: DistInfo) -> int:
             save("periodic" if not time_due else "time")
         if stop_signal:
             save(f"signal {preempt.signum}")
-            progress("preempted")
+            progress("preempted", last_logged_loss)
             log(f"stopping on signal {preempt.signum} at step {state.step}; exit {EXIT_REQUEUE} asks for a requeue")
             status = EXIT_REQUEUE
             break
 
     if status == 0:
+        if loss_value is None:
+            log(f"nothing to do: the run already reached step {state.step} of {steps}")
         save("final")
-        progress("done", loss_value)
+        progress("done", loss_value if loss_value is not None else last_logged_loss)
         tb.hparams({"model": cfg.model.name, "lr": cfg.optim.lr, "optim": cfg.optim.name,
                     "batch": stream.global_batch, "precision": precision}, last_metrics)
     tb.close()

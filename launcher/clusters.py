@@ -1,0 +1,87 @@
+"""Cluster profiles: what a cluster offers, read from ``slurm/clusters/NAME.yaml``.
+
+A profile names the SLURM configuration to talk to, the default partition/account/qos, the size of
+a node (GPUs, CPUs, memory), how many nodes a job may take, setup lines run before ``srun`` (module
+loads, environment), extra ``srun`` arguments and the signal the cluster sends before a time limit.
+A job's ``resources.cluster`` picks one; the job's requests are checked against it before anything
+is submitted.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lenstrain.config import ConfigError, format_validation_error
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CLUSTERS_ENV = "LENSTRAIN_CLUSTERS_DIR"
+# The signals the training loop turns into a collective checkpoint (lenstrain.preemption).
+PREEMPT_SIGNALS = ("USR2", "TERM")
+
+
+class ClusterProfile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    kind: Literal["slurm", "local"] = "slurm"
+    slurm_conf: str | None = None  # relative paths are relative to the repository root
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    gpus_per_node: int = Field(0, ge=0)
+    cpus_per_node: int | None = Field(None, ge=1)
+    mem_per_node_gb: float | None = Field(None, gt=0)
+    max_nodes: int | None = Field(None, ge=1)
+    setup: list[str] = Field(default_factory=list)
+    srun_args: list[str] = Field(default_factory=list)
+    preempt_signal: str = "USR2"
+
+    @field_validator("preempt_signal")
+    @classmethod
+    def _signal(cls, value: str) -> str:
+        value = value.upper().removeprefix("SIG")
+        if value not in PREEMPT_SIGNALS:
+            raise ValueError(f"{value!r} is not caught by the training loop; valid choices: {', '.join(PREEMPT_SIGNALS)}")
+        return value
+
+    @property
+    def slurm_conf_path(self) -> Path | None:
+        if not self.slurm_conf:
+            return None
+        path = Path(os.path.expandvars(os.path.expanduser(self.slurm_conf)))
+        return path if path.is_absolute() else REPO_ROOT / path
+
+
+def clusters_dir() -> Path:
+    return Path(os.environ.get(CLUSTERS_ENV) or REPO_ROOT / "slurm" / "clusters")
+
+
+def list_profiles() -> list[str]:
+    folder = clusters_dir()
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def load_profile(name: str) -> ClusterProfile:
+    path = clusters_dir() / f"{name}.yaml"
+    if not path.is_file():
+        known = list_profiles()
+        raise ConfigError(
+            f"unknown cluster profile {name!r}; valid choices: {', '.join(known) or '(none in ' + str(clusters_dir()) + ')'}"
+        )
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a cluster profile must be a mapping")
+    data.setdefault("name", name)
+    try:
+        return ClusterProfile.model_validate(data)
+    except ValidationError as exc:
+        message = format_validation_error(exc, ClusterProfile)
+        raise ConfigError(message.replace("invalid config:", f"invalid cluster profile {path}:", 1)) from None

@@ -1,0 +1,234 @@
+"""What every task of a job runs: set up torch.distributed's environment, train, and requeue on a signal.
+
+submitit pickles a :class:`TrainTask` (by reference to this module, which the job imports from the
+installed package) and calls it on each of the job's ``srun`` tasks. The task:
+
+1. replaces submitit's signal handlers at once with a flag-only one (submitit's would checkpoint and
+   ``SystemExit`` on global rank 0 only, mid-collective); training installs its own right after;
+2. derives RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from SLURM's variables;
+3. calls :func:`lenstrain.train.run_training`, which resumes from the newest complete checkpoint;
+4. on :data:`~lenstrain.preemption.EXIT_REQUEUE` (a collective save after SIGUSR2/SIGTERM), global
+   rank 0 requeues the job with ``scontrol requeue`` if ``max_requeues`` allows and the job is not
+   being cancelled or requeued already; then every rank leaves with ``os._exit`` and no return value,
+   so that submitit writes no result pickle and does not take the attempt for a finished job.
+
+Local runs (``launcher submit --local``) run the same class in N subprocesses:
+``python -m launcher.entry RUN_DIR`` with RANK/WORLD_SIZE/... set by :mod:`launcher.local`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from lenstrain.preemption import EXIT_NONFINITE, EXIT_REQUEUE, PreemptionFlag
+
+# States in which the controller is already taking the job down (cancel, requeue, preemption):
+# requeueing it again would undo a cancel or race SLURM's own requeue.
+_NO_REQUEUE_STATES = {"CANCELLED", "COMPLETING", "COMPLETED", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
+                      "PENDING", "PREEMPTED", "FAILED", "TIMEOUT", "NODE_FAIL", "DEADLINE", "OUT_OF_MEMORY"}
+
+
+class TrainingFailed(RuntimeError):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _say(message: str) -> None:
+    print(f"[launcher] {time.strftime('%H:%M:%S')} {message}", flush=True)
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+
+
+def _redeliver_early_signal(early: PreemptionFlag, done: threading.Event) -> None:
+    """Hand a signal that arrived during start-up to training once it has installed its handlers.
+
+    The time-limit signal may come while the task is still importing torch or joining the process
+    group; training's flag would never see it and the job would be killed at the limit.
+    """
+    mine = signal.getsignal(signal.SIGUSR2)
+    while not done.wait(0.05):
+        if signal.getsignal(signal.SIGUSR2) is not mine:  # training took over
+            if early.set:
+                _say(f"passing signal {early.signum}, received during start-up, to training")
+                os.kill(os.getpid(), early.signum)
+            return
+
+
+def _set_threads() -> None:
+    """One intra-op thread per allocated CPU (SLURM: --cpus-per-task), unless OMP_NUM_THREADS is set."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    import torch
+
+    torch.set_num_threads(max(1, int(os.environ.get("SLURM_CPUS_PER_TASK", "1"))))
+
+
+class TrainTask:
+    """The picklable callable one SLURM task (or one local process) runs."""
+
+    def __init__(self, run_dir: str | Path, config: dict, *, max_requeues: int, name: str) -> None:
+        self.run_dir = str(run_dir)
+        self.config = config
+        self.max_requeues = max_requeues
+        self.name = name
+
+    def __call__(self) -> dict:
+        early = PreemptionFlag().install()  # until training installs its own
+        started = threading.Event()
+        threading.Thread(target=_redeliver_early_signal, args=(early, started), daemon=True).start()
+        slurm = "SLURM_JOB_ID" in os.environ and "SLURM_PROCID" in os.environ
+        if slurm:
+            from lenstrain.distributed import env_from_slurm
+
+            os.environ.update(env_from_slurm())
+            os.environ.setdefault("LENSTRAIN_JOB_ID", os.environ["SLURM_JOB_ID"])
+        rank = int(os.environ.get("RANK", "0"))
+        job_id = os.environ.get("LENSTRAIN_JOB_ID", f"local-{os.getpid()}")
+        restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        run_dir = Path(self.run_dir)
+        _set_threads()
+
+        from launcher import runs
+        from lenstrain.config import validate_config
+        from lenstrain.train import run_training
+
+        config = validate_config(self.config)
+        if rank == 0:
+            info = {"host": socket.gethostname(), "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
+            if slurm:
+                info["nodes"] = os.environ.get("SLURM_JOB_NODELIST", "")
+            runs.record_start(run_dir, job_id, restart_count=restart, **info)
+            _say(f"job {job_id} attempt {restart + 1} starting {self.name} in {run_dir}")
+
+        try:
+            code = run_training(config, run_dir)
+        finally:
+            started.set()
+
+        progress = runs.read_progress(run_dir) or {}
+        step = progress.get("step")
+        if code == 0:
+            if rank == 0:
+                runs.record_end(run_dir, job_id, state="COMPLETED", outcome="completed", exit=0, step=step)
+                _say(f"training complete at step {step}")
+            if slurm:
+                atexit.register(_exit_clean_after_result)
+            return {"run_dir": self.run_dir, "step": step, "exit": 0}
+        if code == EXIT_REQUEUE:
+            self._requeue_and_exit(rank, job_id, restart, slurm, step)
+        if rank == 0:
+            runs.record_end(run_dir, job_id, state="FAILED", outcome="failed", exit=code, step=step)
+        why = "a non-finite loss" if code == EXIT_NONFINITE else f"exit status {code}"
+        raise TrainingFailed(f"training stopped with {why} at step {step}; see the log above", code)
+
+    def _requeue_and_exit(self, rank: int, job_id: str, restart: int, slurm: bool, step) -> None:
+        from launcher import runs
+
+        run_dir = Path(self.run_dir)
+        if rank == 0:
+            outcome, state = "stopped", "STOPPED"
+            if slurm:
+                outcome, state = self._requeue(job_id, restart)
+            else:
+                _say(f"stopped at step {step} after a checkpoint; run the same command again to resume")
+            runs.record_end(run_dir, job_id, state=state, outcome=outcome, exit=EXIT_REQUEUE, step=step)
+        elif slurm:
+            _wait_for_rank0(run_dir, job_id, restart)
+        _flush()
+        os._exit(EXIT_REQUEUE)
+
+    def _requeue(self, job_id: str, restart: int) -> tuple[str, str]:
+        from launcher import runs
+        from launcher.slurm import squeue_state
+
+        run_dir = Path(self.run_dir)
+        job = runs.find_job(runs.read_jobs(run_dir), job_id) or {}
+        state = (squeue_state(job_id) or "UNKNOWN").split()[0]
+        if job.get("cancel_requested") or state == "CANCELLED":
+            _say(f"job {job_id} is being cancelled; not requeueing (resume later with `launcher resume {self.name}`)")
+            return "cancelled", "CANCELLED"
+        if state in _NO_REQUEUE_STATES:
+            _say(f"job {job_id} is already {state}: SLURM requeues or ends it; not requeueing it again")
+            return "requeued-by-slurm", state
+        if restart >= self.max_requeues:
+            _say(f"job {job_id} has been requeued {restart} times (resources.max_requeues={self.max_requeues}); "
+                 f"not requeueing. Continue with `python -m launcher resume {self.name}`")
+            return "requeue-limit", "STOPPED"
+        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            _say(f"scontrol requeue {job_id} failed: {(done.stderr or done.stdout).strip()}")
+            return "requeue-failed", "STOPPED"
+        _say(f"requeued job {job_id} (requeue {restart + 1} of at most {self.max_requeues})")
+        runs.set_requeues(run_dir, job_id, restart + 1)
+        return "requeued", "REQUEUED"
+
+
+def _wait_for_rank0(run_dir: Path, job_id: str, restart: int, timeout_s: float = 30) -> None:
+    """Let rank 0 requeue before this task exits: where SLURM kills a job step when one of its tasks
+    exits non-zero (KillOnBadExit), an early exit here could kill rank 0 before its requeue."""
+    from launcher import runs
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = runs.find_job(runs.read_jobs(run_dir), job_id) or {}
+        attempts = [a for a in job.get("attempts", []) if a.get("restart_count") == restart]
+        if attempts and "ended" in attempts[-1]:
+            return
+        time.sleep(0.1)
+
+
+def _exit_clean_after_result() -> None:
+    """After submitit has written the result pickle, leave without running C++ teardown.
+
+    gloo sometimes aborts at interpreter exit ("terminate called without an active exception"),
+    which would turn a finished task into a failed SLURM step.
+    """
+    try:
+        from submitit import JobEnvironment
+
+        if not JobEnvironment().paths.result_pickle.exists():
+            return
+    except Exception:  # noqa: BLE001 - outside a submitit job: normal exit
+        return
+    _flush()
+    os._exit(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m launcher.entry RUN_DIR``: one local rank of a run (see :mod:`launcher.local`)."""
+    parser = argparse.ArgumentParser(prog="python -m launcher.entry")
+    parser.add_argument("run_dir", type=Path)
+    args = parser.parse_args(argv)
+    from launcher.runs import read_job_dict
+    from launcher.spec import JobSpec
+
+    spec = JobSpec.model_validate(read_job_dict(args.run_dir))
+    task = TrainTask(args.run_dir, spec.training_dict(), max_requeues=spec.resources.max_requeues,
+                     name=spec.name or args.run_dir.name)
+    try:
+        task()
+        code = 0
+    except TrainingFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = exc.code
+    _flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""The run directory and its ``jobs.json``.
+
+``runs/NAME/`` holds everything a run needs and produces::
+
+    job.yaml        the resolved job (name, resources and training sections)
+    config.yaml     the resolved training sections, what ``run_training`` reads
+    jobs.json       every job (SLURM or local) that served the run: id, state, requeues, attempts
+    submitit/       sbatch scripts, pickles and per-task logs (%j_%t_log.out/.err)
+    logs/           per-rank logs of local runs
+    checkpoints/ tb/ progress.json   written by training
+
+``jobs.json`` is updated by the launcher (submit, status, cancel) and by global rank 0 inside the job,
+so every change is a locked read-modify-write followed by an atomic replace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lenstrain.config import ConfigError, LenstrainConfig, dump_config
+
+JOB_FILE = "job.yaml"
+CONFIG_FILE = "config.yaml"
+JOBS_FILE = "jobs.json"
+PROGRESS_FILE = "progress.json"
+SUBMITIT_DIR = "submitit"
+LOCAL_LOG_DIR = "logs"
+DEFAULT_RUNS_DIR = Path("runs")
+
+# SLURM states in which a job still holds or waits for resources.
+ACTIVE_STATES = {
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "REQUEUE_FED",
+    "REQUEUE_HOLD",
+    "CONFIGURING",
+    "COMPLETING",
+    "SUSPENDED",
+    "RESIZING",
+    "SIGNALING",
+    "STAGE_OUT",
+    "RESV_DEL_HOLD",
+}
+
+
+class RunConflict(ConfigError):
+    """A run directory that holds a different run."""
+
+
+def run_dir_for(name: str, run_dir: str | Path | None = None, runs_dir: str | Path | None = None) -> Path:
+    if run_dir is not None:
+        return Path(run_dir).resolve()
+    return (Path(runs_dir or DEFAULT_RUNS_DIR) / name).resolve()
+
+
+def find_run(ref: str, runs_dir: str | Path | None = None) -> Path:
+    """A run given by name (under ``runs_dir``) or by the path of its directory."""
+    candidates = [Path(runs_dir or DEFAULT_RUNS_DIR) / ref, Path(ref)]
+    for path in candidates:
+        if (path / JOB_FILE).is_file():
+            return path.resolve()
+    known = ", ".join(p.name for p in list_runs(runs_dir)) or "none"
+    raise ConfigError(f"no run {ref!r} (looked for {candidates[0]}/{JOB_FILE}); runs: {known}")
+
+
+def list_runs(runs_dir: str | Path | None = None) -> list[Path]:
+    root = Path(runs_dir or DEFAULT_RUNS_DIR)
+    if not root.is_dir():
+        return []
+    return sorted(p.resolve() for p in root.iterdir() if (p / JOB_FILE).is_file())
+
+
+def read_job_dict(run_dir: Path) -> dict:
+    return yaml.safe_load((run_dir / JOB_FILE).read_text()) or {}
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def check_run(run_dir: Path, spec) -> str:
+    """``"new"`` or ``"resubmit"`` for ``spec`` in ``run_dir``; :class:`RunConflict` if it holds another run.
+
+    A directory that already holds a run with the same resolved training config is a resubmit: the
+    job resumes from the newest checkpoint there. A different config is refused, because its
+    checkpoints would be resumed by the wrong job. (Resources may change: more time, other nodes.)
+    """
+    from launcher.spec import JobSpec
+
+    run_dir = Path(run_dir)
+    if (run_dir / JOB_FILE).is_file():
+        try:
+            previous = JobSpec.model_validate(read_job_dict(run_dir)).training_dict()
+        except Exception:  # noqa: BLE001 - an unreadable old job counts as a different one
+            previous = None
+        training = spec.training_dict()
+        if previous != training:
+            diff = _diff(previous or {}, training)
+            raise RunConflict(
+                f"{run_dir} holds a different run ({'; '.join(diff[:6]) or 'unreadable ' + JOB_FILE}).\n"
+                f"  Give this one another name (--name NEW_NAME), or continue that run as it was with "
+                f"`python -m launcher resume {run_dir.name}`."
+            )
+        return "resubmit"
+    if run_dir.exists() and any(not p.name.startswith(".") for p in run_dir.iterdir()):
+        raise RunConflict(f"{run_dir} exists and is not a run directory; choose another --name or --run-dir")
+    return "new"
+
+
+def write_run(run_dir: Path, spec) -> None:
+    """Write the resolved job and training config into ``run_dir``."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_text_atomic(run_dir / JOB_FILE, spec.to_yaml())
+    _write_text_atomic(run_dir / CONFIG_FILE, dump_config(spec.training()))
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def load_training_config(run_dir: Path) -> LenstrainConfig:
+    from lenstrain.config import load_config
+
+    return load_config(run_dir / CONFIG_FILE)
+
+
+# ----------------------------------------------------------------------------------- jobs.json
+
+
+@contextlib.contextmanager
+def _locked(run_dir: Path) -> Iterator[None]:
+    with open(run_dir / f".{JOBS_FILE}.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def read_jobs(run_dir: Path) -> dict:
+    path = Path(run_dir) / JOBS_FILE
+    if not path.is_file():
+        return {"run": Path(run_dir).name, "jobs": []}
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return {"run": Path(run_dir).name, "jobs": []}
+
+
+def update_jobs(run_dir: Path, change: Callable[[dict], Any]) -> dict:
+    """Apply ``change`` to jobs.json under the run's lock; returns the new content."""
+    run_dir = Path(run_dir)
+    with _locked(run_dir):
+        data = read_jobs(run_dir)
+        change(data)
+        _write_text_atomic(run_dir / JOBS_FILE, json.dumps(data, indent=1) + "\n")
+        return data
+
+
+def find_job(data: dict, job_id: str) -> dict | None:
+    for job in data["jobs"]:
+        if job["job_id"] == str(job_id):
+            return job
+    return None
+
+
+def add_job(run_dir: Path, job_id: str, **info: Any) -> None:
+    record = {
+        "job_id": str(job_id),
+        "submitted": time.time(),
+        "state": "PENDING",
+        "requeues": 0,
+        "attempts": [],
+        **info,
+    }
+    update_jobs(run_dir, lambda data: data["jobs"].append(record))
+
+
+def _job(data: dict, job_id: str) -> dict:
+    job = find_job(data, job_id)
+    if job is None:  # a job submitted by other means: adopt it
+        job = {"job_id": str(job_id), "submitted": None, "state": "PENDING", "requeues": 0, "attempts": [], "kind": "slurm"}
+        data["jobs"].append(job)
+    return job
+
+
+def record_start(run_dir: Path, job_id: str, *, restart_count: int, **info: Any) -> None:
+    def change(data: dict) -> None:
+        job = _job(data, job_id)
+        job["state"] = "RUNNING"
+        job["requeues"] = max(job.get("requeues", 0), restart_count)
+        job["attempts"].append({"restart_count": restart_count, "started": time.time(), **info})
+
+    update_jobs(run_dir, change)
+
+
+def record_end(run_dir: Path, job_id: str, *, state: str, outcome: str, **info: Any) -> None:
+    def change(data: dict) -> None:
+        job = _job(data, job_id)
+        job["state"] = state
+        if job["attempts"]:
+            job["attempts"][-1].update({"ended": time.time(), "outcome": outcome, **info})
+
+    update_jobs(run_dir, change)
+
+
+def set_requeues(run_dir: Path, job_id: str, count: int) -> None:
+    def change(data: dict) -> None:
+        job = _job(data, job_id)
+        job["requeues"] = max(job.get("requeues", 0), count)
+
+    update_jobs(run_dir, change)
+
+
+def set_states(run_dir: Path, states: dict[str, str]) -> None:
+    """Record the states read from sacct (only for jobs of this run)."""
+
+    def change(data: dict) -> None:
+        for job in data["jobs"]:
+            new = states.get(job["job_id"])
+            if new and job.get("state") != new:
+                job["state"] = new
+
+    update_jobs(run_dir, change)
+
+
+def active_jobs(data: dict) -> list[dict]:
+    return [j for j in data["jobs"] if j.get("kind", "slurm") == "slurm" and j.get("state") in ACTIVE_STATES]
+
+
+def read_progress(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / PROGRESS_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,296 @@
+"""A job: the ``resources:`` the launcher asks SLURM for, plus lenstrain's training sections.
+
+:class:`JobSpec` extends lenstrain's :class:`~lenstrain.config.LenstrainConfig` with ``name`` and
+``resources``, so one strict validation (unknown keys rejected) covers the whole file and every
+error names its dotted path. :func:`load_job` then checks what pydantic cannot: the requests against
+the cluster profile (nodes, GPUs, CPUs, memory), the consistency of tasks and GPUs, and that the
+shard set exists. Every problem found is reported at once, as a :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from launcher.clusters import ClusterProfile, list_profiles, load_profile
+from lenstrain.config import (
+    ConfigError,
+    LenstrainConfig,
+    Section,
+    apply_overrides,
+    format_validation_error,
+    read_yaml,
+)
+
+TRAINING_SECTIONS = tuple(LenstrainConfig.model_fields)
+_TIME_RE = re.compile(r"^(?:(?P<d>\d+)-)?(?P<h>\d+):(?P<m>\d{1,2}):(?P<s>\d{1,2})$")
+_MEM_RE = re.compile(r"^(?P<n>\d+(?:\.\d+)?)\s*(?P<u>[KMGT])B?$", re.IGNORECASE)
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+# YAML 1.1 reads 1:30:00 as the base-60 integer 5400; a job file means a time of day. These loaders
+# keep such scalars as strings (as YAML 1.2 does).
+_SEXAGESIMAL = re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?$")
+
+
+class _JobLoader(yaml.SafeLoader):
+    pass
+
+
+_JobLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_JobLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+_JobLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?"
+               r"|[-+]?[0-9][0-9_]*(?:[eE][-+]?[0-9]+)|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def read_job_yaml(path: str | Path) -> dict:
+    """Read a job file like :func:`lenstrain.config.read_yaml`, keeping ``1:30:00`` a string."""
+    read_yaml(path)  # its checks and messages: missing file, bad YAML, not a mapping
+    return yaml.load(Path(path).read_text(), Loader=_JobLoader) or {}  # noqa: S506 - a SafeLoader subclass
+
+
+def _quote_times(overrides: list[str] | None) -> list[str]:
+    out = []
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        out.append(f"{key}={sep and ''}'{raw}'" if sep and _SEXAGESIMAL.match(raw.strip()) else item)
+    return out
+
+
+def parse_time_minutes(value: int | str) -> int:
+    """Minutes of a SLURM time limit given as minutes or ``[D-]HH:MM:SS`` (seconds round up)."""
+    if isinstance(value, bool):
+        raise ValueError("expected minutes (e.g. 90) or HH:MM:SS (e.g. 01:30:00)")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError("must be at least 1 minute")
+        return value
+    text = str(value).strip()
+    if text.isdigit():
+        return parse_time_minutes(int(text))
+    match = _TIME_RE.match(text)
+    if not match:
+        raise ValueError(f"{value!r} is not a time; expected minutes (e.g. 90) or HH:MM:SS (e.g. 01:30:00)")
+    d, h, m, s = (int(match.group(k) or 0) for k in "dhms")
+    if m >= 60 or s >= 60:
+        raise ValueError(f"{value!r}: minutes and seconds must be below 60")
+    seconds = ((d * 24 + h) * 60 + m) * 60 + s
+    if seconds < 60:
+        raise ValueError(f"{value!r}: SLURM time limits are whole minutes; ask for at least 00:01:00")
+    return math.ceil(seconds / 60)
+
+
+def parse_mem_gb(value: str) -> float:
+    match = _MEM_RE.match(value.strip())
+    if not match:
+        raise ValueError(f"{value!r} is not a memory size; expected a number and a unit, e.g. 16G, 500M")
+    scale = {"K": 1 / 1024**2, "M": 1 / 1024, "G": 1.0, "T": 1024.0}[match.group("u").upper()]
+    return float(match.group("n")) * scale
+
+
+class Resources(Section):
+    """What one job asks of the cluster. ``cluster`` names a profile in ``slurm/clusters/``."""
+
+    cluster: str = "devcluster"
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(0, ge=0)
+    tasks_per_node: int | None = Field(None, ge=1, description="default: one per GPU, or 1 on CPU")
+    cpus_per_task: int | None = Field(None, ge=1)
+    mem: str | None = Field(None, description="per node, e.g. 16G")
+    time: int | str = Field(60, description="minutes, or HH:MM:SS")
+    partition: str | None = None  # default: the profile's
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    signal_delay_s: int = Field(120, ge=1, description="seconds between the signal and the time limit")
+    max_requeues: int = Field(3, ge=0, description="requeues of one SLURM job (preemption or time limit)")
+    setup: list[str] = Field(default_factory=list, description="shell lines run before srun")
+
+    @field_validator("time")
+    @classmethod
+    def _time(cls, value: int | str) -> int | str:
+        parse_time_minutes(value)
+        return value
+
+    @field_validator("mem")
+    @classmethod
+    def _mem(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_mem_gb(value)
+        return value
+
+    @property
+    def ntasks_per_node(self) -> int:
+        if self.tasks_per_node is not None:
+            return self.tasks_per_node
+        return self.gpus_per_node or 1
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.ntasks_per_node
+
+    @property
+    def time_minutes(self) -> int:
+        return parse_time_minutes(self.time)
+
+    @property
+    def mem_gb(self) -> float | None:
+        return None if self.mem is None else parse_mem_gb(self.mem)
+
+
+class JobSpec(LenstrainConfig):
+    """A whole job file: ``name``, ``resources`` and the training sections."""
+
+    name: str | None = None
+    resources: Resources = Field(default_factory=Resources)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and not _NAME_RE.match(value):
+            raise ValueError(f"{value!r}: use letters, digits, '_', '-' and '.' (it names runs/NAME/)")
+        return value
+
+    def training(self) -> LenstrainConfig:
+        return LenstrainConfig.model_validate(self.model_dump(include=set(TRAINING_SECTIONS)))
+
+    def training_dict(self) -> dict[str, Any]:
+        return self.training().model_dump(mode="json")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json")
+        order = ["name", "resources", *TRAINING_SECTIONS]
+        return {k: data[k] for k in order if k in data}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ------------------------------------------------------------------------------------- checks
+
+
+def check_resources(res: Resources, profile: ClusterProfile) -> list[tuple[str, str]]:
+    """Requests the cluster cannot satisfy, as (dotted path, message)."""
+    errors: list[tuple[str, str]] = []
+    p = f"cluster {profile.name!r}"
+    if profile.max_nodes is not None and res.nodes > profile.max_nodes:
+        errors.append(("resources.nodes", f"{res.nodes} nodes requested; {p} allows at most {profile.max_nodes}"))
+    if res.gpus_per_node > profile.gpus_per_node:
+        have = f"{profile.gpus_per_node} GPUs per node" if profile.gpus_per_node else "no GPUs"
+        errors.append(("resources.gpus_per_node", f"{res.gpus_per_node} GPUs per node requested; {p} has {have}"))
+    if res.gpus_per_node and res.tasks_per_node is not None and res.tasks_per_node != res.gpus_per_node:
+        errors.append(
+            (
+                "resources.tasks_per_node",
+                f"{res.tasks_per_node} tasks per node with {res.gpus_per_node} GPUs per node; "
+                "one task drives one GPU, so they must be equal (or leave tasks_per_node unset)",
+            )
+        )
+    cpus = res.ntasks_per_node * (res.cpus_per_task or 1)
+    if profile.cpus_per_node is not None and cpus > profile.cpus_per_node:
+        where = "resources.cpus_per_task" if res.cpus_per_task else "resources.tasks_per_node"
+        errors.append(
+            (
+                where,
+                f"{res.ntasks_per_node} tasks x {res.cpus_per_task or 1} CPUs = {cpus} CPUs per node; "
+                f"{p} has {profile.cpus_per_node}",
+            )
+        )
+    if res.mem_gb is not None and profile.mem_per_node_gb is not None and res.mem_gb > profile.mem_per_node_gb:
+        errors.append(("resources.mem", f"{res.mem} per node requested; {p} nodes have {profile.mem_per_node_gb:g}G"))
+    if res.signal_delay_s >= res.time_minutes * 60:
+        errors.append(
+            (
+                "resources.signal_delay_s",
+                f"{res.signal_delay_s} s is not shorter than the time limit ({res.time_minutes} min); "
+                "the job would be signalled as it starts",
+            )
+        )
+    return errors
+
+
+def check_training(spec: JobSpec, base: Path) -> list[tuple[str, str]]:
+    """Consistency of the training sections with the resources, and the shard set's presence."""
+    from shards.manifest import MANIFEST_NAME, ManifestError, load_manifest
+
+    errors: list[tuple[str, str]] = []
+    res = spec.resources
+    if spec.parallel.strategy == "single" and res.world_size > 1:
+        errors.append(
+            (
+                "parallel.strategy",
+                f"'single' runs one process, but resources ask for {res.world_size} tasks; "
+                "valid choices: ddp, deepspeed (or set resources.nodes=1, resources.tasks_per_node=1)",
+            )
+        )
+    if spec.parallel.backend == "nccl" and res.gpus_per_node == 0:
+        errors.append(("parallel.backend", "nccl needs GPUs (resources.gpus_per_node is 0); valid choices: auto, gloo"))
+    shards = Path(spec.data.shards)
+    shards = shards if shards.is_absolute() else base / shards
+    if not (shards / MANIFEST_NAME).is_file():
+        hint = "pack one with `python -m shards simulate ... --out DIR` or `python -m shards import ...`"
+        errors.append(("data.shards", f"{shards}: no {MANIFEST_NAME}, not a shard set; {hint}"))
+    else:
+        try:
+            load_manifest(shards)
+        except (ManifestError, ValidationError) as exc:
+            errors.append(("data.shards", f"{shards}: unreadable manifest: {str(exc).splitlines()[0]}"))
+    return errors
+
+
+def _raise(errors: list[tuple[str, str]]) -> None:
+    if errors:
+        raise ConfigError("invalid config:\n" + "\n".join(f"  {path}: {msg}" for path, msg in errors))
+
+
+def validate_job(data: dict, *, base: Path | None = None, check_shards: bool = True) -> tuple[JobSpec, ClusterProfile]:
+    """Validate a job dict: schema, then resources against the cluster profile, then the shard set.
+
+    ``data.shards`` is resolved against ``base`` (default: the current directory) and stored absolute,
+    because the job runs elsewhere.
+    """
+    base = Path.cwd() if base is None else Path(base)
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, JobSpec)) from None
+    errors: list[tuple[str, str]] = []
+    profile = None
+    if spec.resources.cluster not in list_profiles():
+        known = ", ".join(list_profiles())
+        errors.append(("resources.cluster", f"unknown cluster profile {spec.resources.cluster!r}; valid choices: {known}"))
+    else:
+        profile = load_profile(spec.resources.cluster)
+        errors += check_resources(spec.resources, profile)
+    if check_shards:
+        errors += check_training(spec, base)
+    _raise(errors)
+    assert profile is not None
+    shards = Path(spec.data.shards)
+    if not shards.is_absolute():
+        spec.data.shards = (base / shards).resolve()
+    return spec, profile
+
+
+def load_job(
+    source: str | Path | dict, overrides: list[str] | None = None, *, base: Path | None = None, check_shards: bool = True
+) -> tuple[JobSpec, ClusterProfile]:
+    """Read a job file (or take a dict), apply ``--set`` overrides, and validate everything."""
+    data = read_job_yaml(source) if not isinstance(source, dict) else source
+    return validate_job(apply_overrides(data, _quote_times(overrides)), base=base, check_shards=check_shards)

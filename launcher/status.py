@@ -1,0 +1,192 @@
+"""``launcher status``: one table of runs, from progress.json, jobs.json and sacct."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from launcher import runs
+from launcher.slurm import sacct_attempts, sacct_jobs, squeue_state, use_profile_slurm_conf
+
+STATE_STYLES = {"RUNNING": "green", "COMPLETED": "bold green", "PENDING": "yellow", "REQUEUED": "yellow",
+                "FAILED": "red", "CANCELLED": "magenta", "STOPPED": "magenta", "TIMEOUT": "red", "PREEMPTED": "yellow"}
+
+
+def console() -> Console:
+    width = None if sys.stdout.isatty() else max(shutil.get_terminal_size((160, 24)).columns, 160)
+    return Console(width=width, soft_wrap=False)
+
+
+def refresh_states(run_dir: Path) -> tuple[dict, bool]:
+    """jobs.json with the SLURM jobs' states refreshed from sacct; also whether sacct answered."""
+    data = runs.read_jobs(run_dir)
+    ids = [j["job_id"] for j in data["jobs"] if j.get("kind", "slurm") == "slurm"]
+    if not ids:
+        return data, False
+    info = sacct_jobs(ids)
+    if info is None:
+        return data, False
+    states = {jid: row["State"] for jid, row in info.items() if row.get("State")}
+    # A job accounting has never heard of (a cluster rebuilt since) and the controller does not know:
+    # it cannot be active any more. Fresh submissions take a moment to reach sacct, so spare those.
+    for job in data["jobs"]:
+        jid = job["job_id"]
+        if (job.get("kind", "slurm") == "slurm" and jid not in states and job.get("state") in runs.ACTIVE_STATES
+                and time.time() - (job.get("submitted") or 0) > 60 and squeue_state(jid) is None):
+            states[jid] = "UNKNOWN"
+    if states:
+        runs.set_states(run_dir, states)
+        data = runs.read_jobs(run_dir)
+    return data, True
+
+
+def _use_run_cluster(run_dir: Path) -> None:
+    """Talk to the run's cluster (its profile's slurm.conf) unless SLURM_CONF says otherwise."""
+    from launcher.clusters import load_profile
+
+    # An old or odd job file: keep the environment's SLURM.
+    with contextlib.suppress(Exception):
+        use_profile_slurm_conf(load_profile(runs.read_job_dict(run_dir)["resources"]["cluster"]))
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None or seconds < 0:
+        return "-"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def fmt_number(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def run_summary(run_dir: Path, data: dict) -> dict:
+    """The figures of one run's row."""
+    now = time.time()
+    progress = runs.read_progress(run_dir) or {}
+    jobs = data["jobs"]
+    latest = jobs[-1] if jobs else None
+    state = latest["state"] if latest else "NEW"
+    if progress.get("state") == "done" and state not in runs.ACTIVE_STATES:
+        state = "COMPLETED"
+    elapsed = 0.0
+    for job in jobs:
+        for attempt in job.get("attempts", []):
+            start = attempt.get("started")
+            end = attempt.get("ended")
+            if end is None:
+                end = now if job.get("state") in runs.ACTIVE_STATES else progress.get("updated", start)
+            if start is not None and end is not None:
+                elapsed += max(0.0, end - start)
+    eta = None
+    step, total, rate = progress.get("step"), progress.get("total_steps"), progress.get("samples_per_s")
+    if state == "RUNNING" and step is not None and total and rate:
+        try:
+            cfg = runs.read_job_dict(run_dir)
+            world = (latest.get("attempts") or [{}])[-1].get("world_size") or 1
+            global_batch = cfg["data"]["batch_size"] * cfg["train"]["grad_accum"] * world
+            eta = (total - step) * global_batch / rate
+        except (KeyError, TypeError, OSError):
+            eta = None
+    best = progress.get("best_metric")
+    return {
+        "run": run_dir.name,
+        "state": state,
+        "jobs": ",".join(j["job_id"] for j in jobs if j.get("kind", "slurm") == "slurm")
+        or ",".join(j["job_id"] for j in jobs[-1:]) or "-",
+        "step": f"{step}/{total}" if step is not None else "-",
+        "loss": fmt_number(progress.get("loss")),
+        "best": f"{fmt_number(best)} ({progress.get('best_metric_name')})" if best is not None else "-",
+        "requeues": str(sum(j.get("requeues", 0) for j in jobs)),
+        "elapsed": fmt_duration(elapsed if jobs else None),
+        "eta": fmt_duration(eta),
+    }
+
+
+COLUMNS = [("run", "RUN"), ("state", "STATE"), ("jobs", "SLURM JOBS"), ("step", "STEP"), ("loss", "LOSS"),
+           ("best", "BEST"), ("requeues", "REQUEUES"), ("elapsed", "ELAPSED"), ("eta", "ETA")]
+
+
+def runs_table(rows: list[dict]) -> Table:
+    table = Table(title="lenstrain runs", header_style="bold")
+    for key, title in COLUMNS:
+        table.add_column(title, no_wrap=True, justify="right" if key in ("loss", "requeues", "elapsed", "eta") else "left")
+    for row in rows:
+        style = STATE_STYLES.get(row["state"], "")
+        table.add_row(*[f"[{style}]{row[k]}[/]" if k == "state" and style else row[k] for k, _ in COLUMNS])
+    return table
+
+
+def jobs_table(run_dir: Path, data: dict, sacct_ok: bool) -> Table:
+    table = Table(title=f"jobs of {run_dir.name}", header_style="bold")
+    for title in ("JOB", "KIND", "STATE", "ATTEMPT", "STARTED", "ENDED", "OUTCOME", "STEP", "WHERE"):
+        table.add_column(title, no_wrap=True)
+    for job in data["jobs"]:
+        attempts = job.get("attempts") or [{}]
+        for i, attempt in enumerate(attempts):
+            table.add_row(
+                job["job_id"] if i == 0 else "",
+                job.get("kind", "slurm") if i == 0 else "",
+                job.get("state", "?") if i == 0 else "",
+                str(attempt.get("restart_count", i) + 1) if attempt else "-",
+                _clock(attempt.get("started")),
+                _clock(attempt.get("ended")),
+                attempt.get("outcome", "running" if attempt and i == len(attempts) - 1 else "-"),
+                fmt_number(attempt.get("step")),
+                attempt.get("nodes") or attempt.get("host") or "-",
+            )
+    return table
+
+
+def _clock(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def show(runs_dir: Path | None, ref: str | None) -> int:
+    out = console()
+    if ref is None:
+        run_dirs = runs.list_runs(runs_dir)
+        if not run_dirs:
+            out.print(f"no runs in {runs_dir or runs.DEFAULT_RUNS_DIR}/ yet; submit one with "
+                      "`python -m launcher submit jobs/JOB.yaml`")
+            return 0
+    else:
+        run_dirs = [runs.find_run(ref, runs_dir)]
+    rows, details = [], []
+    any_sacct = False
+    for run_dir in run_dirs:
+        _use_run_cluster(run_dir)
+        data, sacct_ok = refresh_states(run_dir)
+        any_sacct |= sacct_ok
+        rows.append(run_summary(run_dir, data))
+        details.append((run_dir, data, sacct_ok))
+    out.print(runs_table(rows))
+    if ref is not None:
+        run_dir, data, sacct_ok = details[0]
+        out.print(jobs_table(run_dir, data, sacct_ok))
+        slurm_jobs = [j["job_id"] for j in data["jobs"] if j.get("kind", "slurm") == "slurm"]
+        if sacct_ok and slurm_jobs:
+            out.print("sacct (every attempt):")
+            for jid in slurm_jobs:
+                for row in sacct_attempts(jid):
+                    out.print("  " + "  ".join(f"{k}={v}" for k, v in row.items()), highlight=False)
+        from lenstrain.checkpoint import list_checkpoints
+
+        ckpts = list_checkpoints(run_dir / "checkpoints")
+        complete = [p.name for _, p in ckpts if (p / "COMPLETE").is_file()]
+        out.print(f"checkpoints: {', '.join(complete[-5:]) or 'none'}", highlight=False)
+        out.print(f"run dir: {run_dir}", highlight=False)
+        out.print(f"TensorBoard: tensorboard --logdir {run_dir / 'tb'}", highlight=False)
+    if not any_sacct and any(j.get("kind", "slurm") == "slurm" for _, d, _ in details for j in d["jobs"]):
+        out.print("[dim]sacct not reachable: SLURM states are the last ones recorded in jobs.json[/]")
+    return 0
