@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     step("evaluate the best checkpoint on the test split", "-m", "lenstrain", "eval", str(RUN), "--split", "test")
 
     metrics = json.loads((RUN / "eval" / "test" / "metrics.json").read_text())
-    r2 = metrics.get("test/r2", metrics.get("r2"))
+    r2 = metrics["metrics"]["r2"]
     print("\n==> result")
     print(f"test R^2 = {r2:.3f}  (predicting the mean scores 0; 1 is perfect)")
     print(f"plots and predictions: {RUN / 'eval' / 'test'}")
