@@ -13,6 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
+from shards.argtypes import default_workers, fraction, positive_int
 from shards.manifest import ManifestError, load_manifest
 from shards.pack import BadSample, OutputExistsError
 from shards.reader import CorruptSampleError
@@ -26,33 +27,6 @@ class UsageError(Exception):
 
 
 # --------------------------------------------------------------------------- argument types
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
-def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction, got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
-    return value
-
-
-def default_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
 
 def add_pack_options(parser: argparse.ArgumentParser) -> None:
     """Options every packing subcommand shares."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shards.argtypes import default_workers, fraction, non_negative_int, positive_float, positive_int
 from shards.manifest import Manifest
 from shards.pack import OutputExistsError, PackResult, pack_shard_set
 from shards.simulate import physics
@@ -124,58 +125,11 @@ def simulate(task: str, n: int, out: str | os.PathLike, *, instrument: str = "mo
 
 
 # --------------------------------------------------------------------------------------------- command line
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be non-negative, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction, got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
-    return value
-
-
 def _size(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value < 8:
         raise argparse.ArgumentTypeError(f"must be at least 8 pixels, got {value}")
     return value
-
-
-def _default_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _instrument_help() -> str:
@@ -192,20 +146,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "a pure function of (seed, task, index): the same seed gives byte-identical shards for "
                     f"any --workers. Tasks: {tasks}.")
     p.add_argument("--task", required=True, choices=list(TASKS), help="what the primary target is (see above)")
-    p.add_argument("--n", required=True, type=_positive_int, help="number of images")
+    p.add_argument("--n", required=True, type=positive_int, help="number of images")
     p.add_argument("--out", required=True, type=Path, help="directory of the new shard set")
     p.add_argument("--instrument", default="model1", choices=list(INSTRUMENTS),
                    help=f"observing preset (default model1). {_instrument_help()}")
     p.add_argument("--size", type=_size, default=None, help="pixels per side (default: the preset's)")
-    p.add_argument("--pixel-scale", type=_positive_float, default=None,
+    p.add_argument("--pixel-scale", type=positive_float, default=None,
                    help="arcsec per pixel (default: the preset's)")
-    p.add_argument("--seed", type=_non_negative_int, default=0,
+    p.add_argument("--seed", type=non_negative_int, default=0,
                    help="seed of the simulation and of the split (default 0)")
-    p.add_argument("--workers", type=_positive_int, default=_default_workers(),
+    p.add_argument("--workers", type=positive_int, default=default_workers(),
                    help="simulating processes (default: the usable CPU cores)")
-    p.add_argument("--val", type=_fraction, default=0.1, help="fraction of samples for validation (default 0.1)")
-    p.add_argument("--test", type=_fraction, default=0.1, help="fraction of samples for test (default 0.1)")
-    p.add_argument("--shard-size", type=_positive_int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--val", type=fraction, default=0.1, help="fraction of samples for validation (default 0.1)")
+    p.add_argument("--test", type=fraction, default=0.1, help="fraction of samples for test (default 0.1)")
+    p.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="image dtype in the shards (default float32)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing shard set at --out")
