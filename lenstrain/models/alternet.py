@@ -15,12 +15,10 @@ import torch.nn as nn
 
 from lenstrain.models.blocks import (
     DropPath,
-    MSABlock,
+    alternating_stages,
     classifier_head,
-    drop_path_rates,
     init_weights,
     make_norm,
-    stage_layout,
 )
 from lenstrain.models.registry import register_model
 
@@ -124,30 +122,7 @@ class AlterNet(nn.Module):
             nn.ReLU(inplace=True),
             nn.MaxPool2d(3, 2, 1),
         )
-        dpr = drop_path_rates(cfg.drop_path, cfg.depths)
-        stages, ch = [], cfg.stem_width
-        for i, (depth, msa, width, heads) in enumerate(zip(cfg.depths, cfg.msa, cfg.widths, cfg.heads, strict=True)):
-            layers = []
-            for j, is_msa in enumerate(stage_layout(depth, msa)):
-                if is_msa:
-                    layers.append(
-                        MSABlock(
-                            ch,
-                            heads=heads,
-                            dim_head=cfg.dim_head,
-                            window=cfg.window,
-                            expansion=block.expansion,
-                            norm=cfg.norm,
-                            drop_path=dpr[i][j],
-                            attn_drop=cfg.attn_drop,
-                        )
-                    )
-                else:
-                    stride = 2 if (i > 0 and j == 0) else 1
-                    layers.append(block(ch, width, stride, cfg.norm, dpr[i][j]))
-                    ch = width * block.expansion
-            stages.append(nn.Sequential(*layers))
-        self.stages = nn.Sequential(*stages)
+        self.stages, ch = alternating_stages(cfg, cfg.stem_width, block, block.expansion)
         self.final_norm = make_norm(cfg.norm, ch)
         self.final_act = nn.ReLU(inplace=True)
         self.num_features = ch

@@ -277,3 +277,27 @@ def stage_layout(depth: int, msa: int) -> list[bool]:
     if msa < 0 or 2 * msa > depth:
         raise ValueError(f"a stage of {depth} blocks holds at most {depth // 2} MSA blocks, not {msa}")
     return [False] * (depth - 2 * msa) + [False, True] * msa
+
+
+def alternating_stages(cfg, in_channels: int, conv_block: Callable[..., nn.Module],
+                       expansion: int) -> tuple[nn.Sequential, int]:
+    """AlterNet's stages: conv blocks whose last ones alternate with MSA blocks (see ``stage_layout``).
+
+    ``cfg`` provides depths, msa, widths, heads, dim_head, window, norm, drop_path and attn_drop;
+    ``conv_block(in_ch, width, stride, norm, drop_path)`` builds one conv block whose output has
+    ``width * expansion`` channels. Returns the stages and their output width.
+    """
+    dpr = drop_path_rates(cfg.drop_path, cfg.depths)
+    stages, ch = [], in_channels
+    for i, (depth, msa, width, heads) in enumerate(zip(cfg.depths, cfg.msa, cfg.widths, cfg.heads, strict=True)):
+        layers = []
+        for j, is_msa in enumerate(stage_layout(depth, msa)):
+            if is_msa:
+                layers.append(MSABlock(ch, heads=heads, dim_head=cfg.dim_head, window=cfg.window, expansion=expansion,
+                                       norm=cfg.norm, drop_path=dpr[i][j], attn_drop=cfg.attn_drop))
+            else:
+                stride = 2 if (i > 0 and j == 0) else 1
+                layers.append(conv_block(ch, width, stride, cfg.norm, dpr[i][j]))
+                ch = width * expansion
+        stages.append(nn.Sequential(*layers))
+    return nn.Sequential(*stages), ch

@@ -15,12 +15,10 @@ import torch.nn as nn
 
 from lenstrain.models.blocks import (
     DropPath,
-    MSABlock,
+    alternating_stages,
     classifier_head,
-    drop_path_rates,
     init_weights,
     make_norm,
-    stage_layout,
 )
 from lenstrain.models.registry import register_model
 
@@ -111,30 +109,8 @@ class XResNetAlterNet(nn.Module):
             ch = out
         stem.append(nn.MaxPool2d(3, 2, 1))
         self.stem = nn.Sequential(*stem)
-        dpr = drop_path_rates(cfg.drop_path, cfg.depths)
-        stages = []
-        for i, (depth, msa, width, heads) in enumerate(zip(cfg.depths, cfg.msa, cfg.widths, cfg.heads, strict=True)):
-            layers = []
-            for j, is_msa in enumerate(stage_layout(depth, msa)):
-                if is_msa:
-                    layers.append(
-                        MSABlock(
-                            ch,
-                            heads=heads,
-                            dim_head=cfg.dim_head,
-                            window=cfg.window,
-                            expansion=cfg.expansion,
-                            norm=cfg.norm,
-                            drop_path=dpr[i][j],
-                            attn_drop=cfg.attn_drop,
-                        )
-                    )
-                else:
-                    stride = 2 if (i > 0 and j == 0) else 1
-                    layers.append(XResBlock(cfg.expansion, ch, width, stride, cfg.norm, dpr[i][j]))
-                    ch = width * cfg.expansion
-            stages.append(nn.Sequential(*layers))
-        self.stages = nn.Sequential(*stages)
+        self.stages, ch = alternating_stages(
+            cfg, ch, lambda *args: XResBlock(cfg.expansion, *args), cfg.expansion)
         self.num_features = ch
         self.head = classifier_head(ch, num_outputs, cfg.drop_rate)
         init_weights(self)
