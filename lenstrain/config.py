@@ -84,6 +84,7 @@ class ScheduleConfig(Section):
     factor: float = Field(0.5, gt=0, lt=1)  # plateau
     patience: int = Field(2, ge=0)  # plateau, in validations
     metric: str = "val/loss"  # plateau
+    mode: Literal["min", "max"] = "min"  # plateau: whether the metric should fall or rise
 
 
 class EarlyStoppingConfig(Section):

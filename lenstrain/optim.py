@@ -68,11 +68,11 @@ class PlateauScheduler:
         self.plateau.load_state_dict(state["plateau"])
 
 
-def build_scheduler(cfg, optimizer, total_steps: int, metric_mode: str = "min") -> LRScheduler | PlateauScheduler:
+def build_scheduler(cfg, optimizer, total_steps: int) -> LRScheduler | PlateauScheduler:
     total_steps = max(total_steps, 1)
     warmup = min(cfg.warmup_steps, total_steps)
     if cfg.name == "plateau":
-        return PlateauScheduler(optimizer, cfg, metric_mode)
+        return PlateauScheduler(optimizer, cfg, cfg.mode)
     if cfg.name == "onecycle":
         max_lrs = [g["lr"] for g in optimizer.param_groups]
         return OneCycleLR(optimizer, max_lr=max_lrs, total_steps=total_steps + 1, pct_start=cfg.pct_start)

@@ -220,8 +220,7 @@ def train_loop(cfg: LenstrainConfig, run_dir: Path, info: DistInfo) -> int:
         cursor.load_state_dict(meta["cursor"])
     stream = build_train_stream(cfg, task, info, cursor if meta else None, log)
     steps = total_steps(cfg, stream)
-    metric_mode = cfg.checkpoint.best_mode
-    scheduler = build_scheduler(cfg.schedule, optimizer, steps, metric_mode)
+    scheduler = build_scheduler(cfg.schedule, optimizer, steps)
     state = TrainState()
     objects = {**backend.state_objects(), "scheduler": scheduler}
     if resume_from:
