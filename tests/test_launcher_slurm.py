@@ -263,20 +263,30 @@ def next_timelimit_check(tmp: Path, timeout: float = 45) -> float:
 
 
 def test_time_limit_signal_checkpoints_requeues_and_resumes(cluster, base, reference, runs_dir, tmp_path):
-    # time=1 min with --signal=USR2@25: the signal comes at the first pass >= 5 s after the start.
-    # Start the job ~9 s before a pass, so that it comes while the tasks start up or train.
+    # time=1 min with --signal=USR2@50: slurmctld's pass signals a job once it is within the delay plus
+    # one period (~30 s) of its limit, so here at the first pass after the start. The job must start a
+    # few seconds before a pass, so that the signal comes while its tasks start up (training takes only
+    # a few seconds). Submitting takes a while and varies, so the job waits behind a job that holds
+    # every CPU, and the blocker is cancelled at the right moment: the job then starts within ~1 s.
     check = next_timelimit_check(tmp_path)
-    time.sleep(max(0.0, check - 10 - time.time()))
-    t_submit = time.time()
-    job_id, run_dir = submit(base, runs_dir, "timelimit", "resources.time=1", "resources.signal_delay_s=25")
-    first = wait_attempt_ended(run_dir, job_id, timeout=90)
+    blocker = sbatch("-p", "debug", "-N2", "-c2", "-J", "blocker", "-o", "/dev/null", "--wrap", "sleep 300")
+    try:
+        wait_for(lambda: sacct_state(blocker) == "RUNNING", 30, what="the blocker to run")
+        t_submit = time.time()
+        job_id, run_dir = submit(base, runs_dir, "timelimit", "resources.time=1", "resources.signal_delay_s=50")
+        while check - time.time() < 8:
+            check += 30.5
+        time.sleep(max(0.0, check - 4 - time.time()))
+    finally:
+        scancel(blocker)
+    first = wait_attempt_ended(run_dir, job_id, timeout=120)
     # The requeued attempt gets a longer limit, so that it can finish instead of being signalled again.
     slurm("scontrol", "update", f"JobId={job_id}", "TimeLimit=10")
     job = assert_completed_after_requeue(run_dir, job_id, reference, outcome="requeued")
     (step, meta), *_ = signal_checkpoints(run_dir)
     assert meta["reason"] == "signal 12"
     t_start = sacct_start(job_id, 0) or t_submit
-    print(timeline(f"time limit of job {job_id} (1 min, --signal=USR2@25)", [
+    print(timeline(f"time limit of job {job_id} (1 min, --signal=USR2@50)", [
         ("job started", t_start),
         (f"checkpoint step-{step:08d} complete after SIGUSR2", meta["time"]),
         ("rank 0 requeued the job", first["ended"]),
