@@ -150,6 +150,14 @@ class LenstrainConfig(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
 
+    @model_validator(mode="after")
+    def _compatible(self) -> LenstrainConfig:
+        if self.model.channels_last and self.parallel.strategy == "deepspeed":
+            # DeepSpeed broadcasts parameters as byte views, which needs contiguous weights.
+            raise ValueError("model.channels_last is not supported with parallel.strategy 'deepspeed'; "
+                             "set model.channels_last: false or use 'ddp'")
+        return self
+
 
 # ---------------------------------------------------------------------------------------- loading
 
@@ -224,7 +232,7 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix
             msg = "required key is missing"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
-        lines.append(f"  {path}: {msg}")
+        lines.append(f"  {path}: {msg}" if loc or prefix else f"  {msg}")
     return "invalid config:\n" + "\n".join(lines)
 
 
