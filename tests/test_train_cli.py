@@ -72,3 +72,12 @@ def test_tensorboard_events_and_run_layout(tmp_path, shards):
     assert [e.step for e in events.Scalars("val/r2")] == [3, 6]
     assert all(e.value == e.value for e in events.Scalars("train/loss"))  # finite, not NaN
     assert "val/pred_vs_true" in tags["images"] and "data/train_batch" in tags["images"]
+
+
+def test_incompatible_sections_are_rejected_before_work(tmp_path, shards, capsys):
+    config = write_config(tmp_path / "c.yaml", shards)
+    code = main(["train", str(config), "--run-dir", str(tmp_path / "run"),
+                 "--set", "model.channels_last=true", "--set", "parallel.strategy=deepspeed"])
+    assert code == 2
+    assert "model.channels_last is not supported with parallel.strategy 'deepspeed'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
