@@ -248,9 +248,13 @@ def check_training(spec: JobSpec, base: Path) -> list[tuple[str, str]]:
         errors.append(("data.shards", f"{shards}: no {MANIFEST_NAME}, not a shard set; {hint}"))
     else:
         try:
-            load_manifest(shards)
+            manifest = load_manifest(shards)
         except (ManifestError, ValidationError) as exc:
             errors.append(("data.shards", f"{shards}: unreadable manifest: {str(exc).splitlines()[0]}"))
+        else:
+            from lenstrain.preflight import preflight
+
+            errors.extend(preflight(spec, manifest, world_size=res.world_size))
     return errors
 
 

@@ -121,10 +121,10 @@ def load_run(run_dir: Path, which: str = "best", shards: Path | None = None, log
         try:
             load_manifest(cfg.data.shards)
         except ManifestError as exc:
-            log(f"the run's training shard set is not readable ({exc}); normalising with the statistics of "
-                f"{data_dir} instead")
-            train_cfg = cfg.model_copy(deep=True)
-            train_cfg.data.shards = data_dir
+            # Its statistics normalise the images and decode the predictions: another set's would be wrong.
+            raise UsageError(f"the run's training shard set is not readable ({exc}); its statistics are needed to "
+                             f"normalise images and decode predictions: restore it, or point the run's "
+                             f"config.yaml data.shards at a copy") from None
     try:
         task = build_task(train_cfg)
     except ValueError as exc:

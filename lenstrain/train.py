@@ -22,6 +22,7 @@ from lenstrain.metrics import compute_metrics, predictions_from_output
 from lenstrain.models import create_model
 from lenstrain.optim import PlateauScheduler, build_optimizer, build_scheduler
 from lenstrain.preemption import EXIT_NONFINITE, EXIT_REQUEUE, PreemptionFlag
+from lenstrain.preflight import has_split
 from lenstrain.tb import TBLogger
 from shards.manifest import Manifest, load_manifest, write_json_atomic
 from shards.reader import ShardReader
@@ -234,6 +235,13 @@ def train_loop(cfg: LenstrainConfig, run_dir: Path, info: DistInfo) -> int:
         f"on {info.device.type}; {precision}; global batch {stream.global_batch}; {steps} steps "
         f"({stream.steps_per_epoch} per epoch)")
 
+    has_val = has_split(task.manifest, cfg.data.val_split)
+    if not has_val:
+        log(f"warning: the shard set has no '{cfg.data.val_split}' split: no validation, and checkpoint.best_metric "
+            f"cannot pick a best checkpoint (pack with --val > 0 to have one)")
+    if cfg.schedule.warmup_steps > steps:
+        log(f"warning: schedule.warmup_steps ({cfg.schedule.warmup_steps}) exceeds the {steps} training steps: "
+            f"the whole run warms up")
     tb = TBLogger(run_dir / "tb", enabled=info.is_main)
     penalty = cfg.optim.l1 or cfg.optim.l2
     last_metrics: dict[str, float] = {}
@@ -314,7 +322,7 @@ def train_loop(cfg: LenstrainConfig, run_dir: Path, info: DistInfo) -> int:
             window_start, window_samples = time.perf_counter(), 0
 
         validate_now = cfg.train.val_every_steps and state.step % cfg.train.val_every_steps == 0
-        if validate_now or state.step == steps:
+        if has_val and (validate_now or state.step == steps):
             last_metrics = validate(model, backend, cfg, task, loss_fn, tb, state, scheduler, log)
             metrics_step = state.step
             if state.stopped_early:

@@ -233,7 +233,11 @@ def prepare_output(out: Path, overwrite: bool) -> Path:
     if out.exists() and not _replaceable(out):
         raise OutputExistsError(f"{out} exists and is not a shard set (no {MANIFEST_NAME}); refusing to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; a shard set is for the whole team to read
+    return staging
 
 
 def _replaceable(out: Path) -> bool:

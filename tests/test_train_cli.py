@@ -28,6 +28,13 @@ def shards(tmp_path_factory):
         ("parallel.strategy=fsdp", "parallel.strategy: Input should be 'single', 'ddp' or 'deepspeed'"),
         ("checkpoint.keep=abc", "checkpoint.keep: Input should be a valid integer"),
         ("data.shards=/nonexistent", "data.shards: /nonexistent is not a shard set"),
+        # checked against the shard set before any work
+        ("data.target=nope", "data.target: 'nope' is not a target of the shard set; valid choices: y, cls"),
+        ("train.loss=ce", "train.loss: 'ce' does not fit a regression target"),
+        ("data.batch_size=1000", "data.batch_size: a global batch of 1000 samples"),
+        ("checkpoint.best_metric=val/auc", "checkpoint.best_metric: 'val/auc' is not measured for a regression"),
+        ("model.kwargs={nrm: gn}", "model.kwargs: alternet_tiny: "),
+        ("model.kwargs={norm: xx}", "model.kwargs: alternet_tiny: "),
     ],
 )
 def test_bad_configs_exit_2_naming_the_dotted_path(tmp_path, shards, override, expected, capsys):
