@@ -283,3 +283,23 @@ def test_overwrite_refuses_a_directory_that_is_not_a_shard_set(tmp_path):
     with pytest.raises(OutputExistsError, match="not a shard set"):
         _pack_simple(out, Constant(1.0), overwrite=True)
     assert (out / "thesis.tex").read_text() == "years of work"
+
+
+def test_a_shard_set_is_readable_by_others_under_the_usual_umask(tmp_path):
+    import os
+
+    from shards.pack import TargetSpec, pack_shard_set
+
+    old = os.umask(0o022)
+    try:
+        pack_shard_set(tmp_path / "set", sample_fn=_umask_sample, split_of=["train"] * 3,
+                       targets=[TargetSpec("y", "regression")], primary_target="y", source={})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "set").stat().st_mode & 0o777 == 0o755
+
+
+def _umask_sample(i):
+    import numpy as np
+
+    return np.full((1, 4, 4), i, dtype=np.float32), {"y": float(i)}

@@ -88,3 +88,16 @@ def test_incompatible_sections_are_rejected_before_work(tmp_path, shards, capsys
     assert code == 2
     assert "model.channels_last is not supported with parallel.strategy 'deepspeed'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_set_without_validation_split_trains_with_a_warning(tmp_path):
+    from shards.pack import TargetSpec, pack_shard_set
+    from tests.train_helpers import RingSample
+
+    shards = tmp_path / "no-val"
+    pack_shard_set(shards, sample_fn=RingSample(16), split_of=["train"] * 30 + ["test"] * 6,
+                   targets=[TargetSpec("y", "regression")], primary_target="y", source={})
+    config = write_config(tmp_path / "c.yaml", shards, train={"max_steps": 3, "val_every_steps": 1})
+    proc = lenstrain("train", config, "--run-dir", tmp_path / "run", check=True)
+    assert "has no 'val' split: no validation" in proc.stdout
+    assert (tmp_path / "run" / "checkpoints" / "step-00000003" / "COMPLETE").is_file()
