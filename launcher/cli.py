@@ -62,6 +62,9 @@ def submit_args(p: argparse.ArgumentParser) -> None:
 def resume_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run name (or its directory)")
     add_job_args(p)
+    for action in p._actions:
+        if action.dest == "set":
+            action.help = "override a resources.* key, e.g. resources.time=04:00:00 (training keys are fixed)"
     add_runs_dir(p)
 
 

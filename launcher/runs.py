@@ -113,8 +113,9 @@ def check_run(run_dir: Path, spec) -> str:
             diff = _diff(previous or {}, training)
             raise RunConflict(
                 f"{run_dir} holds a different run ({'; '.join(diff[:6]) or 'unreadable ' + JOB_FILE}).\n"
-                f"  Give this one another name (--name NEW_NAME), or continue that run as it was with "
-                f"`python -m launcher resume {run_dir.name}`."
+                f"  Training keys of a run are fixed (resources.* may change on resume). Train this config as a new "
+                f"run with `python -m launcher submit JOB.yaml --name NEW_NAME`, or continue that run as it was "
+                f"with `python -m launcher resume {run_dir.name}`."
             )
         return "resubmit"
     if run_dir.exists() and any(not p.name.startswith(".") for p in run_dir.iterdir()):
