@@ -30,13 +30,13 @@ def preflight(cfg: LenstrainConfig, manifest: Manifest, world_size: int = 1) -> 
         return errors
     target = manifest.targets[name]
     num_classes = len(target.classes or [])
+    loss = cfg.train.loss if cfg.train.loss != "auto" else default_loss(target.kind, num_classes)
     try:
-        build_loss(cfg.train.loss, target.kind, num_classes, huber_delta=cfg.train.huber_delta,
+        build_loss(loss, target.kind, num_classes, huber_delta=cfg.train.huber_delta,
                    label_smoothing=cfg.train.label_smoothing)
     except ValueError as exc:
         errors.append(("train.loss", str(exc).replace("train.loss ", "")))
-        return errors
-    loss = cfg.train.loss if cfg.train.loss != "auto" else default_loss(target.kind, num_classes)
+        loss = default_loss(target.kind, num_classes)  # to go on checking the rest
 
     train = manifest.splits.get("train")
     n_train = train.count if train else 0
