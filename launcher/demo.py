@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"test R^2 = {r2:.3f}  (predicting the mean scores 0; 1 is perfect)")
     print(f"plots and predictions: {RUN / 'eval' / 'test'}")
     print(f"TensorBoard:           .venv/bin/tensorboard --logdir {RUN.parent}")
+    if args.slurm:
+        print("the devcluster is still up for you to explore (sinfo, sacct, python -m launcher status); "
+              "stop it with: slurm/devcluster down")
     return 0 if r2 is not None and r2 > 0.2 else 1
 
 
