@@ -245,7 +245,9 @@ def main_eval(args) -> int:
     metrics, result = evaluate(run.model, run.backend, run.data_cfg, task, loss_fn, split, rotations=rotations)
     metrics = {k.split("/", 1)[1]: v for k, v in metrics.items()}
 
-    out = run.run_dir / "eval" / split
+    own_set = Path(run.data_cfg.data.shards).resolve() == Path(run.cfg.data.shards).resolve()
+    # Another shard set's results go beside the run's own, not over them.
+    out = run.run_dir / "eval" / (split if own_set else f"{Path(run.data_cfg.data.shards).name}-{split}")
     out.mkdir(parents=True, exist_ok=True)
     from lenstrain import plots
 

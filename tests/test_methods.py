@@ -473,3 +473,16 @@ def test_eval_and_predict_errors_exit_2(run_dir, shards, tmp_path, capsys):
     assert cli(["eval", str(run_dir), "--tta", "5"]) == 2
     assert not (tmp_path / "x.csv").exists()
 
+
+
+def test_eval_on_another_shard_set_writes_beside_the_runs_own(run_dir, shards, tmp_path):
+    import shutil
+
+    other = tmp_path / "copy-of-rings"
+    shutil.copytree(shards, other)
+    assert cli(["eval", str(run_dir), "--split", "val"]) == 0
+    own = json.loads((run_dir / "eval" / "val" / "metrics.json").read_text())
+    assert cli(["eval", str(run_dir), "--split", "val", "--shards", str(other)]) == 0
+    report = json.loads((run_dir / "eval" / "copy-of-rings-val" / "metrics.json").read_text())
+    assert report["metrics"] == own["metrics"]  # the same samples, decoded with the same statistics
+    assert json.loads((run_dir / "eval" / "val" / "metrics.json").read_text()) == own  # untouched
