@@ -16,11 +16,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from shards.clikit import UsageError
+
 LAUNCHER_SECTIONS = ("resources", "name")
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message is meant for the user, verbatim."""
+class ConfigError(UsageError):
+    """A configuration that cannot be used; the message is meant for the user, verbatim. Exit status 2."""
 
 
 class Section(BaseModel):
