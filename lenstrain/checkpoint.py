@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -115,6 +116,45 @@ def read_meta(step_dir: Path) -> dict:
     return json.loads((step_dir / "meta.json").read_text())
 
 
+def recorded_metric(step_dir: Path, metric: str) -> float | None:
+    """The value of ``metric`` recorded with a checkpoint, or None when absent, unreadable or not finite."""
+    try:
+        value = read_meta(step_dir).get("metrics", {}).get(metric)
+    except (OSError, ValueError):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def best_checkpoint(ckpt_root: Path, metric: str | None, mode: str, *, verify: bool = False,
+                    log=None) -> Path | None:
+    """The complete checkpoint with the best recorded ``metric`` (``mode`` ``min`` or ``max``), or None.
+
+    The one rule, for pruning and for ``eval``: a checkpoint whose value is missing or not finite is
+    never best, and among equal values the newer step wins. ``verify`` checks sizes and checksums
+    (reporting unusable checkpoints to ``log``) rather than only the ``COMPLETE`` marker.
+    """
+    if mode not in ("min", "max"):
+        raise ValueError(f"best mode must be 'min' or 'max', got {mode!r}")
+    if not metric:
+        return None
+    best: tuple[float, int, Path] | None = None
+    for step, path in list_checkpoints(Path(ckpt_root)):
+        problem = verify_checkpoint(path) if verify else (None if (path / COMPLETE).is_file() else "incomplete")
+        if problem is not None:
+            if verify and log is not None:
+                log(f"checkpoint {path.name} is not usable ({problem}); passing it over")
+            continue
+        value = recorded_metric(path, metric)
+        if value is None:
+            continue
+        key = (value if mode == "min" else -value, -step, path)  # smaller is better; the newer step breaks ties
+        if best is None or key[:2] < best[:2]:
+            best = key
+    return None if best is None else best[2]
+
+
 class Checkpointer:
     """Saves and restores the training state of every rank, collectively."""
 
@@ -179,19 +219,7 @@ class Checkpointer:
                 shutil.rmtree(path, ignore_errors=True)
 
     def best(self) -> Path | None:
-        if not self.best_metric:
-            return None
-        scored = []
-        for _, path in list_checkpoints(self.root):
-            try:
-                value = read_meta(path).get("metrics", {}).get(self.best_metric)
-            except (OSError, ValueError):
-                continue
-            if value is not None and (path / COMPLETE).is_file():
-                scored.append((value, path))
-        if not scored:
-            return None
-        return (min if self.best_mode == "min" else max)(scored, key=lambda item: item[0])[1]
+        return best_checkpoint(self.root, self.best_metric, self.best_mode)
 
     def latest(self) -> Path | None:
         found = latest_complete(self.root, log=self.log) if self.backend.info.is_main else None
