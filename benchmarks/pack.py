@@ -22,6 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from shards.options import PackOptions  # noqa: E402
 from shards.sources.arrays import pack_arrays  # noqa: E402
 
 
@@ -64,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         for workers in args.workers:
             out = base / f"workers-{workers}"
             t0 = time.perf_counter()
-            result = pack_arrays(images, labels, out, workers=workers, shard_size=args.shard_size,
-                                 dtype=args.dtype, overwrite=True)
+            result = pack_arrays(images, labels, out, PackOptions(workers=workers, shard_size=args.shard_size,
+                                                                 dtype=args.dtype, overwrite=True))
             seconds = time.perf_counter() - t0
             shards = [s for split in result.manifest.splits.values() for s in split.shards]
             written = sum(s.bytes for s in shards)

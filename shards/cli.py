@@ -1,8 +1,8 @@
 """``python -m shards``: pack data sets into shard sets, and verify and inspect them.
 
-Each subcommand registers itself with ``set_defaults(func=run)``, where ``run(args) -> int`` returns
-the exit status. Expected failures end with a one-line message and no traceback: exit 2 for bad
-arguments or an existing output directory, 1 for bad data or a failed verification.
+The subcommands are a table of :class:`~shards.clikit.Command` rows run by :func:`~shards.clikit.run_cli`.
+Expected failures end with one ``error: ...`` line and no traceback: exit 2 for bad arguments or an existing
+output directory, 1 for bad data or a failed verification.
 """
 
 from __future__ import annotations
@@ -13,45 +13,19 @@ import signal
 import sys
 from pathlib import Path
 
-from shards.argtypes import default_workers, fraction, positive_int
+from shards.argtypes import positive_int
+from shards.clikit import Command, Group, UsageError, fail, run_cli
 from shards.manifest import ManifestError, load_manifest
-from shards.pack import BadSample, OutputExistsError
+from shards.options import PackOptions, add_pack_options
+from shards.pack import BadSample, OutputExistsError, PackResult, check_destination
 from shards.reader import CorruptSampleError
 from shards.sources.common import SourceError
 
 PROG = "shards"
+DESCRIPTION = "Build, verify and inspect lenstrain shard sets."
 
 
-class UsageError(Exception):
-    """A bad combination of arguments, found after parsing: exit 2."""
-
-
-# --------------------------------------------------------------------------- argument types
-
-def add_pack_options(parser: argparse.ArgumentParser) -> None:
-    """Options every packing subcommand shares."""
-    parser.add_argument("--out", required=True, type=Path, help="directory of the new shard set")
-    parser.add_argument("--val", type=fraction, default=0.1, help="fraction of samples for validation (default 0.1)")
-    parser.add_argument("--test", type=fraction, default=0.1, help="fraction of samples for test (default 0.1)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split and of the packing order (default 0)")
-    parser.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard (default 1000)")
-    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32",
-                        help="image dtype in the shards (default float32)")
-    parser.add_argument("--workers", type=positive_int, default=default_workers(),
-                        help="processes reading samples (default: the usable CPU cores)")
-    parser.add_argument("--skip-bad", action="store_true",
-                        help="skip unreadable or mis-shaped samples (and count them) instead of failing")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing shard set at --out")
-
-
-def check_pack_args(args: argparse.Namespace) -> None:
-    if args.val + args.test >= 1.0:
-        raise UsageError(f"--val ({args.val}) plus --test ({args.test}) must be below 1")
-    if args.out.exists() and not args.overwrite:
-        raise OutputExistsError(f"{args.out} already exists; choose another --out or pass --overwrite")
-
-
-def report_pack(result, out: Path) -> None:
+def report_pack(result: PackResult, out: Path) -> None:
     m = result.manifest
     counts = ", ".join(f"{name} {split.count}" for name, split in m.splits.items())
     n_shards = sum(len(split.shards) for split in m.splits.values())
@@ -65,62 +39,45 @@ def report_pack(result, out: Path) -> None:
             print(f"  ... and {len(result.skipped) - 10} more", file=sys.stderr)
 
 
+def _existing(path: Path, kind: str) -> None:
+    if not (path.is_dir() if kind == "directory" else path.is_file()):
+        raise UsageError(f"{path}: no such {kind}")
+
+
 # --------------------------------------------------------------------------- import
 
 def run_import_deeplense(args: argparse.Namespace) -> int:
     from shards.sources.deeplense import import_deeplense
 
-    check_pack_args(args)
-    if not args.src.is_dir():
-        raise UsageError(f"{args.src}: no such directory")
-    result = import_deeplense(args.src, args.out, val=args.val, test=args.test, seed=args.seed,
-                              shard_size=args.shard_size, dtype=args.dtype, workers=args.workers,
-                              skip_bad=args.skip_bad, overwrite=args.overwrite, value_name=args.value_name)
-    report_pack(result, args.out)
+    options = PackOptions.from_args(args)
+    check_destination(args.out, options.overwrite)  # before reading any source file
+    _existing(args.src, "directory")
+    report_pack(import_deeplense(args.src, args.out, options, value_name=args.value_name), args.out)
     return 0
 
 
 def run_import_arrays(args: argparse.Namespace) -> int:
     from shards.sources.arrays import load_labels, pack_arrays
 
-    check_pack_args(args)
+    options = PackOptions.from_args(args)
+    check_destination(args.out, options.overwrite)
     for path in (args.images, args.labels):
-        if not path.is_file():
-            raise UsageError(f"{path}: no such file")
+        _existing(path, "file")
     labels = load_labels(args.labels, args.target_name, args.classification)
-    result = pack_arrays(str(args.images), labels, args.out, primary=args.target,
-                         classification=args.classification, val=args.val, test=args.test, seed=args.seed,
-                         shard_size=args.shard_size, dtype=args.dtype, workers=args.workers,
-                         skip_bad=args.skip_bad, overwrite=args.overwrite,
-                         source={"labels": str(args.labels)})
+    result = pack_arrays(str(args.images), labels, args.out, options, primary=args.target,
+                         classification=args.classification, source={"labels": str(args.labels)})
     report_pack(result, args.out)
     return 0
 
 
-def add_import_parser(subparsers) -> None:
-    parser = subparsers.add_parser("import", help="pack an existing data set into a shard set",
-                                   description="Pack an existing data set into a shard set.")
-    sources = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
-
-    p = sources.add_parser(
-        "deeplense", help="DeepLense .npy class folders",
-        description="Pack DeepLense-style class folders (SRC/<class>/*.npy, or SRC/{train,val}/<class>/*.npy) "
-                    "into a shard set. A file holds an image (H,W), (C,H,W) or (H,W,C), or an object array "
-                    "[image, value] (unpickled: import only files you trust). Targets: 'class' (the sorted "
-                    "folder names) and, when object arrays carry a number, a regression target named "
-                    "'axion_mass' if only the axion folder carries one, else 'label_value'. The split is "
-                    "stratified by class.")
+def add_deeplense_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", type=Path, metavar="SRC", help="folder holding one subfolder per class")
     add_pack_options(p)
     p.add_argument("--value-name", default=None,
                    help="name of the regression target read from [image, value] files")
-    p.set_defaults(func=run_import_deeplense, _parser=p)
 
-    p = sources.add_parser(
-        "arrays", help="an image array with labels (.npy or CSV)",
-        description="Pack an image array (N,H,W), (N,C,H,W) or (N,H,W,C) from a .npy with labels from a 1-D "
-                    ".npy or a CSV with a header (columns are targets; text columns are classes). The split is "
-                    "stratified by class, or by quantile bins of a regression target.")
+
+def add_arrays_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=Path, required=True, help=".npy image array")
     p.add_argument("--labels", type=Path, required=True, help="1-D .npy, or CSV with a header")
     p.add_argument("--target-name", default=None,
@@ -130,20 +87,30 @@ def add_import_parser(subparsers) -> None:
     p.add_argument("--classification", action="store_true",
                    help="the primary target is a class label (classes: its sorted distinct values)")
     add_pack_options(p)
-    p.set_defaults(func=run_import_arrays, _parser=p)
+
+
+IMPORT = Group("import", "pack an existing data set into a shard set", metavar="SOURCE",
+               description="Pack an existing data set into a shard set.", commands=[
+    Command("deeplense", "DeepLense .npy class folders", add_deeplense_arguments, run_import_deeplense,
+            description="Pack DeepLense-style class folders (SRC/<class>/*.npy, or SRC/{train,val}/<class>/*.npy) "
+                        "into a shard set. A file holds an image (H,W), (C,H,W) or (H,W,C), or an object array "
+                        "[image, value], read by a restricted unpickler (numpy arrays, dtypes and numbers only; "
+                        "anything else is refused). Targets: 'class' (the sorted folder names) and, when object "
+                        "arrays carry a number, a regression target named 'axion_mass' if only the axion folder "
+                        "carries one, else 'label_value'. The split is stratified by class."),
+    Command("arrays", "an image array with labels (.npy or CSV)", add_arrays_arguments, run_import_arrays,
+            description="Pack an image array (N,H,W), (N,C,H,W) or (N,H,W,C) from a .npy with labels from a 1-D "
+                        ".npy or a CSV with a header (columns are targets; text columns are classes). The split is "
+                        "stratified by class, or by quantile bins of a regression target."),
+])
 
 
 # --------------------------------------------------------------------------- verify / inspect
 
-def _check_dir(directory: Path) -> None:
-    if not directory.is_dir():
-        raise UsageError(f"{directory}: no such directory")
-
-
 def run_verify(args: argparse.Namespace) -> int:
-    from shards.verify import verify_shard_set
+    from shards.verify import print_verify_summary, verify_shard_set
 
-    _check_dir(args.dir)
+    _existing(args.dir, "directory")
 
     def on_shard(result) -> None:
         for line in result.problems:
@@ -156,102 +123,94 @@ def run_verify(args: argparse.Namespace) -> int:
     for line in report.problems:
         if line not in shard_lines:
             print(line)
-    _print_verify_summary(report)
+    print_verify_summary(report)
     return 0 if report.ok else 1
 
 
-def _print_verify_summary(report) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(width=None if Console().is_terminal else 120)
-    table = Table(title=f"verify {report.directory}")
-    for col in ("split", "shards", "samples", "MB", "bad shards"):
-        table.add_column(col, justify="left" if col == "split" else "right")
-    for split in report.manifest.splits:
-        rows = [r for r in report.shards if r.split == split]
-        bad = sum(1 for r in rows if r.problems)
-        table.add_row(split, str(len(rows)), str(sum(r.count for r in rows)),
-                      f"{sum(r.bytes for r in rows) / 1e6:.1f}", str(bad), style="red" if bad else None)
-    console.print(table)
-    if report.ok:
-        console.print(f"OK: {len(report.shards)} shards, {report.samples} samples match the manifest")
-    else:
-        console.print(f"FAILED: {len(report.problems)} problems")
+def add_verify_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", type=Path, metavar="DIR", help="shard-set directory")
+    p.add_argument("-v", "--verbose", action="store_true", help="also list the shards that pass")
 
 
 def run_inspect(args: argparse.Namespace) -> int:
     from shards.inspect import inspect_shard_set, print_inspection
 
-    _check_dir(args.dir)
+    _existing(args.dir, "directory")
     if args.grid is not None:
         splits = load_manifest(args.dir).splits
         if args.split not in splits:
             raise UsageError(f"--split {args.split}: not in the shard set (it has {', '.join(splits)})")
-    info = inspect_shard_set(args.dir, sample_images=args.sample_images)
-    print_inspection(info)
+    print_inspection(inspect_shard_set(args.dir, sample_images=args.sample_images))
     if args.grid is not None:
         from shards.grid import write_grid
 
-        path = write_grid(args.dir, args.grid, per_class=args.per_class, split=args.split)
-        print(f"wrote {path}")
+        print(f"wrote {write_grid(args.dir, args.grid, per_class=args.per_class, split=args.split)}")
     return 0
 
 
-def add_verify_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "verify", help="check every shard against the manifest",
-        description="Check every shard against the manifest: presence, size, sha256, the tar listing, and "
-                    "every member (offset, CRC-32, decoding, shape, dtype, finite values), then counts and "
-                    "train statistics. Exit 0 if all is well, 1 on any problem (each named by shard and member).")
-    p.add_argument("dir", type=Path, metavar="DIR", help="shard-set directory")
-    p.add_argument("-v", "--verbose", action="store_true", help="also list the shards that pass")
-    p.set_defaults(func=run_verify, _parser=p)
-
-
-def add_inspect_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "inspect", help="counts, target and image statistics, sample grid",
-        description="Print counts per split and class, target statistics and image statistics; optionally "
-                    "write a PNG grid of sample images with their labels (asinh stretch).")
+def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", type=Path, metavar="DIR", help="shard-set directory")
     p.add_argument("--grid", type=Path, default=None, metavar="PNG", help="write a grid of sample images here")
     p.add_argument("--per-class", type=positive_int, default=8, help="images per class in the grid (default 8)")
     p.add_argument("--split", default="train", help="split shown in the grid (default train)")
     p.add_argument("--sample-images", type=positive_int, default=64,
                    help="images per split read for the pixel statistics (default 64)")
-    p.set_defaults(func=run_inspect, _parser=p)
 
 
-def add_simulate_parser(subparsers) -> None:
+VERIFY = Command(
+    "verify", "check every shard against the manifest", add_verify_arguments, run_verify,
+    description="Check every shard against the manifest: presence, size, sha256, the tar listing, and every "
+                "member (offset, CRC-32, decoding, shape, dtype, finite values), then counts and train "
+                "statistics. Exit 0 if all is well, 1 on any problem (each named by shard and member).")
+INSPECT = Command(
+    "inspect", "counts, target and image statistics, sample grid", add_inspect_arguments, run_inspect,
+    description="Print counts per split and class, target statistics and image statistics; optionally write a "
+                "PNG grid of sample images with their labels (asinh stretch).")
+
+
+# --------------------------------------------------------------------------- simulate
+
+def simulate_command() -> Command | None:
+    """The simulator's row; an explanation if it cannot be imported, ``None`` if it is not in this tree."""
     try:
-        from shards.simulate.cli import add_parser
+        from shards.simulate import cli as simulate_cli
     except ImportError as exc:
         if getattr(exc, "name", None) in ("shards.simulate", "shards.simulate.cli"):
-            return  # not installed in this tree
+            return None
         message = f"simulate is unavailable: {exc}"
-        p = subparsers.add_parser("simulate", help="(unavailable) simulate lensing images", description=message)
 
         def unavailable(args: argparse.Namespace) -> int:
-            print(f"{PROG}: error: {message}", file=sys.stderr)
+            print(f"error: {message}", file=sys.stderr)
             return 1
 
-        p.set_defaults(func=unavailable)
-        return
-    add_parser(subparsers)
+        return Command("simulate", "(unavailable) simulate lensing images", lambda p: None, unavailable,
+                       description=message)
+    return Command("simulate", simulate_cli.HELP, simulate_cli.add_arguments, simulate_cli.run,
+                   description=simulate_cli.description())
 
 
 # --------------------------------------------------------------------------- main
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Build, verify and inspect lenstrain shard sets.")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_simulate_parser(subparsers)
-    add_import_parser(subparsers)
-    add_verify_parser(subparsers)
-    add_inspect_parser(subparsers)
-    return parser
+def commands() -> list[Command | Group]:
+    return [c for c in (simulate_command(), IMPORT, VERIFY, INSPECT) if c is not None]
 
+
+def _data_error(exc: BaseException) -> int:
+    print(f"error: {exc}", file=sys.stderr)
+    return 1
+
+
+def _interrupted(exc: BaseException) -> int:
+    print(f"{PROG}: interrupted", file=sys.stderr)
+    return 130
+
+
+ERRORS = {
+    OutputExistsError: lambda exc: fail(str(exc)),  # exit 2, like a usage error; before OSError below
+    BadSample: _data_error, ManifestError: _data_error, SourceError: _data_error,
+    CorruptSampleError: _data_error, OSError: _data_error,
+    KeyboardInterrupt: _interrupted,
+}
 
 _MAIN_PID = os.getpid()
 
@@ -271,19 +230,4 @@ def install_sigterm_handler() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except UsageError as exc:
-        getattr(args, "_parser", parser).error(str(exc))  # exits 2
-    except OutputExistsError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except (BadSample, ManifestError, SourceError, CorruptSampleError, OSError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli(PROG, DESCRIPTION, commands(), argv, errors=ERRORS)

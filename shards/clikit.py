@@ -48,17 +48,36 @@ class Command:
     description: str | None = None
 
 
-def build_parser(prog: str, description: str, commands: Sequence[Command]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+@dataclass(frozen=True)
+class Group:
+    """A subcommand that only chooses among its own table of subcommands (``shards import deeplense|arrays``)."""
+
+    name: str
+    help: str
+    commands: Sequence[Command | Group]
+    description: str | None = None
+    metavar: str = "COMMAND"
+
+
+def _add_commands(parser: argparse.ArgumentParser, commands: Sequence[Command | Group], dest: str,
+                  metavar: str) -> None:
+    sub = parser.add_subparsers(dest=dest, required=True, metavar=metavar)
     for command in commands:
         p = sub.add_parser(command.name, help=command.help, description=command.description or command.help)
-        command.add_arguments(p)
-        p.set_defaults(_run=command.run)
+        if isinstance(command, Group):
+            _add_commands(p, command.commands, f"{dest}_{command.name}", command.metavar)
+        else:
+            command.add_arguments(p)
+            p.set_defaults(_run=command.run)
+
+
+def build_parser(prog: str, description: str, commands: Sequence[Command | Group]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    _add_commands(parser, commands, "command", "COMMAND")
     return parser
 
 
-def run_cli(prog: str, description: str, commands: Sequence[Command], argv: Sequence[str] | None = None,
+def run_cli(prog: str, description: str, commands: Sequence[Command | Group], argv: Sequence[str] | None = None,
             errors: dict[type[BaseException], Callable[[BaseException], int]] | None = None) -> int:
     """Parse ``argv``, run the chosen command and return its exit status.
 

@@ -94,10 +94,17 @@ class ManifestError(ValueError):
     """A shard-set directory without a readable, valid manifest."""
 
 
+def not_a_shard_set(directory: str | os.PathLike) -> str:
+    """The one message for a directory without a manifest."""
+    return (f"{directory} is not a shard set (no {MANIFEST_NAME}); make one with `python -m shards simulate ...` "
+            "or `python -m shards import ...`")
+
+
 def load_manifest(directory: str | os.PathLike) -> Manifest:
+    """The manifest of the shard set in ``directory``, or :class:`ManifestError` saying why there is none."""
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
-        raise ManifestError(f"{directory}: no {MANIFEST_NAME}; not a shard set (or its packing did not finish)")
+        raise ManifestError(not_a_shard_set(directory))
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:

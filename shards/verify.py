@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from shards.manifest import Manifest, Shard, Stats, load_manifest
+from shards.moments import Moments
 from shards.reader import CorruptSampleError, decode_image, decode_labels
 
 MAX_PROBLEMS_PER_SHARD = 20
@@ -50,36 +51,19 @@ class VerifyReport:
         return sum(s.count for s in self.shards)
 
 
-class _Moments:
-    def __init__(self) -> None:
-        self.n, self.total, self.total_sq = 0, 0.0, 0.0
-        self.lo, self.hi = math.inf, -math.inf
-
-    def add(self, v: np.ndarray) -> None:
-        v = np.asarray(v, dtype=np.float64)
-        if v.size == 0:
-            return
-        self.n += v.size
-        self.total += float(v.sum())
-        self.total_sq += float(np.square(v).sum())
-        self.lo, self.hi = min(self.lo, float(v.min())), max(self.hi, float(v.max()))
-
-    def compare(self, stats: Stats | None, what: str) -> list[str]:
-        if stats is None:
-            return [f"{what}: manifest has no statistics but train holds {self.n} values"] if self.n else []
-        if self.n != stats.count:
-            return [f"{what}: train holds {self.n} values, manifest statistics count {stats.count}"]
-        if self.n == 0:
-            return []
-        mean = self.total / self.n
-        std = math.sqrt(max(self.total_sq / self.n - mean * mean, 0.0))
-        scale = max(abs(stats.mean), stats.std, abs(stats.min), abs(stats.max), 1e-300)
-        out = []
-        for key, got, want in (("mean", mean, stats.mean), ("std", std, stats.std),
-                               ("min", self.lo, stats.min), ("max", self.hi, stats.max)):
-            if not math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9 * scale):
-                out.append(f"{what}: train {key} is {got:.8g}, manifest says {want:.8g}")
-        return out
+def _compare(moments: Moments, stats: Stats | None, what: str) -> list[str]:
+    """How the train split's recomputed ``moments`` differ from the manifest's ``stats``."""
+    if stats is None:
+        return [f"{what}: manifest has no statistics but train holds {moments.n} values"] if moments.n else []
+    if moments.n != stats.count:
+        return [f"{what}: train holds {moments.n} values, manifest statistics count {stats.count}"]
+    got = moments.stats()
+    if got is None:
+        return []
+    scale = max(abs(stats.mean), stats.std, abs(stats.min), abs(stats.max), 1e-300)
+    return [f"{what}: train {key} is {getattr(got, key):.8g}, manifest says {getattr(stats, key):.8g}"
+            for key in ("mean", "std", "min", "max")
+            if not math.isclose(getattr(got, key), getattr(stats, key), rel_tol=1e-6, abs_tol=1e-9 * scale)]
 
 
 def _sha256(path: Path) -> str:
@@ -106,8 +90,8 @@ class _Checker:
     def __init__(self, directory: Path, manifest: Manifest):
         self.directory = directory
         self.manifest = manifest
-        self.pixels = _Moments()
-        self.targets = {name: _Moments() for name, t in manifest.targets.items() if t.kind == "regression"}
+        self.pixels = Moments()
+        self.targets = {name: Moments() for name, t in manifest.targets.items() if t.kind == "regression"}
         self.class_counts: dict[str, dict[str, dict[str, int]]] = {
             name: {} for name, t in manifest.targets.items() if t.kind == "classification"}
 
@@ -228,9 +212,9 @@ class _Checker:
             listed = sum(s.count for s in split.shards)
             if listed != split.count:
                 problems.append(f"split {split_name}: manifest count {split.count}, its shards hold {listed}")
-        problems += self.pixels.compare(self.manifest.image.stats, "image pixels")
+        problems += _compare(self.pixels, self.manifest.image.stats, "image pixels")
         for name, moments in self.targets.items():
-            problems += moments.compare(self.manifest.targets[name].stats, f"target {name}")
+            problems += _compare(moments, self.manifest.targets[name].stats, f"target {name}")
         for name, seen in self.class_counts.items():
             recorded = self.manifest.targets[name].class_counts
             if recorded is None:
@@ -264,3 +248,24 @@ def verify_shard_set(directory: str | os.PathLike,
     if not any(r.problems for r in report.shards):  # statistics are only comparable over intact data
         report.problems.extend(checker.totals())
     return report
+
+
+def print_verify_summary(report: VerifyReport) -> None:
+    """A table of shards, samples, megabytes and bad shards per split, then OK or FAILED."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if Console().is_terminal else 120)
+    table = Table(title=f"verify {report.directory}")
+    for col in ("split", "shards", "samples", "MB", "bad shards"):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    for split in report.manifest.splits:
+        rows = [r for r in report.shards if r.split == split]
+        bad = sum(1 for r in rows if r.problems)
+        table.add_row(split, str(len(rows)), str(sum(r.count for r in rows)),
+                      f"{sum(r.bytes for r in rows) / 1e6:.1f}", str(bad), style="red" if bad else None)
+    console.print(table)
+    if report.ok:
+        console.print(f"OK: {len(report.shards)} shards, {report.samples} samples match the manifest")
+    else:
+        console.print(f"FAILED: {len(report.problems)} problems")

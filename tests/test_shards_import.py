@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from shards.manifest import load_manifest
+from shards.options import PackOptions
 from shards.pack import BadSample
 from shards.reader import ShardReader
 from shards.sources.arrays import load_labels, pack_arrays
@@ -60,7 +61,7 @@ def read_all(directory: Path) -> list[tuple[np.ndarray, dict]]:
 ])
 def test_deeplense_import_shapes_layouts_and_object_arrays(tmp_path, size, channels, layout):
     truth = make_deeplense(tmp_path / "Model", size=size, channels=channels, layout=layout, per_class=10)
-    result = import_deeplense(tmp_path / "Model", tmp_path / "out", shard_size=8)
+    result = import_deeplense(tmp_path / "Model", tmp_path / "out", PackOptions(shard_size=8))
     m = result.manifest
     assert m.image.shape == (channels, size, size)
     assert m.primary_target == "class"
@@ -98,8 +99,8 @@ def test_deeplense_values_in_several_classes_are_label_value(tmp_path):
 
 def test_deeplense_split_is_stratified_by_class_and_seeded(tmp_path):
     make_deeplense(tmp_path / "M", size=8, per_class=30, classes=("a", "b", "c", "d"), valued=())
-    m1 = import_deeplense(tmp_path / "M", tmp_path / "o1", val=0.2, test=0.1, seed=4).manifest
-    m2 = import_deeplense(tmp_path / "M", tmp_path / "o2", val=0.2, test=0.1, seed=4).manifest
+    m1 = import_deeplense(tmp_path / "M", tmp_path / "o1", PackOptions(val=0.2, test=0.1, seed=4)).manifest
+    m2 = import_deeplense(tmp_path / "M", tmp_path / "o2", PackOptions(val=0.2, test=0.1, seed=4)).manifest
     counts = m1.targets["class"].class_counts
     assert counts["val"] == dict.fromkeys("abcd", 6)
     assert counts["test"] == dict.fromkeys("abcd", 3)
@@ -124,9 +125,9 @@ def test_deeplense_corrupt_file_is_named(tmp_path):
     bad = tmp_path / "M" / "cdm" / "cdm_sim_0003.npy"
     bad.write_bytes(bad.read_bytes()[:40])
     with pytest.raises(BadSample, match=r"cdm_sim_0003\.npy: cannot read \.npy"):
-        import_deeplense(tmp_path / "M", tmp_path / "out", workers=2)
+        import_deeplense(tmp_path / "M", tmp_path / "out", PackOptions(workers=2))
     assert not (tmp_path / "out").exists()
-    result = import_deeplense(tmp_path / "M", tmp_path / "out", skip_bad=True)
+    result = import_deeplense(tmp_path / "M", tmp_path / "out", PackOptions(skip_bad=True))
     assert len(result.skipped) == 1 and "cdm_sim_0003.npy" in result.skipped[0]
     assert result.manifest.source["skipped"] == 1
     assert sum(s.count for s in result.manifest.splits.values()) == 17
@@ -138,11 +139,11 @@ def test_deeplense_misshaped_image_is_named_even_when_packed_first(tmp_path):
     np.save(tmp_path / "M/no_sub/no_sub_sim_0001.npy", np.zeros((16, 16, 4), np.float32))
     with pytest.raises(BadSample, match=r"(cdm_sim_0002|no_sub_sim_0001)\.npy: image has shape"):
         import_deeplense(tmp_path / "M", tmp_path / "out")
-    result = import_deeplense(tmp_path / "M", tmp_path / "out", skip_bad=True)
+    result = import_deeplense(tmp_path / "M", tmp_path / "out", PackOptions(skip_bad=True))
     assert len(result.skipped) == 2
     assert result.manifest.image.shape == (1, 16, 16)
     for seed in range(6):  # whichever sample is packed first, the common shape wins
-        r = import_deeplense(tmp_path / "M", tmp_path / f"s{seed}", skip_bad=True, seed=seed)
+        r = import_deeplense(tmp_path / "M", tmp_path / f"s{seed}", PackOptions(skip_bad=True, seed=seed))
         assert len(r.skipped) == 2
 
 
@@ -192,7 +193,7 @@ def test_arrays_npy_labels_classification_and_nhw(tmp_path):
     np.save(tmp_path / "X.npy", images)
     np.save(tmp_path / "y.npy", np.arange(40) % 4)
     labels = load_labels(tmp_path / "y.npy", classification=True)
-    m = pack_arrays(tmp_path / "X.npy", labels, tmp_path / "o", classification=True, workers=2).manifest
+    m = pack_arrays(tmp_path / "X.npy", labels, tmp_path / "o", PackOptions(workers=2), classification=True).manifest
     assert m.image.shape == (1, 12, 12) and m.primary_target == "class"
     assert m.target.classes == ["0", "1", "2", "3"]
     for image, lab in read_all(tmp_path / "o"):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from shards.manifest import load_manifest
+from shards.options import PackOptions
 from shards.pack import BadSample, OutputExistsError, TargetSpec, pack_shard_set
 from shards.reader import ShardReader
 from shards.sources.arrays import pack_arrays
@@ -55,10 +56,10 @@ class Constant:
         return np.full((1, 8, 8), self.value, np.float32), {"y": y}
 
 
-def _pack_simple(out: Path, fn, n: int = 40, **kw):
+def _pack_simple(out: Path, fn, n: int = 40, **options):
     return pack_shard_set(out, sample_fn=fn, split_of=["train"] * (n - 10) + ["val"] * 10,
                           targets=[TargetSpec("y", "regression")], primary_target="y", source={"kind": "test"},
-                          shard_size=8, **kw)
+                          options=PackOptions(shard_size=8, **options))
 
 
 # --------------------------------------------------------------------------- round trips
@@ -68,7 +69,7 @@ def float32_set(tmp_path_factory):
     images = _images(120)
     labels = {"class": np.arange(120) % 3, "y": np.linspace(0.0, 1.0, 120)}
     out = tmp_path_factory.mktemp("f32") / "set"
-    pack_arrays(images, labels, out, classification=True, shard_size=16, workers=1)
+    pack_arrays(images, labels, out, PackOptions(shard_size=16, workers=1), classification=True)
     return images, labels, out
 
 
@@ -121,7 +122,7 @@ def test_float32_round_trip_is_exact_via_webdataset(float32_set):
 def test_float16_round_trip_is_within_tolerance(tmp_path):
     images = _images(30)
     out = tmp_path / "f16"
-    result = pack_arrays(images, {"y": np.arange(30.0)}, out, dtype="float16", shard_size=7)
+    result = pack_arrays(images, {"y": np.arange(30.0)}, out, PackOptions(dtype="float16", shard_size=7))
     assert result.manifest.image.dtype == "float16"
     for row, (image, _) in _packed_by_index(out).items():
         assert image.dtype == np.float16
@@ -132,7 +133,7 @@ def test_float16_overflow_is_a_bad_sample(tmp_path):
     images = _images(20)
     images[5, 0, 0, 0] = 1e6
     with pytest.raises(BadSample, match=r"images\[5\].*overflow float16"):
-        pack_arrays(images, {"y": np.arange(20.0)}, tmp_path / "o", dtype="float16")
+        pack_arrays(images, {"y": np.arange(20.0)}, tmp_path / "o", PackOptions(dtype="float16"))
     assert not (tmp_path / "o").exists()
 
 
@@ -159,7 +160,7 @@ def test_workers_1_and_2_give_byte_identical_shard_sets(tmp_path):
     sets = []
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
-        pack_arrays(images, labels, out, classification=True, shard_size=10, workers=workers, seed=3)
+        pack_arrays(images, labels, out, PackOptions(shard_size=10, workers=workers, seed=3), classification=True)
         sets.append(out)
     names = sorted(p.name for p in sets[0].iterdir())
     assert names == sorted(p.name for p in sets[1].iterdir())
@@ -180,10 +181,9 @@ def test_split_is_deterministic_for_a_seed_and_stratified_by_class(tmp_path):
     n = 300
     images = _images(n, shape=(1, 8, 8))
     classes = np.repeat([0, 1, 2], [150, 100, 50])
-    kw = {"classification": True, "val": 0.1, "test": 0.2, "shard_size": 50}
-    pack_arrays(images, {"class": classes}, tmp_path / "a", seed=7, **kw)
-    pack_arrays(images, {"class": classes}, tmp_path / "b", seed=7, **kw)
-    pack_arrays(images, {"class": classes}, tmp_path / "c", seed=8, **kw)
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        pack_arrays(images, {"class": classes}, tmp_path / name,
+                    PackOptions(val=0.1, test=0.2, shard_size=50, seed=seed), classification=True)
     a, b, c = (_split_rows(tmp_path / x) for x in "abc")
     assert a == b
     assert a != c
@@ -199,7 +199,7 @@ def test_regression_split_is_stratified_by_quantile_bins(tmp_path):
     n = 1000
     rng = np.random.default_rng(0)
     y = rng.lognormal(size=n)
-    pack_arrays(_images(n, shape=(1, 4, 4)), {"y": y}, tmp_path / "r", val=0.1, test=0.1, shard_size=200)
+    pack_arrays(_images(n, shape=(1, 4, 4)), {"y": y}, tmp_path / "r", PackOptions(val=0.1, test=0.1, shard_size=200))
     rows = _split_rows(tmp_path / "r")
     edges = np.quantile(y, np.linspace(0, 1, 11)[1:-1])
     bins = np.searchsorted(edges, y, side="right")
@@ -216,7 +216,7 @@ def test_label_and_pixel_stats_come_from_train_only(tmp_path):
     images = _images(n, shape=(1, 6, 6))
     y = np.random.default_rng(5).normal(10, 4, size=n)
     out = tmp_path / "s"
-    pack_arrays(images, {"y": y}, out, val=0.2, test=0.2)
+    pack_arrays(images, {"y": y}, out, PackOptions(val=0.2, test=0.2))
     manifest = load_manifest(out)
     train = np.asarray(_split_rows(out)["train"])
     assert len(train) == 120
@@ -287,8 +287,6 @@ def test_overwrite_refuses_a_directory_that_is_not_a_shard_set(tmp_path):
 
 def test_a_shard_set_is_readable_by_others_under_the_usual_umask(tmp_path):
     import os
-
-    from shards.pack import TargetSpec, pack_shard_set
 
     old = os.umask(0o022)
     try:

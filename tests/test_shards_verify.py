@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from shards.manifest import MANIFEST_NAME, load_manifest
+from shards.options import PackOptions
 from shards.sources.arrays import pack_arrays
 from shards.verify import verify_shard_set
 
@@ -19,8 +20,8 @@ def good_set(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     images = rng.random((60, 1, 16, 16)).astype(np.float32)
     out = tmp_path_factory.mktemp("verify") / "good"
-    pack_arrays(images, {"class": np.arange(60) % 3, "y": rng.random(60)}, out, classification=True,
-                shard_size=10, val=0.2, test=0.2)
+    pack_arrays(images, {"class": np.arange(60) % 3, "y": rng.random(60)}, out,
+                PackOptions(shard_size=10, val=0.2, test=0.2), classification=True)
     return out
 
 

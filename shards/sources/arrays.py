@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.pack import PackResult, TargetSpec, pack_shard_set
-from shards.sources.common import CHANNELS, SourceError, sample_order
-from shards.splits import stratified_split
+from shards.options import PackOptions
+from shards.pack import PackResult, TargetSpec
+from shards.sources.common import CHANNELS, SourceError, pack_source, sample_order
 
 MISSING = {"", "nan", "NaN", "NA", "N/A", "null", "None"}
 
@@ -175,29 +175,8 @@ class ArraySample:
         return image, labels
 
 
-def pack_arrays(
-    images: np.ndarray | str | os.PathLike,
-    labels: Mapping[str, np.ndarray],
-    out: str | os.PathLike,
-    *,
-    primary: str | None = None,
-    classification: bool = False,
-    val: float = 0.1,
-    test: float = 0.1,
-    seed: int = 0,
-    shard_size: int = 1000,
-    dtype: str = "float32",
-    workers: int = 1,
-    skip_bad: bool = False,
-    overwrite: bool = False,
-    source: dict | None = None,
-) -> PackResult:
-    """Pack ``images`` (an array, or a ``.npy`` path that is memory-mapped) with label ``columns``."""
-    path = None
-    if not isinstance(images, np.ndarray):
-        path = str(Path(images).resolve())
-        images = load_images(path)
-    layout = image_layout(images.shape)
+def _check_columns(images: np.ndarray, labels: Mapping[str, np.ndarray]) -> int:
+    """The number of samples, once the images are numbers and every label column has one value per image."""
     if images.dtype.kind not in "fiub":
         raise SourceError(f"images have dtype {images.dtype}, expected numbers")
     if not labels:
@@ -208,38 +187,33 @@ def pack_arrays(
             raise SourceError(f"{n} images but {len(values)} values of label {name!r}")
     if n == 0:
         raise SourceError("no images")
+    return n
+
+
+def pack_arrays(images: np.ndarray | str | os.PathLike, labels: Mapping[str, np.ndarray], out: str | os.PathLike,
+                options: PackOptions = PackOptions(), *, primary: str | None = None, classification: bool = False,
+                source: dict | None = None) -> PackResult:
+    """Pack ``images`` (an array, or a ``.npy`` path that is memory-mapped) with label ``columns``."""
+    path = None
+    if not isinstance(images, np.ndarray):
+        path = str(Path(images).resolve())
+        images = load_images(path)
+    layout = image_layout(images.shape)
+    n = _check_columns(images, labels)
     primary = primary or next(iter(labels))
     specs, encoded = encode_targets(labels, primary, classification)
-    kind = next(s.kind for s in specs if s.name == primary)
-    index_name = "index" if "index" not in labels else "source_index"
-
-    order = sample_order(n, seed)
-    strata = np.asarray([encoded[primary][j] for j in order])
-    split_of = stratified_split(strata, val=val, test=test, seed=seed, regression=kind == "regression")
+    regression = next(s.kind for s in specs if s.name == primary) == "regression"
+    order = sample_order(n, options.seed)
     info = {
         "kind": "arrays",
         "images": path,
         "layout": layout,
         "n": n,
-        "stratify": primary if kind == "classification" else f"{primary} (quantile bins)",
-        "val": val,
-        "test": test,
-        "seed": seed,
+        "stratify": f"{primary} (quantile bins)" if regression else primary,
         **(source or {}),
     }
+    index_name = "index" if "index" not in labels else "source_index"
     sample_fn = ArraySample(path if path is not None else images, layout, order, encoded, index_name)
-    return pack_shard_set(
-        out,
-        sample_fn=sample_fn,
-        split_of=list(split_of),
-        targets=specs,
-        primary_target=primary,
-        source=info,
-        shard_size=shard_size,
-        dtype=dtype,
-        workers=workers,
-        overwrite=overwrite,
-        skip_bad=skip_bad,
-        describe=lambda i: f"{path or 'images'}[{int(order[i])}]",
-        desc="importing",
-    )
+    return pack_source(out, sample_fn, np.asarray([encoded[primary][j] for j in order]), targets=specs,
+                       primary_target=primary, source=info, options=options, regression=regression,
+                       describe=lambda i: f"{path or 'images'}[{int(order[i])}]")

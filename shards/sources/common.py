@@ -1,10 +1,15 @@
-"""Helpers shared by the importers: image layout, sample order, source errors."""
+"""Helpers shared by the importers: image layout, sample order, the stratified split, source errors."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Sequence
+
 import numpy as np
 
-from shards.pack import BadSample
+from shards.options import PackOptions
+from shards.pack import BadSample, PackResult, SampleFn, TargetSpec, pack_shard_set
+from shards.splits import stratified_split
 
 CHANNELS = (1, 3)
 
@@ -40,3 +45,14 @@ def check_shape(image: np.ndarray, expected: tuple[int, ...] | None) -> np.ndarr
 def sample_order(n: int, seed: int) -> np.ndarray:
     """The order in which source items are packed: a seeded permutation, so every shard mixes classes."""
     return np.random.default_rng([seed, 0x5EED]).permutation(n)
+
+
+def pack_source(out: str | os.PathLike, sample_fn: SampleFn, strata: np.ndarray, *, targets: Sequence[TargetSpec],
+                primary_target: str, source: dict, options: PackOptions, describe: Callable[[int], str],
+                regression: bool = False) -> PackResult:
+    """Split the samples stratified by ``strata`` (classes, or a regression target's quantile bins) as
+    ``options`` asks, and pack them; the manifest's source records the split."""
+    split_of = stratified_split(strata, val=options.val, test=options.test, seed=options.seed, regression=regression)
+    return pack_shard_set(out, sample_fn=sample_fn, split_of=list(split_of), targets=targets,
+                          primary_target=primary_target, source={**source, **options.split_record()},
+                          options=options, describe=describe, desc="importing")

@@ -9,7 +9,8 @@ Layouts (the folder names are the classes, sorted):
 
 A file holds one sample: a numeric image ``(H,W)``, ``(C,H,W)`` or ``(H,W,C)`` with C in {1,3}, or an
 object array ``[image, value]`` as DeepLense stores its axion samples (``[image, axion_mass]``). Object
-arrays are unpickled, so import only files you trust; the shards themselves never hold pickles.
+arrays are read by a restricted unpickler (:mod:`shards.sources.npyfile`): numpy arrays, dtypes and numbers
+only, anything else is refused and the file named. The shards themselves never hold pickles.
 
 Targets:
 
@@ -31,9 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.pack import BadSample, PackResult, TargetSpec, pack_shard_set
-from shards.sources.common import SourceError, check_shape, sample_order, to_chw
-from shards.splits import stratified_split
+from shards.options import PackOptions
+from shards.pack import BadSample, PackResult, TargetSpec
+from shards.sources.common import SourceError, check_shape, pack_source, sample_order, to_chw
+from shards.sources.npyfile import read_npy
 
 SPLIT_DIRS = {"train", "training", "val", "valid", "validation", "test", "testing"}
 PROBE_FILES = 5
@@ -74,22 +76,6 @@ def scan(root: str | os.PathLike) -> tuple[list[str], list[str], list[int], str]
         files.extend(p.relative_to(root).as_posix() for p in found)
         class_index.extend([ci] * len(found))
     return classes, files, class_index, layout
-
-
-def read_npy(path: str | os.PathLike) -> np.ndarray:
-    """Load one ``.npy``; object arrays (and only those) are unpickled."""
-    try:
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            if "allow_pickle" not in str(exc):
-                raise
-            arr = np.load(path, allow_pickle=True)
-    except Exception as exc:  # a damaged file can fail in many ways, the unpickler included
-        raise BadSample(f"cannot read .npy ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(arr, np.ndarray):
-        raise BadSample(f"not a .npy array (found {type(arr).__name__})")
-    return arr
 
 
 def _numeric(value) -> float | None:
@@ -175,34 +161,25 @@ def probe(root: Path, files: list[str], class_index: list[int], n_classes: int):
     return shape, valued
 
 
-def import_deeplense(
-    src: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    val: float = 0.1,
-    test: float = 0.1,
-    seed: int = 0,
-    shard_size: int = 1000,
-    dtype: str = "float32",
-    workers: int = 1,
-    skip_bad: bool = False,
-    overwrite: bool = False,
-    value_name: str | None = None,
-) -> PackResult:
+def _value_target(classes: list[str], valued: list[int], value_name: str | None) -> str | None:
+    """The name of the regression target carried by ``[image, value]`` files, if any class carries one."""
+    if not valued:
+        return None
+    name = value_name or ("axion_mass" if [classes[c] for c in valued] == ["axion"] else "label_value")
+    if name in ("class", "class_name", "file"):
+        raise SourceError(f"value target name {name!r} is reserved")
+    return name
+
+
+def import_deeplense(src: str | os.PathLike, out: str | os.PathLike, options: PackOptions = PackOptions(), *,
+                     value_name: str | None = None) -> PackResult:
     root = Path(src)
     classes, files, class_index, layout = scan(root)
     shape, valued = probe(root, files, class_index, len(classes))
-    value_target = None
-    if valued:
-        value_target = value_name or ("axion_mass" if [classes[c] for c in valued] == ["axion"] else "label_value")
-        if value_target in ("class", "class_name", "file"):
-            raise SourceError(f"value target name {value_target!r} is reserved")
-
-    order = sample_order(len(files), seed)
+    value_target = _value_target(classes, valued, value_name)
+    order = sample_order(len(files), options.seed)
     files = [files[j] for j in order]
     class_index = [class_index[j] for j in order]
-    split_of = stratified_split(np.asarray(class_index), val=val, test=test, seed=seed)
-
     targets = [TargetSpec("class", "classification", classes)]
     if value_target:
         targets.append(TargetSpec(value_target, "regression"))
@@ -215,23 +192,7 @@ def import_deeplense(
         "value_target": value_target,
         "value_classes": [classes[c] for c in valued],
         "stratify": "class",
-        "val": val,
-        "test": test,
-        "seed": seed,
     }
     sample_fn = DeepLenseSample(str(root), files, class_index, classes, value_target, shape)
-    return pack_shard_set(
-        out,
-        sample_fn=sample_fn,
-        split_of=list(split_of),
-        targets=targets,
-        primary_target="class",
-        source=source,
-        shard_size=shard_size,
-        dtype=dtype,
-        workers=workers,
-        overwrite=overwrite,
-        skip_bad=skip_bad,
-        describe=lambda i: str(root / files[i]),
-        desc="importing",
-    )
+    return pack_source(out, sample_fn, np.asarray(class_index), targets=targets, primary_target="class",
+                       source=source, options=options, describe=lambda i: str(root / files[i]))
