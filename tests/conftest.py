@@ -4,7 +4,9 @@ import os
 
 import pytest
 import torch
+import yaml
 
+from tests.factories import launcher_job_dict, make_ring_shards
 from tests.slurm_helpers import start_cluster, stop_cluster
 
 # Tests use tiny models: one thread each beats contending threads on a small CI machine, and
@@ -35,47 +37,28 @@ def slurm_cluster():
         stop_cluster()
 
 
-# ------------------------------------------------------------------------------ launcher fixtures
-
-
-def launcher_job_dict(shards, **sections) -> dict:
-    """A small, exact job: 2 nodes x 1 task on the devcluster, alternet_tiny on 32x32 rings, fp32."""
-    job = {
-        "resources": {"cluster": "devcluster", "nodes": 2, "tasks_per_node": 1, "cpus_per_task": 1, "time": 10,
-                      "signal_delay_s": 30, "max_requeues": 3},
-        "seed": 3,
-        "data": {"shards": str(shards), "batch_size": 4, "workers": 0},
-        "model": {"name": "alternet_tiny"},
-        "optim": {"name": "adamw", "lr": 1e-3},
-        "schedule": {"name": "cosine"},
-        "train": {"max_steps": 40, "precision": "fp32", "deterministic": True},
-        "checkpoint": {"every_steps": 10, "keep": 10, "every_minutes": None},
-        "log": {"every_steps": 1, "images": False},
-    }
-    for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(job.get(key), dict):
-            job[key] = {**job[key], **value}
-        else:
-            job[key] = value
-    return job
+# ------------------------------------------------------------------------------ shared data and jobs
 
 
 @pytest.fixture(scope="session")
-def launcher_shards(tmp_path_factory):
-    """A tiny real shard set (120 rings, 32x32) for launcher tests."""
-    from tests.train_helpers import make_ring_shards
+def ring_shards(tmp_path_factory):
+    """The small ring shard set (120 rings of 32x32, see :func:`tests.factories.make_ring_shards`), packed
+    once per session; tests read it and never write into it."""
+    return make_ring_shards(tmp_path_factory.mktemp("data") / "rings")
 
-    return make_ring_shards(tmp_path_factory.mktemp("launcher-data") / "rings")
+
+@pytest.fixture(scope="session")
+def launcher_shards(ring_shards):
+    return ring_shards
 
 
 @pytest.fixture
-def launcher_job(launcher_shards, tmp_path):
+def launcher_job(ring_shards, tmp_path):
     """``launcher_job(name, **sections)`` writes a job YAML (see :func:`launcher_job_dict`) and returns its path."""
-    import yaml
 
     def write(name: str = "job", **sections):
         path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(launcher_job_dict(launcher_shards, **sections), sort_keys=False))
+        path.write_text(yaml.safe_dump(launcher_job_dict(ring_shards, **sections), sort_keys=False))
         return path
 
     return write

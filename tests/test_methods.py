@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,73 +14,69 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from lion_pytorch import Lion
 
-from lenstrain.backends import Backend
+from lenstrain.build import build_builder, build_loss, build_model, build_task
 from lenstrain.checkpoint import list_checkpoints, read_meta
 from lenstrain.cli import main as cli
-from lenstrain.config import load_config
+from lenstrain.config import dump_config, load_config
 from lenstrain.distributed import DistInfo
 from lenstrain.evaluate import choose_checkpoint, split_keys
-from lenstrain.losses import build_loss, weight_penalty
+from lenstrain.inference import evaluate
+from lenstrain.losses import make_loss, weight_penalty
 from lenstrain.lr_find import suggest_lr
 from lenstrain.optim import PlateauScheduler, build_optimizer, build_scheduler
-from lenstrain.train import build_builder, build_model, build_task, evaluate, run_training
+from lenstrain.parallel import Backend
+from lenstrain.rundir import RunDir
+from lenstrain.train import run_training
 from shards.manifest import load_manifest
 from shards.pack import TargetSpec, pack_shard_set
-from tests.train_helpers import lenstrain, make_ring_shards, write_config
+from tests.factories import config_dict, merged, write_config
+from tests.train_helpers import lenstrain
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared machine, more threads only contend (and run slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return make_ring_shards(tmp_path_factory.mktemp("data") / "rings")
+LR = 1e-3
+# four steps, checkpoints and validations at steps 2 and 4; not deterministic: runs in this process
+SHORT = {"train": {"max_steps": 4, "deterministic": False}, "checkpoint": {"every_steps": 2, "keep": 3}}
 
 
 def config(shards: Path, **sections):
-    """A validated config: the tiny model on the 32x32 ring set, fp32 on CPU."""
-    data = {
-        "seed": 3,
-        "data": {"shards": str(shards), "batch_size": 4, "workers": 0},
-        "model": {"name": "alternet_tiny"},
-        "optim": {"name": "adamw", "lr": 1e-3},
-        "train": {"max_steps": 4, "precision": "fp32"},
-        "checkpoint": {"every_steps": 2, "keep": 3, "every_minutes": None},
-        "log": {"every_steps": 1, "images": False},
-    }
-    for key, value in sections.items():
-        data.setdefault(key, {}).update(value)
-    return load_config(data)
+    """A validated config: the tiny model on the 32x32 ring set, fp32 on CPU, four steps."""
+    return load_config(merged(config_dict(shards, **SHORT), **sections))
 
 
-def one_step(cfg, loss_fn=None) -> tuple[float, float]:
-    """Build everything from ``cfg`` and take one optimizer step on a real batch; returns the loss
-    and how far the weights moved."""
+@dataclass
+class Trained:
+    optimizer: torch.optim.Optimizer
+    losses: list[float]  # one per step
+    lrs: list[float]  # the learning rate each step applied
+    moved: float  # how far the weights moved, summed over every parameter
+
+
+def train(cfg, steps: int = 1) -> Trained:
+    """Build the task, model, loss, optimizer and schedule from ``cfg`` and take ``steps`` optimizer steps on
+    real batches. A plateau schedule is told, after each step, of a validation loss that never improves."""
     task = build_task(cfg)
     model = build_model(cfg, task, CPU)
     optimizer = build_optimizer(cfg.optim, model)
-    scheduler = build_scheduler(cfg.schedule, optimizer, total_steps=10)
-    backend = Backend(model, optimizer, CPU, precision="fp32", grad_clip=cfg.train.grad_clip)
-    loss_fn = loss_fn or build_loss(task.loss_name, task.target.kind, task.num_classes,
-                                    huber_delta=cfg.train.huber_delta, label_smoothing=cfg.train.label_smoothing)
+    scheduler = build_scheduler(cfg.schedule, optimizer, total_steps=cfg.train.max_steps)
+    loss_fn = build_loss(cfg.train, task)
     builder, _ = build_builder(cfg, task, "train", augment=False)
-    batch = builder(np.arange(4), None)
     before = [p.detach().clone() for p in model.parameters()]
-    loss = loss_fn(model(batch["image"]), batch["target"])
-    backend.backward(loss)
-    backend.step()
-    scheduler.step()
+    losses, lrs = [], []
+    for step in range(steps):
+        batch = builder(np.arange(4 * step, 4 * step + 4), None)
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.zero_grad()
+        loss = loss_fn(model(batch["image"]), batch["target"])
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if isinstance(scheduler, PlateauScheduler):
+            scheduler.observe({"val/loss": 1.0})
+        losses.append(float(loss.detach()))
     moved = sum(float((p.detach() - b).abs().sum()) for p, b in zip(model.parameters(), before, strict=True))
-    return float(loss.detach()), moved
+    return Trained(optimizer, losses, lrs, moved)
 
 
 # ------------------------------------------------------------------------------------ losses
@@ -89,34 +86,34 @@ def one_step(cfg, loss_fn=None) -> tuple[float, float]:
     ("mse", "y", {}), ("mae", "y", {}), ("huber", "y", {"huber_delta": 0.5}),
     ("bce", "cls", {"label_smoothing": 0.1}), ("ce", "cls", {"label_smoothing": 0.1}),
 ])
-def test_each_loss_builds_from_config_and_trains(shards, loss, target, extra):
-    cfg = config(shards, data={"target": target}, train={"loss": loss, **extra})
-    value, moved = one_step(cfg)
-    assert math.isfinite(value) and value > 0
-    assert moved > 0
+def test_each_loss_builds_from_config_and_trains(ring_shards, loss, target, extra):
+    cfg = config(ring_shards, data={"target": target}, train={"loss": loss, **extra})
+    trained = train(cfg)
+    assert math.isfinite(trained.losses[0]) and trained.losses[0] > 0
+    assert trained.moved > 0
 
 
 def test_loss_values_and_label_smoothing():
     out, y = torch.tensor([[0.5], [2.0], [-1.0]]), torch.tensor([0.0, 0.5, 1.0])
-    huber = build_loss("huber", "regression", 0, huber_delta=0.5, label_smoothing=0)
+    huber = make_loss("huber", "regression", 0, huber_delta=0.5, label_smoothing=0)
     err = (out.squeeze(-1) - y).abs()
     expected = torch.where(err < 0.5, 0.5 * err**2, 0.5 * (err - 0.25)).mean()
     assert torch.allclose(huber(out, y), expected)
-    assert torch.allclose(build_loss("mae", "regression", 0, huber_delta=1, label_smoothing=0)(out, y), err.mean())
+    assert torch.allclose(make_loss("mae", "regression", 0, huber_delta=1, label_smoothing=0)(out, y), err.mean())
 
     logits, labels = torch.tensor([[3.0], [-2.0]]), torch.tensor([1, 0])
-    bce = build_loss("bce", "classification", 2, huber_delta=1, label_smoothing=0.2)
+    bce = make_loss("bce", "classification", 2, huber_delta=1, label_smoothing=0.2)
     soft = torch.tensor([0.9, 0.1])  # 1 -> 1 - 0.2 + 0.1, 0 -> 0.1
     assert torch.allclose(bce(logits, labels), F.binary_cross_entropy_with_logits(logits.squeeze(-1), soft))
 
     logits3, labels3 = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]]), torch.tensor([0, 2])
-    ce = build_loss("ce", "classification", 3, huber_delta=1, label_smoothing=0.3)
+    ce = make_loss("ce", "classification", 3, huber_delta=1, label_smoothing=0.3)
     logp = torch.log_softmax(logits3, -1)
     q = torch.full((2, 3), 0.1)
     q[0, 0] = q[1, 2] = 0.8  # (1 - 0.3) on the true class + 0.3 / 3 everywhere
     assert torch.allclose(ce(logits3, labels3), -(q * logp).sum(-1).mean())
     with pytest.raises(ValueError, match="needs 2 classes"):
-        build_loss("bce", "classification", 3, huber_delta=1, label_smoothing=0)
+        make_loss("bce", "classification", 3, huber_delta=1, label_smoothing=0)
 
 
 def test_weight_penalties_add_the_right_amount():
@@ -139,11 +136,20 @@ def test_weight_penalties_add_the_right_amount():
 # ------------------------------------------------------------------------------------ optimizers
 
 
-@pytest.mark.parametrize("name", ["adam", "adamw", "radam", "sgd", "lion"])
-def test_each_optimizer_builds_from_config_and_trains(shards, name):
-    cfg = config(shards, optim={"name": name, "lr": 1e-3, "weight_decay": 0.01})
-    value, moved = one_step(cfg)
-    assert math.isfinite(value) and moved > 0
+OPTIMIZER_CLASSES = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam,
+                     "sgd": torch.optim.SGD, "lion": Lion}
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_CLASSES)
+def test_each_optimizer_builds_from_config_and_trains(ring_shards, name):
+    cfg = config(ring_shards, optim={"name": name, "lr": LR, "weight_decay": 0.01}, schedule={"name": "constant"})
+    trained = train(cfg, steps=2)
+    assert type(trained.optimizer) is OPTIMIZER_CLASSES[name]  # its own class, not a subclass or a stand-in
+    decay, no_decay = trained.optimizer.param_groups
+    assert decay["lr"] == no_decay["lr"] == LR
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0  # weights decay, biases and norms not
+    assert all(math.isfinite(v) for v in trained.losses)
+    assert trained.moved > 0
 
 
 def test_lion_follows_the_paper_update_rule():
@@ -179,11 +185,37 @@ def test_lion_follows_the_paper_update_rule():
 # ------------------------------------------------------------------------------------ schedules
 
 
-@pytest.mark.parametrize("name", ["constant", "cosine", "onecycle", "step", "plateau"])
-def test_each_schedule_builds_from_config_and_trains(shards, name):
-    cfg = config(shards, schedule={"name": name, "warmup_steps": 2 if name == "cosine" else 0})
-    value, moved = one_step(cfg)
-    assert math.isfinite(value) and moved > 0
+def cosine_lrs(steps: int, warmup: int, min_ratio: float) -> list[float]:
+    decay = [min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * s / (steps - warmup)))
+             for s in range(steps - warmup)]
+    return [LR * f for f in [(s + 1) / warmup for s in range(warmup)] + decay]
+
+
+SCHEDULES = {  # name -> (its options, the learning rates 8 training steps apply, or None: checked by shape)
+    "constant": ({}, [LR] * 8),
+    "cosine": ({"warmup_steps": 2, "min_lr_ratio": 0.1}, cosine_lrs(8, 2, 0.1)),
+    "onecycle": ({"pct_start": 0.3}, None),
+    "step": ({"step_size": 3, "gamma": 0.5}, [LR] * 3 + [LR / 2] * 3 + [LR / 4] * 2),
+    # validations at 1.0 after every step: the first sets the best, the second is tolerated (patience 1),
+    # the third halves the lr, and then every second one
+    "plateau": ({"patience": 1, "factor": 0.5}, [LR] * 3 + [LR / 2] * 2 + [LR / 4] * 2 + [LR / 8]),
+}
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_each_schedule_builds_from_config_and_trains(ring_shards, name):
+    options, expected = SCHEDULES[name]
+    cfg = config(ring_shards, optim={"lr": LR}, schedule={"name": name, **options}, train={"max_steps": 8})
+    trained = train(cfg, steps=8)
+    if expected is not None:
+        assert trained.lrs == pytest.approx(expected, rel=1e-6), trained.lrs
+    else:  # one cycle: from lr / 25 up to lr within the first 30%, then down towards zero
+        lrs = trained.lrs
+        peak = int(np.argmax(lrs))
+        assert lrs[0] == pytest.approx(LR / 25) and 1 <= peak <= 3 and lrs[peak] > 0.9 * LR
+        assert np.all(np.diff(lrs[: peak + 1]) > 0) and np.all(np.diff(lrs[peak:]) < 0) and lrs[-1] < LR / 10
+    assert all(math.isfinite(v) for v in trained.losses)
+    assert trained.moved > 0
 
 
 def lr_curve(schedule: dict, steps: int, total: int, lr: float = 0.1) -> list[float]:
@@ -245,8 +277,8 @@ def test_plateau_warmup_rises_then_holds():
 # ------------------------------------------------------------------------------------ early stopping
 
 
-def test_early_stopping_stops_a_real_run(tmp_path, shards):
-    cfg = write_config(tmp_path / "c.yaml", shards,
+def test_early_stopping_stops_a_real_run(tmp_path, ring_shards):
+    cfg = write_config(tmp_path / "c.yaml", ring_shards,
                        train={"max_steps": 40, "val_every_steps": 2, "deterministic": False,
                               "early_stopping": {"metric": "val/loss", "patience": 1, "min_delta": 1e9}},
                        checkpoint={"every_steps": 0})
@@ -289,13 +321,13 @@ class Positional(nn.Module):
 
 
 @pytest.mark.parametrize("model_cls, invariant", [(Pointwise, True), (Positional, False)])
-def test_rotation_averaging(shards, model_cls, invariant):
-    cfg = config(shards)
+def test_rotation_averaging(ring_shards, model_cls, invariant):
+    cfg = config(ring_shards)
     task = build_task(cfg)
     torch.manual_seed(0)
     model = model_cls()
     backend = Backend(model, None, CPU, precision="fp32", grad_clip=None)
-    loss_fn = build_loss(task.loss_name, task.target.kind, task.num_classes, huber_delta=1, label_smoothing=0)
+    loss_fn = build_loss(cfg.train, task)  # the config's defaults: huber_delta 1, no label smoothing
     m1, r1 = evaluate(model, backend, cfg, task, loss_fn, "test", rotations=1)
     m4, r4 = evaluate(model, backend, cfg, task, loss_fn, "test", rotations=4)
     assert len(r1["pred"]) == 18 and torch.equal(r1["index"], r4["index"])
@@ -328,8 +360,8 @@ def test_suggest_lr():
     assert 1e-6 <= lr < 1e-2
 
 
-def test_lr_find_writes_plot_json_and_tensorboard(tmp_path, shards, capsys):
-    cfg = write_config(tmp_path / "c.yaml", shards, train={"deterministic": False})
+def test_lr_find_writes_plot_json_and_tensorboard(tmp_path, ring_shards, capsys):
+    cfg = write_config(tmp_path / "c.yaml", ring_shards, train={"deterministic": False})
     out = tmp_path / "lrf"
     assert cli(["lr-find", str(cfg), "--out", str(out), "--steps", "16", "--min-lr", "1e-5", "--max-lr", "10",
                 "--set", "data.batch_size=2"]) == 0
@@ -353,10 +385,17 @@ def test_lr_find_writes_plot_json_and_tensorboard(tmp_path, shards, capsys):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, shards):
+def run_dir(tmp_path_factory, ring_shards):
     """A short real run (in this process): validations and checkpoints at steps 2 and 4."""
     run = tmp_path_factory.mktemp("runs") / "reg"
-    assert run_training(config(shards, train={"val_every_steps": 2}), run) == 0
+    return trained_run(run, config(ring_shards, train={"val_every_steps": 2}))
+
+
+def trained_run(run: Path, cfg) -> Path:
+    """Train ``cfg`` in ``run`` in this process, its config.yaml written first (as `lenstrain train` does)."""
+    run.mkdir(parents=True, exist_ok=True)
+    RunDir(run).config.write_text(dump_config(cfg))
+    assert run_training(cfg, run) == 0
     return run
 
 
@@ -366,7 +405,7 @@ def read_csv(path: Path) -> tuple[list[str], list[dict]]:
         return list(reader.fieldnames), list(reader)
 
 
-def test_eval_writes_metrics_plot_and_csv(run_dir, shards, capsys):
+def test_eval_writes_metrics_plot_and_csv(run_dir, ring_shards, capsys):
     assert cli(["eval", str(run_dir)]) == 0
     printed = capsys.readouterr().out
     out = run_dir / "eval" / "test"
@@ -385,7 +424,7 @@ def test_eval_writes_metrics_plot_and_csv(run_dir, shards, capsys):
 
     header, rows = read_csv(out / "predictions.csv")
     assert header == ["key", "index", "y", "true_y"]
-    manifest = load_manifest(shards)
+    manifest = load_manifest(ring_shards)
     assert [r["key"] for r in rows] == split_keys(manifest, "test") and [int(r["index"]) for r in rows] == list(range(18))
     pred, true = np.array([float(r["y"]) for r in rows]), np.array([float(r["true_y"]) for r in rows])
     assert np.all((true >= 0) & (true <= 1))  # ring radii: in the target's own units
@@ -396,12 +435,12 @@ def test_eval_writes_metrics_plot_and_csv(run_dir, shards, capsys):
     assert report["tta_rotations"] == 4 and report["step"] == 4 and report["samples"] == 18
 
 
-def test_predict_writes_one_row_per_sample(run_dir, shards, tmp_path):
+def test_predict_writes_one_row_per_sample(run_dir, ring_shards, tmp_path):
     out = tmp_path / "preds.csv"
-    assert cli(["predict", str(run_dir), "--shards", str(shards), "--split", "val", "--out", str(out)]) == 0
+    assert cli(["predict", str(run_dir), "--shards", str(ring_shards), "--split", "val", "--out", str(out)]) == 0
     header, rows = read_csv(out)
     assert header == ["key", "index", "y", "true_y"]
-    assert [r["key"] for r in rows] == split_keys(load_manifest(shards), "val")
+    assert [r["key"] for r in rows] == split_keys(load_manifest(ring_shards), "val")
     assert all(math.isfinite(float(r["y"])) for r in rows)
 
 
@@ -424,15 +463,15 @@ def test_predict_on_a_shard_set_without_the_target(run_dir, tmp_path):
     assert cli(["eval", str(run_dir), "--shards", str(other)]) == 2  # no labels to score against
 
 
-def test_eval_and_predict_classification(tmp_path, shards):
+def test_eval_and_predict_classification(tmp_path, ring_shards):
     run = tmp_path / "cls"
-    assert run_training(config(shards, data={"target": "cls"}, train={"max_steps": 2, "loss": "ce"}), run) == 0
+    trained_run(run, config(ring_shards, data={"target": "cls"}, train={"max_steps": 2, "loss": "ce"}))
     assert cli(["eval", str(run)]) == 0
     report = json.loads((run / "eval" / "test" / "metrics.json").read_text())
     assert {"accuracy", "auc"} <= set(report["metrics"]) and 0 <= report["metrics"]["accuracy"] <= 1
     assert (run / "eval" / "test" / "roc_confusion.png").is_file()
     out = tmp_path / "p.csv"
-    assert cli(["predict", str(run), "--shards", str(shards), "--out", str(out)]) == 0
+    assert cli(["predict", str(run), "--shards", str(ring_shards), "--out", str(out)]) == 0
     header, rows = read_csv(out)
     assert header == ["key", "index", "cls", "prob_low", "prob_high", "true_cls"] and len(rows) == 18
     for r in rows:
@@ -452,7 +491,7 @@ def test_checkpoint_choice(run_dir):
     assert choose_checkpoint(run_dir, "latest", "val/loss", "min")[0] == latest
 
 
-def test_eval_and_predict_errors_exit_2(run_dir, shards, tmp_path, capsys):
+def test_eval_and_predict_errors_exit_2(run_dir, ring_shards, tmp_path, capsys):
     assert cli(["eval", str(tmp_path / "nothing")]) == 2
     assert "no such run directory" in capsys.readouterr().err
     assert cli(["eval", str(tmp_path)]) == 2
@@ -466,7 +505,7 @@ def test_eval_and_predict_errors_exit_2(run_dir, shards, tmp_path, capsys):
 
     assert cli(["eval", str(run_dir), "--split", "holdout"]) == 2
     assert "split 'holdout' is not in" in (err := capsys.readouterr().err) and "train (84), val (18), test (18)" in err
-    assert cli(["predict", str(run_dir), "--shards", str(shards), "--split", "holdout", "--out",
+    assert cli(["predict", str(run_dir), "--shards", str(ring_shards), "--split", "holdout", "--out",
                 str(tmp_path / "x.csv")]) == 2
     assert cli(["predict", str(run_dir), "--shards", str(tmp_path), "--out", str(tmp_path / "x.csv")]) == 2
     assert "manifest.json" in capsys.readouterr().err
@@ -475,11 +514,11 @@ def test_eval_and_predict_errors_exit_2(run_dir, shards, tmp_path, capsys):
 
 
 
-def test_eval_on_another_shard_set_writes_beside_the_runs_own(run_dir, shards, tmp_path):
+def test_eval_on_another_shard_set_writes_beside_the_runs_own(run_dir, ring_shards, tmp_path):
     import shutil
 
     other = tmp_path / "copy-of-rings"
-    shutil.copytree(shards, other)
+    shutil.copytree(ring_shards, other)
     assert cli(["eval", str(run_dir), "--split", "val"]) == 0
     own = json.loads((run_dir / "eval" / "val" / "metrics.json").read_text())
     assert cli(["eval", str(run_dir), "--split", "val", "--shards", str(other)]) == 0

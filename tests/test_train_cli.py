@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lenstrain.cli import main
-from tests.train_helpers import lenstrain, make_ring_shards, write_config
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return make_ring_shards(tmp_path_factory.mktemp("data") / "rings", n=60)
+from shards.pack import TargetSpec, pack_shard_set
+from tests.factories import RingSample, write_config
+from tests.train_helpers import lenstrain
 
 
 @pytest.mark.parametrize(
@@ -33,27 +31,44 @@ def shards(tmp_path_factory):
         ("train.loss=ce", "train.loss: 'ce' does not fit a regression target"),
         ("data.batch_size=1000", "data.batch_size: a global batch of 1000 samples"),
         ("checkpoint.best_metric=val/auc", "checkpoint.best_metric: 'val/auc' is not measured for a regression"),
-        ("model.kwargs={nrm: gn}", "model.kwargs: alternet_tiny: "),
-        ("model.kwargs={norm: xx}", "model.kwargs: alternet_tiny: "),
     ],
 )
-def test_bad_configs_exit_2_naming_the_dotted_path(tmp_path, shards, override, expected, capsys):
-    config = write_config(tmp_path / "c.yaml", shards)
+def test_bad_configs_exit_2_naming_the_dotted_path(tmp_path, ring_shards, override, expected, capsys):
+    config = write_config(tmp_path / "c.yaml", ring_shards)
     code = main(["train", str(config), "--run-dir", str(tmp_path / "run"), "--set", override])
     assert code == 2
     assert expected in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # nothing started
 
 
-def test_bad_config_exit_status_from_the_command_line(tmp_path, shards):
-    config = write_config(tmp_path / "c.yaml", shards)
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        # an unknown keyword: the key, and the keywords alternet_tiny does take
+        ("{nrm: gn}", ["'nrm'", "norm", "drop_rate", "drop_path"]),
+        # a known keyword with a bad value: the key, the value, and the valid values
+        ("{norm: xx}", ["norm", "'xx'", "bn, gn, ln"]),
+    ],
+)
+def test_bad_model_kwargs_name_the_key_and_the_valid_choices(tmp_path, ring_shards, kwargs, named, capsys):
+    config = write_config(tmp_path / "c.yaml", ring_shards)
+    code = main(["train", str(config), "--run-dir", str(tmp_path / "run"), "--set", f"model.kwargs={kwargs}"])
+    assert code == 2
+    line = next((line for line in capsys.readouterr().err.splitlines() if "model.kwargs: alternet_tiny" in line), "")
+    for part in named:
+        assert part in line, f"{part!r} missing from {line!r}"
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_config_exit_status_from_the_command_line(tmp_path, ring_shards):
+    config = write_config(tmp_path / "c.yaml", ring_shards)
     proc = lenstrain("train", config, "--run-dir", tmp_path / "run", "--set", "train.max_stepz=3")
     assert proc.returncode == 2
     assert "train.max_stepz: unknown key" in proc.stderr
 
 
-def test_job_file_with_resources_is_accepted(tmp_path, shards):
-    config = write_config(tmp_path / "c.yaml", shards, train={"max_steps": 2})
+def test_job_file_with_resources_is_accepted(tmp_path, ring_shards):
+    config = write_config(tmp_path / "c.yaml", ring_shards, train={"max_steps": 2})
     job = yaml.safe_load(config.read_text())
     job["resources"] = {"nodes": 1}
     config.write_text(yaml.safe_dump(job))
@@ -61,8 +76,8 @@ def test_job_file_with_resources_is_accepted(tmp_path, shards):
     assert "step 2/2" in proc.stdout
 
 
-def test_tensorboard_events_and_run_layout(tmp_path, shards):
-    config = write_config(tmp_path / "c.yaml", shards, train={"max_steps": 6, "val_every_steps": 3},
+def test_tensorboard_events_and_run_layout(tmp_path, ring_shards):
+    config = write_config(tmp_path / "c.yaml", ring_shards, train={"max_steps": 6, "val_every_steps": 3},
                           log={"every_steps": 2, "images": True})
     run = tmp_path / "run"
     lenstrain("train", config, "--run-dir", run, check=True)
@@ -77,12 +92,12 @@ def test_tensorboard_events_and_run_layout(tmp_path, shards):
         assert tag in tags["scalars"], tag
     assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6]
     assert [e.step for e in events.Scalars("val/r2")] == [3, 6]
-    assert all(e.value == e.value for e in events.Scalars("train/loss"))  # finite, not NaN
+    assert all(math.isfinite(e.value) for e in events.Scalars("train/loss"))
     assert "val/pred_vs_true" in tags["images"] and "data/train_batch" in tags["images"]
 
 
-def test_incompatible_sections_are_rejected_before_work(tmp_path, shards, capsys):
-    config = write_config(tmp_path / "c.yaml", shards)
+def test_incompatible_sections_are_rejected_before_work(tmp_path, ring_shards, capsys):
+    config = write_config(tmp_path / "c.yaml", ring_shards)
     code = main(["train", str(config), "--run-dir", str(tmp_path / "run"),
                  "--set", "model.channels_last=true", "--set", "parallel.strategy=deepspeed"])
     assert code == 2
@@ -91,13 +106,10 @@ def test_incompatible_sections_are_rejected_before_work(tmp_path, shards, capsys
 
 
 def test_a_set_without_validation_split_trains_with_a_warning(tmp_path):
-    from shards.pack import TargetSpec, pack_shard_set
-    from tests.train_helpers import RingSample
-
-    shards = tmp_path / "no-val"
-    pack_shard_set(shards, sample_fn=RingSample(16), split_of=["train"] * 30 + ["test"] * 6,
+    no_val = tmp_path / "no-val"
+    pack_shard_set(no_val, sample_fn=RingSample(16), split_of=["train"] * 30 + ["test"] * 6,
                    targets=[TargetSpec("y", "regression")], primary_target="y", source={})
-    config = write_config(tmp_path / "c.yaml", shards, train={"max_steps": 3, "val_every_steps": 1})
+    config = write_config(tmp_path / "c.yaml", no_val, train={"max_steps": 3, "val_every_steps": 1})
     proc = lenstrain("train", config, "--run-dir", tmp_path / "run", check=True)
     assert "has no 'val' split: no validation" in proc.stdout
     assert (tmp_path / "run" / "checkpoints" / "step-00000003" / "COMPLETE").is_file()

@@ -6,31 +6,16 @@ import random
 import shutil
 
 import pytest
-import torch
 
-from lenstrain.checkpoint import latest_complete, list_checkpoints, load_model_state, verify_checkpoint
+from lenstrain.checkpoint import latest_complete, list_checkpoints, verify_checkpoint
 from lenstrain.preemption import EXIT_REQUEUE
-from tests.train_helpers import lenstrain, make_ring_shards, train_until_signalled, write_config
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return make_ring_shards(tmp_path_factory.mktemp("data") / "rings")
-
-
-def final_weights(run_dir):
-    return load_model_state(latest_complete(run_dir / "checkpoints"))
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs"
+from tests.factories import assert_same_weights, final_weights, write_config
+from tests.train_helpers import lenstrain, train_until_signalled
 
 
 @pytest.mark.parametrize("nproc", [1, 2], ids=["single", "ddp2"])
-def test_signal_and_resume_is_bit_identical(tmp_path, shards, nproc):
-    config = write_config(tmp_path / "c.yaml", shards, train={"max_steps": 10})
+def test_signal_and_resume_is_bit_identical(tmp_path, ring_shards, nproc):
+    config = write_config(tmp_path / "c.yaml", ring_shards, train={"max_steps": 10})
     straight = tmp_path / "straight"
     lenstrain("train", config, "--run-dir", straight, "--nproc", nproc, check=True)
 
@@ -45,8 +30,8 @@ def test_signal_and_resume_is_bit_identical(tmp_path, shards, nproc):
     assert_same_weights(final_weights(straight), final_weights(resumed))
 
 
-def test_torn_checkpoints_fall_back_to_the_previous_complete_one(tmp_path, shards):
-    config = write_config(tmp_path / "c.yaml", shards, train={"max_steps": 8},
+def test_torn_checkpoints_fall_back_to_the_previous_complete_one(tmp_path, ring_shards):
+    config = write_config(tmp_path / "c.yaml", ring_shards, train={"max_steps": 8},
                           checkpoint={"every_steps": 2, "keep": 4, "every_minutes": None})
     run = tmp_path / "run"
     lenstrain("train", config, "--run-dir", run, check=True)
@@ -63,8 +48,8 @@ def test_torn_checkpoints_fall_back_to_the_previous_complete_one(tmp_path, shard
     assert f"resumed from {ckpts[-3]}" in again.stdout
 
 
-def test_nonfinite_loss_stops_and_keeps_good_checkpoints(tmp_path, shards):
-    config = write_config(tmp_path / "c.yaml", shards, optim={"name": "sgd", "lr": 1e12},
+def test_nonfinite_loss_stops_and_keeps_good_checkpoints(tmp_path, ring_shards):
+    config = write_config(tmp_path / "c.yaml", ring_shards, optim={"name": "sgd", "lr": 1e12},
                           train={"max_steps": 30, "grad_clip": None},
                           checkpoint={"every_steps": 1, "keep": 50, "every_minutes": None})
     run = tmp_path / "run"
@@ -75,8 +60,8 @@ def test_nonfinite_loss_stops_and_keeps_good_checkpoints(tmp_path, shards):
         assert verify_checkpoint(path) is None
 
 
-def test_kill_mid_save_leaves_no_complete_marker(tmp_path, shards):
-    config = write_config(tmp_path / "c.yaml", shards, train={"max_steps": 4})
+def test_kill_mid_save_leaves_no_complete_marker(tmp_path, ring_shards):
+    config = write_config(tmp_path / "c.yaml", ring_shards, train={"max_steps": 4})
     run = tmp_path / "run"
     lenstrain("train", config, "--run-dir", run, check=True)
     good = latest_complete(run / "checkpoints")

@@ -1,4 +1,4 @@
-"""Shared helpers for training tests: a tiny real shard set and real `python -m lenstrain` runs."""
+"""Real `python -m lenstrain` runs for training tests: one to the end, or one stopped by a signal."""
 
 from __future__ import annotations
 
@@ -10,54 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import yaml
-
-from shards.pack import TargetSpec, pack_shard_set
-from shards.splits import stratified_split
+from lenstrain.rundir import RunDir
+from tests.factories import make_ring_shards, write_config  # noqa: F401  (until every module imports factories)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class RingSample:
-    """A ring whose radius encodes the target: learnable, cheap, deterministic."""
-
-    def __init__(self, size: int = 32):
-        self.size = size
-
-    def __call__(self, i: int):
-        rng = np.random.default_rng(i)
-        y = float(rng.uniform(0, 1))
-        yy, xx = np.mgrid[: self.size, : self.size]
-        r = np.hypot(yy - self.size / 2, xx - self.size / 2)
-        img = np.exp(-((r - 3 - self.size / 4 * y) ** 2) / 3) + 0.1 * rng.normal(size=(self.size, self.size))
-        return img[None].astype(np.float32), {"y": y, "cls": int(y > 0.5)}
-
-
-def make_ring_shards(out: Path, n: int = 120, shard_size: int = 25, size: int = 32) -> Path:
-    fn = RingSample(size)
-    y = np.array([fn(i)[1]["y"] for i in range(n)])
-    split = stratified_split(y, val=0.15, test=0.15, seed=0, regression=True)
-    pack_shard_set(out, sample_fn=fn, split_of=split,
-                   targets=[TargetSpec("y", "regression"), TargetSpec("cls", "classification", ["low", "high"])],
-                   primary_target="y", source={"kind": "rings"}, shard_size=shard_size)
-    return out
-
-
-def write_config(path: Path, shards: Path, **sections) -> Path:
-    config = {
-        "seed": 3,
-        "data": {"shards": str(shards), "batch_size": 4, "workers": 0},
-        "model": {"name": "alternet_tiny"},
-        "optim": {"name": "adamw", "lr": 1e-3},
-        "train": {"max_steps": 12, "precision": "fp32", "deterministic": True},
-        "checkpoint": {"every_steps": 4, "keep": 2, "every_minutes": None},
-        "log": {"every_steps": 1, "images": False},
-    }
-    for key, value in sections.items():
-        config.setdefault(key, {}).update(value) if isinstance(value, dict) else config.__setitem__(key, value)
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def env() -> dict:
@@ -80,7 +36,7 @@ def train_until_signalled(config: Path, run_dir: Path, at_step: int, nproc: int 
     cmd = [sys.executable, "-m", "lenstrain", "train", str(config), "--run-dir", str(run_dir), "--nproc", str(nproc)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=ROOT)
     deadline = time.monotonic() + timeout
-    progress = run_dir / "progress.json"
+    progress = RunDir(run_dir).progress
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             try:
