@@ -1,4 +1,5 @@
-"""The data stream: determinism, exact resume, equal batches on uneven shards, elastic world sizes."""
+"""The data stream: determinism, exact resume, equal batches on uneven shards, elastic world sizes, and the
+pixel normalisations of ``data.normalize``."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from lenstrain.build import build_eval_batches, build_task, local_info
+from lenstrain.config import load_config
 from lenstrain.data import BatchBuilder, Cursor, TargetTransform, TrainStream, epoch_order
+from lenstrain.normalize import NORMALIZERS
 from shards.manifest import load_manifest
 from shards.reader import ShardReader
-from tests.train_helpers import make_ring_shards
+from tests.factories import config_dict, make_ring_shards
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +26,7 @@ def stream(shards, *, rank=0, world=1, batch=3, accum=1, cursor=None, workers=0,
     manifest = load_manifest(shards)
     reader = ShardReader(shards, "train", manifest)
     target = TargetTransform.from_manifest(manifest, None, "standard")
-    builder = BatchBuilder(reader, target, seed=5, normalize=True, mean=0.0, std=1.0, rotate=augment, flip=augment)
+    builder = BatchBuilder(reader, target, seed=5, normalize="global", mean=0.0, std=1.0, rotate=augment, flip=augment)
     return TrainStream(builder, n=len(reader), seed=5, rank=rank, world=world, batch=batch, accum=accum,
                        workers=workers, prefetch=2, cursor=cursor)
 
@@ -67,12 +71,18 @@ def test_uneven_shards_give_every_rank_the_same_number_of_batches(shards):
     assert all(s.cursor.epoch == 1 and s.cursor.offset == 0 for s in ranks)
 
 
+def global_order(ranks: list[TrainStream], steps: int) -> list[int]:
+    """The samples of the next ``steps`` global batches, in order: each step's batch of rank 0, then rank 1..."""
+    per_rank = [take(s, steps) for s in ranks]
+    return [i for step in zip(*per_rank, strict=True) for i in indices(step)]
+
+
 @pytest.mark.parametrize(("world_before", "world_after"), [(2, 1), (1, 2)])
 def test_elastic_resume_continues_the_global_order(shards, world_before, world_after):
     batch_before = 4
     g = batch_before * world_before
     before = [stream(shards, rank=r, world=world_before, batch=batch_before) for r in range(world_before)]
-    consumed = [i for s in before for i in indices(take(s, 3))]
+    consumed = global_order(before, 3)
     cursor = Cursor()
     cursor.load_state_dict(before[0].cursor.state_dict())
     assert cursor.offset == 3 * g
@@ -81,11 +91,10 @@ def test_elastic_resume_continues_the_global_order(shards, world_before, world_a
     after = [stream(shards, rank=r, world=world_after, batch=batch_after,
                     cursor=Cursor(**{**cursor.state_dict()})) for r in range(world_after)]
     steps_left = after[0].steps_per_epoch - 3
-    continued = [i for s in after for i in indices(take(s, steps_left))]
-    order = epoch_order(len(ShardReader(shards, "train")), 5, 0)
-    expected = order[: (3 + steps_left) * g]
-    assert sorted(consumed + continued) == sorted(expected.tolist())  # nothing skipped
-    assert len(set(consumed + continued)) == len(consumed) + len(continued)  # nothing repeated
+    continued = global_order(after, steps_left)
+    order = epoch_order(len(ShardReader(shards, "train")), 5, 0).tolist()
+    assert consumed == order[: 3 * g]
+    assert continued == order[3 * g : (3 + steps_left) * g]  # on from where it stopped, in the same order
 
 
 def test_augmentation_keeps_labels_and_changes_pixels(shards):
@@ -97,3 +106,68 @@ def test_augmentation_keeps_labels_and_changes_pixels(shards):
     # rotation about the centre roughly preserves total flux of a centred ring
     ratio = augmented["image"].sum(dim=(1, 2, 3)) / plain["image"].sum(dim=(1, 2, 3))
     assert torch.all((ratio > 0.6) & (ratio < 1.4))
+
+
+# ------------------------------------------------------------------------------------ data.normalize
+
+MEAN, STD = 0.3, 2.0  # stand-ins for a manifest's pixel statistics, far from the identity
+
+
+def normalised(shards, mode: str, n: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` train images as the batch builder normalises them with ``mode``, and as stored."""
+    manifest = load_manifest(shards)
+    reader = ShardReader(shards, "train", manifest)
+    target = TargetTransform.from_manifest(manifest, None, "standard")
+    builder = BatchBuilder(reader, target, seed=5, normalize=mode, mean=MEAN, std=STD, rotate=False, flip=False)
+    raw = np.stack([reader.read(i)[0] for i in range(n)]).astype(np.float32)
+    return builder(np.arange(n), None)["image"].numpy(), raw
+
+
+def test_normalize_global_uses_the_train_split_statistics(shards):
+    x, raw = normalised(shards, "global")
+    np.testing.assert_allclose(x, (raw - MEAN) / STD, rtol=1e-6, atol=1e-6)
+
+
+def test_normalize_per_image_max_gives_each_image_a_peak_of_one(shards):
+    x, raw = normalised(shards, "per_image_max")
+    np.testing.assert_allclose(x.max(axis=(1, 2, 3)), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(x, raw / raw.max(axis=(1, 2, 3), keepdims=True), rtol=1e-6, atol=1e-7)
+
+
+def test_normalize_per_image_std_gives_each_image_zero_mean_and_unit_std(shards):
+    x, raw = normalised(shards, "per_image_std")
+    np.testing.assert_allclose(x.mean(axis=(1, 2, 3)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(x.std(axis=(1, 2, 3)), 1.0, rtol=1e-5)
+    expected = (raw - raw.mean(axis=(1, 2, 3), keepdims=True)) / raw.std(axis=(1, 2, 3), keepdims=True)
+    np.testing.assert_allclose(x, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_normalize_asinh_is_asinh_of_the_image_over_the_train_std(shards):
+    x, raw = normalised(shards, "asinh")
+    np.testing.assert_allclose(x, np.arcsinh(raw / STD), rtol=1e-6, atol=1e-6)
+
+
+def test_normalize_none_keeps_the_stored_pixels(shards):
+    x, raw = normalised(shards, "none")
+    assert np.array_equal(x, raw)
+
+
+def test_every_normalisation_has_a_test():
+    untested = [mode for mode in NORMALIZERS if not any(name.startswith(f"test_normalize_{mode}_") for name in globals())]
+    assert not untested
+
+
+def test_old_boolean_normalize_settings_still_load(shards):
+    assert load_config(config_dict(shards, data={"normalize": True})).data.normalize == "global"
+    assert load_config(config_dict(shards, data={"normalize": False})).data.normalize == "none"
+    assert load_config(config_dict(shards)).data.normalize == "global"  # the default
+    with pytest.raises(ValueError, match="data.normalize: Input should be 'global', 'per_image_max'"):
+        load_config(config_dict(shards, data={"normalize": "per_pixel"}))
+
+
+def test_eval_batches_normalise_as_the_run_config_says(shards):
+    """eval and predict read through these batches, built from the run's config."""
+    cfg = load_config(config_dict(shards, data={"normalize": "per_image_max"}))
+    batches = list(build_eval_batches(cfg, build_task(cfg), "test", local_info()))
+    peaks = torch.cat([b["image"].amax(dim=(1, 2, 3)) for b in batches])
+    assert len(peaks) == len(ShardReader(shards, "test")) and torch.allclose(peaks, torch.ones_like(peaks))
