@@ -16,6 +16,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lenstrain.losses import LOSSES
+from lenstrain.metrics import mode_for
+from lenstrain.normalize import NORMALIZERS
+from lenstrain.optim import OPTIMIZERS, SCHEDULES
 from shards.clikit import UsageError
 
 LAUNCHER_SECTIONS = ("resources", "name")
@@ -27,6 +31,17 @@ class ConfigError(UsageError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _infer_mode(section: type[Section], data: Any, metric_key: str, mode_key: str) -> Any:
+    """Fill in a missing ``mode_key`` from the direction of the metric (min for a loss, max for AUC...)."""
+    if isinstance(data, dict) and data.get(mode_key) is None:
+        metric = data.get(metric_key, section.model_fields[metric_key].default)
+        data = {**data, mode_key: (mode_for(metric) if isinstance(metric, str) else None) or "min"}
+    return data
+
+
+MODE_HELP = "min or max; default: the metric's own direction (min for loss, mse, mae; max for r2, accuracy, auc)"
 
 
 class AugmentConfig(Section):
@@ -41,11 +56,23 @@ class DataConfig(Section):
     prefetch: int = Field(2, ge=1)
     target: str | None = None  # default: the shard set's primary target
     target_scaling: Literal["standard", "minmax", "none"] = "standard"
-    normalize: bool = True  # pixel mean/std from the manifest
+    normalize: Literal[tuple(NORMALIZERS)] = Field("global", description=(
+        "global: subtract the train split's pixel mean and divide by its std (from the manifest); "
+        "per_image_max: divide each image by its own maximum (as DeepLense's data sets are stored); "
+        "per_image_std: subtract each image's own mean and divide by its own std; "
+        "asinh: asinh(image / the train split's pixel std), which compresses bright pixels and keeps faint ones "
+        "linear; none: the pixels as stored. Old configs' true and false read as global and none"))
     augment: AugmentConfig = AugmentConfig()
     val_split: str = "val"
     val_batch_size: int | None = Field(None, ge=1)
     keep_global_batch: bool = True  # on a resume with another world size
+
+    @field_validator("normalize", mode="before")
+    @classmethod
+    def _boolean_normalize(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # the switch it used to be
+            return "global" if value else "none"
+        return value
 
 
 class ModelConfig(Section):
@@ -66,7 +93,7 @@ class ModelConfig(Section):
 
 
 class OptimConfig(Section):
-    name: Literal["adam", "adamw", "radam", "sgd", "lion"] = "adamw"
+    name: Literal[tuple(OPTIMIZERS)] = "adamw"
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -77,7 +104,7 @@ class OptimConfig(Section):
 
 
 class ScheduleConfig(Section):
-    name: Literal["constant", "cosine", "onecycle", "step", "plateau"] = "cosine"
+    name: Literal[tuple(SCHEDULES)] = "cosine"
     warmup_steps: int = Field(0, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     step_size: int = Field(1000, ge=1)  # step schedule
@@ -86,14 +113,24 @@ class ScheduleConfig(Section):
     factor: float = Field(0.5, gt=0, lt=1)  # plateau
     patience: int = Field(2, ge=0)  # plateau, in validations
     metric: str = "val/loss"  # plateau
-    mode: Literal["min", "max"] = "min"  # plateau: whether the metric should fall or rise
+    mode: Literal["min", "max"] = Field(None, description="plateau: " + MODE_HELP)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_from_metric(cls, data: Any) -> Any:
+        return _infer_mode(cls, data, "metric", "mode")
 
 
 class EarlyStoppingConfig(Section):
     metric: str = "val/loss"
-    mode: Literal["min", "max"] = "min"
+    mode: Literal["min", "max"] = Field(None, description=MODE_HELP)
     patience: int = Field(5, ge=1, description="validations without improvement")
     min_delta: float = Field(0.0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_from_metric(cls, data: Any) -> Any:
+        return _infer_mode(cls, data, "metric", "mode")
 
 
 class TrainConfig(Section):
@@ -102,7 +139,7 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     grad_accum: int = Field(1, ge=1)
     grad_clip: float | None = Field(1.0, gt=0)
-    loss: Literal["auto", "mse", "mae", "huber", "bce", "ce"] = "auto"
+    loss: Literal[("auto", *LOSSES)] = "auto"
     huber_delta: float = Field(1.0, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     nan_policy: Literal["stop", "skip"] = "stop"
@@ -132,7 +169,12 @@ class CheckpointConfig(Section):
     every_minutes: float | None = Field(30.0, gt=0)
     keep: int = Field(3, ge=1)
     best_metric: str | None = "val/loss"
-    best_mode: Literal["min", "max"] = "min"
+    best_mode: Literal["min", "max"] = Field(None, description=MODE_HELP)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_from_metric(cls, data: Any) -> Any:
+        return _infer_mode(cls, data, "best_metric", "best_mode")
 
 
 class LogConfig(Section):
@@ -158,7 +200,28 @@ class LenstrainConfig(Section):
             # DeepSpeed broadcasts parameters as byte views, which needs contiguous weights.
             raise ValueError("model.channels_last is not supported with parallel.strategy 'deepspeed'; "
                              "set model.channels_last: false or use 'ddp'")
+        contradictions = [_contradiction(*pair) for pair in self._metric_modes()]
+        if any(contradictions):
+            raise ValueError("\n  ".join(c for c in contradictions if c))
         return self
+
+    def _metric_modes(self) -> list[tuple[str, str | None, str, str]]:
+        """(metric key, metric, mode key, mode) for each setting that judges a metric by a direction."""
+        pairs = [("checkpoint.best_metric", self.checkpoint.best_metric, "checkpoint.best_mode",
+                  self.checkpoint.best_mode),
+                 ("schedule.metric", self.schedule.metric, "schedule.mode", self.schedule.mode)]
+        es = self.train.early_stopping
+        if es is not None:
+            pairs.append(("train.early_stopping.metric", es.metric, "train.early_stopping.mode", es.mode))
+        return pairs
+
+
+def _contradiction(metric_key: str, metric: str | None, mode_key: str, mode: str) -> str | None:
+    direction = mode_for(metric) if metric else None
+    if direction is None or direction == mode:
+        return None
+    better = "higher" if direction == "max" else "lower"
+    return f"{mode_key}: {mode!r} contradicts {metric_key} {metric!r} ({better} is better); use {direction} or leave it out"
 
 
 # ---------------------------------------------------------------------------------------- loading

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from lenstrain.normalize import NORMALIZERS
 from shards.manifest import Manifest
 from shards.reader import ShardReader
 
@@ -95,6 +96,19 @@ class TargetTransform:
         return values if self.kind == "classification" else values * self.scale + self.shift
 
 
+class OptionalLabels:
+    """A target coding that reads a missing label as NaN (regression) or -1 (classification), for
+    predictions on samples that may lack it."""
+
+    def __init__(self, target: TargetTransform):
+        self.target, self.kind, self.name = target, target.kind, target.name
+
+    def encode(self, labels: dict) -> float:
+        if labels.get(self.name) is None:
+            return math.nan if self.kind == "regression" else -1.0
+        return self.target.encode(labels)
+
+
 class MappedSamples:
     """Copies a sample's array bytes straight into a batch, with no ``.npy`` parsing per sample.
 
@@ -163,9 +177,13 @@ def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
 
 
 class BatchBuilder:
-    """Reads and prepares whole batches; picklable, so DataLoader workers run it."""
+    """Reads and prepares whole batches; picklable, so DataLoader workers run it.
 
-    def __init__(self, reader: ShardReader, target: TargetTransform, *, seed: int, normalize: bool,
+    ``normalize`` names an entry of :data:`~lenstrain.normalize.NORMALIZERS`; ``mean`` and ``std`` are the
+    train split's pixel statistics, which ``global`` and ``asinh`` use.
+    """
+
+    def __init__(self, reader: ShardReader, target: TargetTransform, *, seed: int, normalize: str,
                  mean: float, std: float, rotate: bool, flip: bool):
         self.reader = reader
         self.target = target
@@ -184,8 +202,7 @@ class BatchBuilder:
             targets.append(self.target.encode(labels))
         if epoch is not None and (self.rotate or self.flip):
             x = self._augment(x, indices, epoch)
-        if self.normalize:
-            x = x.sub_(self.mean).div_(self.std)
+        x = NORMALIZERS[self.normalize](x, self.mean, self.std)
         y = torch.tensor(targets, dtype=torch.float32)
         if self.target.kind == "classification":
             y = y.long()

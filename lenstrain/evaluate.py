@@ -21,28 +21,35 @@ from __future__ import annotations
 
 import csv
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from lenstrain.backends import Backend
-from lenstrain.checkpoint import list_checkpoints, load_model_state, read_meta, verify_checkpoint
+from lenstrain.build import (
+    Task,
+    build_eval_batches,
+    build_loss,
+    build_model,
+    local_info,
+    single_process,
+    task_for,
+)
+from lenstrain.checkpoint import (
+    best_checkpoint,
+    latest_complete,
+    load_model_state,
+    read_meta,
+    recorded_metric,
+)
 from lenstrain.config import ConfigError, LenstrainConfig, load_config
-from lenstrain.data import TargetTransform, eval_batches
-from lenstrain.distributed import DistInfo
-from lenstrain.losses import build_loss
-from lenstrain.metrics import predictions_from_output
-from lenstrain.train import Task, build_builder, build_model, build_task, evaluate, resolve_precision
-from shards.manifest import Manifest, ManifestError, load_manifest, write_json_atomic
-
-MAX_TTA = 4  # 90-degree turns: a fifth would repeat the first
-
-
-class UsageError(Exception):
-    """A run, split or option that cannot be used; the message is for the user, verbatim."""
+from lenstrain.data import TargetTransform
+from lenstrain.inference import MAX_ROTATIONS, decode, evaluate, predict
+from lenstrain.parallel import Backend
+from lenstrain.rundir import RunDir, write_json_atomic
+from shards.clikit import UsageError, fail
+from shards.manifest import Manifest, ManifestError, load_manifest
 
 
 def log(message: str) -> None:
@@ -55,30 +62,19 @@ def log(message: str) -> None:
 def choose_checkpoint(run_dir: Path, which: str, best_metric: str | None, best_mode: str,
                       log=log) -> tuple[Path, str]:
     """The checkpoint to load and a phrase saying why: ``best`` by the recorded metric, else the newest."""
-    root = run_dir / "checkpoints"
-    complete = []
-    for step, path in list_checkpoints(root):
-        problem = verify_checkpoint(path)
-        if problem is None:
-            complete.append((step, path))
-        else:
-            log(f"checkpoint {path.name} is not usable ({problem}); passing it over")
-    if not complete:
+    root = RunDir(run_dir).checkpoints
+    best = best_checkpoint(root, best_metric, best_mode, verify=True, log=log) if which == "best" else None
+    latest = latest_complete(root, log=log if which == "latest" else lambda message: None)
+    if latest is None:
         raise UsageError(f"{run_dir}: no complete checkpoint under {root}; train the run first "
                          f"(`python -m lenstrain train CONFIG --run-dir {run_dir}`)")
-    latest_step, latest = complete[-1]
     if which == "latest":
-        return latest, f"the latest, step {latest_step}"
-    scored = []
-    for step, path in complete:
-        value = read_meta(path).get("metrics", {}).get(best_metric) if best_metric else None
-        if value is not None and math.isfinite(value):
-            scored.append((value if best_mode == "min" else -value, -step, path))
-    if not scored:
-        return latest, f"the latest, step {latest_step}: no checkpoint records {best_metric or 'a best metric'}"
-    value, neg_step, path = min(scored)
-    value = value if best_mode == "min" else -value
-    return path, f"the best by {best_metric} ({best_mode}) = {value:.4g}, step {-neg_step}"
+        return latest, f"the latest, step {read_meta(latest)['step']}"
+    if best is None:
+        return latest, (f"the latest, step {read_meta(latest)['step']}: no checkpoint records "
+                        f"{best_metric or 'a best metric'}")
+    value = recorded_metric(best, best_metric)
+    return best, f"the best by {best_metric} ({best_mode}) = {value:.4g}, step {read_meta(best)['step']}"
 
 
 # ------------------------------------------------------------------------------------ loading a run
@@ -96,50 +92,53 @@ class LoadedRun:
     checkpoint: Path
     why: str
 
+    @property
+    def own_set(self) -> bool:
+        return Path(self.data_cfg.data.shards).resolve() == Path(self.cfg.data.shards).resolve()
+
+
+def read_run_config(run_dir: Path) -> LenstrainConfig:
+    path = RunDir(run_dir).config
+    if not run_dir.is_dir():
+        raise UsageError(f"{run_dir}: no such run directory")
+    if not path.is_file():
+        raise UsageError(f"{run_dir}: no {path.name}, so not a run directory (it is written when a run starts)")
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise UsageError(f"{path}: {exc}") from None
+
+
+def training_task(cfg: LenstrainConfig, other_shards: bool) -> Task:
+    """The task as trained; its shard set's statistics normalise images and decode predictions."""
+    try:
+        return task_for(cfg, load_manifest(cfg.data.shards))
+    except ManifestError as exc:
+        if not other_shards:
+            raise UsageError(f"{exc} (the run's training set); pass --shards DIR to read another copy") from None
+        raise UsageError(f"the run's training shard set is not readable ({exc}); its statistics are needed to "
+                         f"normalise images and decode predictions: restore it, or point the run's "
+                         f"config.yaml data.shards at a copy") from None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
 
 def load_run(run_dir: Path, which: str = "best", shards: Path | None = None, log=log) -> LoadedRun:
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UsageError(f"{run_dir}: no such run directory")
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise UsageError(f"{run_dir}: no config.yaml, so not a run directory (training writes it when it starts)")
-    try:
-        cfg = load_config(config_path)
-    except ConfigError as exc:
-        raise UsageError(f"{config_path}: {exc}") from None
+    cfg = read_run_config(run_dir)
     checkpoint, why = choose_checkpoint(run_dir, which, cfg.checkpoint.best_metric, cfg.checkpoint.best_mode, log)
-
     data_dir = Path(shards) if shards is not None else Path(cfg.data.shards)
+    other = data_dir.resolve() != Path(cfg.data.shards).resolve()
     try:
-        data_manifest = load_manifest(data_dir)
+        data_manifest = load_manifest(data_dir) if other else None
     except ManifestError as exc:
-        hint = "" if shards is not None else " (the run's training set); pass --shards DIR to read another copy"
-        raise UsageError(f"{exc}{hint}") from None
-    train_cfg = cfg
-    if shards is not None and Path(shards).resolve() != Path(cfg.data.shards).resolve():
-        try:
-            load_manifest(cfg.data.shards)
-        except ManifestError as exc:
-            # Its statistics normalise the images and decode the predictions: another set's would be wrong.
-            raise UsageError(f"the run's training shard set is not readable ({exc}); its statistics are needed to "
-                             f"normalise images and decode predictions: restore it, or point the run's "
-                             f"config.yaml data.shards at a copy") from None
-    try:
-        task = build_task(train_cfg)
-    except ValueError as exc:
         raise UsageError(str(exc)) from None
-    data_task, data_cfg = task, train_cfg
-    if Path(data_dir).resolve() != Path(train_cfg.data.shards).resolve():
-        data_task, data_cfg = _task_for(data_manifest, task, data_dir, cfg)
-
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
-    model = build_model(cfg, task, info)
+    task = training_task(cfg, other)
+    data_task, data_cfg = _task_for(data_manifest, task, data_dir, cfg) if other else (task, cfg)
+    model = build_model(cfg, task, local_info())
     model.load_state_dict(load_model_state(checkpoint))
     model.eval()
-    backend = Backend(model, None, info, precision=resolve_precision(cfg.train.precision, device), grad_clip=None)
-    return LoadedRun(run_dir, cfg, task, data_cfg, data_task, model, backend, checkpoint, why)
+    return LoadedRun(run_dir, cfg, task, data_cfg, data_task, model, single_process(cfg, model), checkpoint, why)
 
 
 def _task_for(manifest: Manifest, task: Task, data_dir: Path, cfg: LenstrainConfig) -> tuple[Task, LenstrainConfig]:
@@ -153,8 +152,7 @@ def _task_for(manifest: Manifest, task: Task, data_dir: Path, cfg: LenstrainConf
         raise UsageError(f"{data_dir}: target {task.target.name!r} has classes {other.classes}, the model was "
                          f"trained on {list(task.target.classes)}")
     image = manifest.image.model_copy(update={"stats": trained.stats})
-    data_task = Task(manifest.model_copy(update={"image": image}), task.target, task.loss_name, task.num_classes,
-                     task.num_outputs)
+    data_task = Task(manifest.model_copy(update={"image": image}), task.target, task.loss_name)
     data_cfg = cfg.model_copy(deep=True)
     data_cfg.data.shards = data_dir
     return data_task, data_cfg
@@ -177,8 +175,8 @@ def split_keys(manifest: Manifest, split: str) -> list[str]:
 
 def tta_rotations(requested: int | None, cfg: LenstrainConfig) -> int:
     k = cfg.train.tta_rotations if requested is None else requested
-    if not 1 <= k <= MAX_TTA:
-        raise UsageError(f"--tta {k}: test-time rotation averaging takes 1 to {MAX_TTA} turns of 90 degrees")
+    if not 1 <= k <= MAX_ROTATIONS:
+        raise UsageError(f"--tta {k}: test-time rotation averaging takes 1 to {MAX_ROTATIONS} turns of 90 degrees")
     return k
 
 
@@ -231,33 +229,20 @@ def main_eval(args) -> int:
         n = check_split(run.data_task.manifest, args.split, Path(run.data_cfg.data.shards))
         rotations = tta_rotations(args.tta, run.cfg)
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(str(exc))
     task, split = run.data_task, args.split
     if task.target.name not in task.manifest.targets:
-        print(f"error: {run.data_cfg.data.shards} has no {task.target.name!r} labels to evaluate against; "
-              f"`python -m lenstrain predict` writes predictions without them", file=sys.stderr)
-        return 2
+        return fail(f"{run.data_cfg.data.shards} has no {task.target.name!r} labels to evaluate against; "
+                    f"`python -m lenstrain predict` writes predictions without them")
     log(f"{run.run_dir}: {run.cfg.model.name} from checkpoint {run.checkpoint.name} ({run.why}); "
         f"{split} split of {run.data_cfg.data.shards}, {n} samples; {rotations} rotation(s) averaged")
-    loss_fn = build_loss(task.loss_name, task.target.kind, task.num_classes, huber_delta=run.cfg.train.huber_delta,
-                         label_smoothing=run.cfg.train.label_smoothing)
-    metrics, result = evaluate(run.model, run.backend, run.data_cfg, task, loss_fn, split, rotations=rotations)
+    metrics, result = evaluate(run.model, run.backend, run.data_cfg, task, build_loss(run.cfg.train, task), split,
+                               rotations=rotations)
     metrics = {k.split("/", 1)[1]: v for k, v in metrics.items()}
-
-    own_set = Path(run.data_cfg.data.shards).resolve() == Path(run.cfg.data.shards).resolve()
     # Another shard set's results go beside the run's own, not over them.
-    out = run.run_dir / "eval" / (split if own_set else f"{Path(run.data_cfg.data.shards).name}-{split}")
+    out = RunDir(run.run_dir).eval / (split if run.own_set else f"{Path(run.data_cfg.data.shards).name}-{split}")
     out.mkdir(parents=True, exist_ok=True)
-    from lenstrain import plots
-
-    if task.target.kind == "regression":
-        plot = out / "pred_vs_true.png"
-        plots.save(plots.pred_vs_true(result["pred"].numpy(), result["true"].numpy(), task.target.name), plot)
-    else:
-        plot = out / "roc_confusion.png"
-        plots.save(plots.roc_and_confusion(result["pred"].numpy(), result["true"].numpy(),
-                                           list(task.target.classes)), plot)
+    plot = save_plot(out, task, result)
     write_predictions_csv(out / "predictions.csv", task.target, split_keys(task.manifest, split), result["index"],
                           result["pred"], result["true"])
     write_json_atomic(out / "metrics.json", {
@@ -272,44 +257,27 @@ def main_eval(args) -> int:
     return 0
 
 
+def save_plot(out: Path, task: Task, result: dict) -> Path:
+    """Predicted against true (regression), or ROC curves and the confusion matrix (classification)."""
+    from lenstrain import plots
+
+    pred, true = result["pred"].numpy(), result["true"].numpy()
+    if task.target.kind == "regression":
+        path, fig = out / "pred_vs_true.png", plots.pred_vs_true(pred, true, task.target.name)
+    else:
+        path, fig = out / "roc_confusion.png", plots.roc_and_confusion(pred, true, list(task.target.classes))
+    plots.save(fig, path)
+    return path
+
+
 # ------------------------------------------------------------------------------------ predict
 
 
-class _OptionalLabel:
-    """The run's target coding, with NaN (regression) or -1 (classification) where a label is absent."""
-
-    def __init__(self, target: TargetTransform):
-        self.target, self.kind, self.name = target, target.kind, target.name
-
-    def encode(self, labels: dict) -> float:
-        if labels.get(self.name) is None:
-            return math.nan if self.kind == "regression" else -1.0
-        return self.target.encode(labels)
-
-
-@torch.no_grad()
 def predict_split(run: LoadedRun, split: str, rotations: int) -> dict[str, torch.Tensor]:
     """Predictions for every sample of ``split``, in index order: ``pred`` (decoded values, or class
     probabilities), ``true`` (NaN or -1 where unlabelled) and ``index``."""
-    task, backend = run.data_task, run.backend
-    builder, n = build_builder(run.data_cfg, task, split, augment=False)
-    builder.target = _OptionalLabel(task.target)
-    batches = eval_batches(builder, n, rank=0, world=1, batch=run.cfg.data.val_batch_size or run.cfg.data.batch_size,
-                           workers=min(run.cfg.data.workers, 2))
-    run.model.eval()
-    outputs, targets, indices = [], [], []
-    for batch in batches:
-        x = batch["image"].to(backend.info.device)
-        with backend.autocast():
-            out = sum(run.model(torch.rot90(x, k, dims=(-2, -1))).float() for k in range(rotations)) / rotations
-        outputs.append(out.cpu())
-        targets.append(batch["target"])
-        indices.append(batch["index"])
-    out, true, index = torch.cat(outputs), torch.cat(targets), torch.cat(indices)
-    pred = predictions_from_output(out, task.target.kind, task.loss_name)
-    if task.target.kind == "regression":
-        pred, true = task.target.decode(pred), task.target.decode(true)
-    return {"pred": pred, "true": true, "index": index}
+    batches = build_eval_batches(run.data_cfg, run.data_task, split, run.backend.info, optional_labels=True)
+    return decode(run.data_task, predict(run.model, run.backend, batches, rotations, run.data_task.num_outputs))
 
 
 def main_predict(args) -> int:
@@ -318,17 +286,16 @@ def main_predict(args) -> int:
         n = check_split(run.data_task.manifest, args.split, Path(args.shards))
         rotations = tta_rotations(getattr(args, "tta", None), run.cfg)
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(str(exc))
     task = run.data_task
     log(f"{run.run_dir}: {run.cfg.model.name} from checkpoint {run.checkpoint.name} ({run.why}); "
         f"predicting {task.target.name!r} for the {args.split} split of {args.shards}, {n} samples; "
         f"{rotations} rotation(s) averaged")
     result = predict_split(run, args.split, rotations)
     true = result["true"]
-    labelled = ~torch.isnan(true) if task.target.kind == "regression" else true >= 0
+    labelled = bool((~torch.isnan(true) if task.target.kind == "regression" else true >= 0).any())
     write_predictions_csv(Path(args.out), task.target, split_keys(task.manifest, args.split), result["index"],
-                          result["pred"], true if bool(labelled.any()) else None)
+                          result["pred"], true if labelled else None)
     log(f"wrote {len(result['index'])} rows to {args.out}"
-        + ("" if bool(labelled.any()) else f" (no {task.target.name!r} labels, so no true_ column)"))
+        + ("" if labelled else f" (no {task.target.name!r} labels, so no true_ column)"))
     return 0

@@ -19,14 +19,22 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from lenstrain.backends import Backend
-from lenstrain.config import ConfigError, load_config
-from lenstrain.distributed import DistInfo
-from lenstrain.losses import build_loss, weight_penalty
+from lenstrain.build import (
+    build_loss,
+    build_model,
+    build_task,
+    build_train_stream,
+    local_info,
+    single_process,
+)
+from lenstrain.config import LenstrainConfig, load_config
+from lenstrain.losses import weight_penalty
 from lenstrain.optim import build_optimizer
+from lenstrain.parallel import Backend
+from lenstrain.rundir import TB_DIR, write_json_atomic
 from lenstrain.tb import TBLogger
+from shards.clikit import UsageError, fail
 
 SMOOTHING = 0.98
 DIVERGENCE = 4.0
@@ -120,62 +128,49 @@ def plot(result: dict, suggested: float):
     return fig
 
 
+def check_args(args) -> LenstrainConfig:
+    cfg = load_config(args.config, args.set)
+    if not (args.min_lr > 0 and args.max_lr > args.min_lr):
+        raise UsageError(f"need 0 < --min-lr < --max-lr, got {args.min_lr:g} and {args.max_lr:g}")
+    if args.steps < 2:
+        raise UsageError(f"--steps {args.steps}: the ramp needs at least 2 steps")
+    if not (Path(cfg.data.shards) / "manifest.json").is_file():
+        raise UsageError(f"data.shards: {cfg.data.shards} is not a shard set (no manifest.json)")
+    return cfg
+
+
 def main(args) -> int:
     try:
-        cfg = load_config(args.config, args.set)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if not (args.min_lr > 0 and args.max_lr > args.min_lr):
-        print(f"error: need 0 < --min-lr < --max-lr, got {args.min_lr:g} and {args.max_lr:g}", file=sys.stderr)
-        return 2
-    if args.steps < 2:
-        print(f"error: --steps {args.steps}: the ramp needs at least 2 steps", file=sys.stderr)
-        return 2
-    if not (Path(cfg.data.shards) / "manifest.json").is_file():
-        print(f"error: data.shards: {cfg.data.shards} is not a shard set (no manifest.json)", file=sys.stderr)
-        return 2
-
-    from lenstrain.train import build_model, build_task, build_train_stream, resolve_precision
-    from shards.manifest import write_json_atomic
-
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
-    try:
+        cfg = check_args(args)
         task = build_task(cfg)
-        loss_fn = build_loss(task.loss_name, task.target.kind, task.num_classes, huber_delta=cfg.train.huber_delta,
-                             label_smoothing=cfg.train.label_smoothing)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    model = build_model(cfg, task, info)
-    optimizer = build_optimizer(cfg.optim, model)
-    backend = Backend(model, optimizer, info, precision=resolve_precision(cfg.train.precision, device),
-                      grad_clip=cfg.train.grad_clip)
-    stream = build_train_stream(cfg, task, info, None, log)
+        loss_fn = build_loss(cfg.train, task)
+    except (UsageError, ValueError) as exc:  # a ConfigError is a UsageError
+        return fail(str(exc))
+    model = build_model(cfg, task, local_info())
+    backend = single_process(cfg, model, build_optimizer(cfg.optim, model))
+    stream = build_train_stream(cfg, task, backend.info, None, log)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log(f"LR range test of {cfg.model.name} with {cfg.optim.name} ({task.loss_name} loss on {task.target.name!r}): "
         f"lr {args.min_lr:g} to {args.max_lr:g} over at most {args.steps} steps, global batch {stream.global_batch}")
-    tb = TBLogger(out / "tb", enabled=True)
+    tb = TBLogger(out / TB_DIR, enabled=True)
     try:
         result = range_test(model, backend, stream, loss_fn, min_lr=args.min_lr, max_lr=args.max_lr,
                             steps=args.steps, l1=cfg.optim.l1, l2=cfg.optim.l2, tb=tb)
+        if not result["lrs"]:
+            print(f"error: no finite loss at all ({result['stopped']}); lower --min-lr", file=sys.stderr)
+            return 1
+        suggested, method = suggest_lr(result["lrs"], result["losses"], args.min_lr, args.max_lr)
+        fig = plot(result, suggested)
+        fig.savefig(out / "lr_find.png")
+        tb.figure("lr_find/loss_vs_lr", fig, len(result["lrs"]))  # closes the figure
     finally:
         stream.close()
-    if not result["lrs"]:
         tb.close()
-        print(f"error: no finite loss at all ({result['stopped']}); lower --min-lr", file=sys.stderr)
-        return 1
-    suggested, method = suggest_lr(result["lrs"], result["losses"], args.min_lr, args.max_lr)
-    fig = plot(result, suggested)
-    fig.savefig(out / "lr_find.png")
-    tb.figure("lr_find/loss_vs_lr", fig, len(result["lrs"]))  # closes the figure
-    tb.close()
     write_json_atomic(out / "lr_find.json", {**result, "suggested_lr": suggested, "method": method,
                                              "min_lr": args.min_lr, "max_lr": args.max_lr,
                                              "optimizer": cfg.optim.name, "model": cfg.model.name})
     log(result["stopped"])
     log(f"suggested lr {suggested:.3g} ({method}); try --set optim.lr={suggested:.2g}")
-    log(f"wrote {out / 'lr_find.png'}, {out / 'lr_find.json'} and TensorBoard events in {out / 'tb'}")
+    log(f"wrote {out / 'lr_find.png'}, {out / 'lr_find.json'} and TensorBoard events in {out / TB_DIR}")
     return 0

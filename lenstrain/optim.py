@@ -1,12 +1,16 @@
-"""Optimizers and learning-rate schedules, built from config."""
+"""Optimizers and learning-rate schedules: the ``OPTIMIZERS`` and ``SCHEDULES`` tables map each config
+name to its builder. torch is imported where a builder runs, so the config can read the tables cheaply.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn as nn
-from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR, ReduceLROnPlateau
+if TYPE_CHECKING:
+    import torch
+    import torch.nn as nn
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -18,27 +22,57 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
-    if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
-    if cfg.name == "radam":
-        return torch.optim.RAdam(groups, lr=cfg.lr, betas=cfg.betas, decoupled_weight_decay=True)
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    if cfg.name == "lion":
-        from lion_pytorch import Lion
+# ------------------------------------------------------------------------------------ optimizers
+# Each builder: (parameter groups, the optim section) -> optimizer.
 
-        return Lion(groups, lr=cfg.lr, betas=cfg.betas)
-    raise ValueError(f"unknown optim.name {cfg.name!r}")
+
+def _adam(groups, cfg):
+    from torch.optim import Adam
+
+    return Adam(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def _adamw(groups, cfg):
+    from torch.optim import AdamW
+
+    return AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def _radam(groups, cfg):
+    from torch.optim import RAdam
+
+    return RAdam(groups, lr=cfg.lr, betas=cfg.betas, decoupled_weight_decay=True)
+
+
+def _sgd(groups, cfg):
+    from torch.optim import SGD
+
+    return SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+def _lion(groups, cfg):
+    from lion_pytorch import Lion
+
+    return Lion(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+OPTIMIZERS: dict[str, Callable] = {"adam": _adam, "adamw": _adamw, "radam": _radam, "sgd": _sgd, "lion": _lion}
+
+
+def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
+    return OPTIMIZERS[cfg.name](param_groups(model, cfg.weight_decay), cfg)
+
+
+# ------------------------------------------------------------------------------------ schedules
+# Each builder: (the schedule section, optimizer, total steps) -> scheduler.
 
 
 class PlateauScheduler:
     """ReduceLROnPlateau with warmup, stepped per train step and told each validation metric."""
 
     def __init__(self, optimizer, cfg, mode: str):
+        from torch.optim.lr_scheduler import ReduceLROnPlateau
+
         self.optimizer = optimizer
         self.warmup = cfg.warmup_steps
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
@@ -68,23 +102,56 @@ class PlateauScheduler:
         self.plateau.load_state_dict(state["plateau"])
 
 
-def build_scheduler(cfg, optimizer, total_steps: int) -> LRScheduler | PlateauScheduler:
-    total_steps = max(total_steps, 1)
-    warmup = min(cfg.warmup_steps, total_steps)
-    if cfg.name == "plateau":
-        return PlateauScheduler(optimizer, cfg, cfg.mode)
-    if cfg.name == "onecycle":
-        max_lrs = [g["lr"] for g in optimizer.param_groups]
-        return OneCycleLR(optimizer, max_lr=max_lrs, total_steps=total_steps + 1, pct_start=cfg.pct_start)
+def _plateau(cfg, optimizer, total_steps: int) -> PlateauScheduler:  # noqa: ARG001
+    return PlateauScheduler(optimizer, cfg, cfg.mode)
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if cfg.name == "constant":
-            return 1.0
-        if cfg.name == "step":
-            return cfg.gamma ** ((step - warmup) // cfg.step_size)
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return LambdaLR(optimizer, factor)
+def _onecycle(cfg, optimizer, total_steps: int):
+    from torch.optim.lr_scheduler import OneCycleLR
+
+    max_lrs = [g["lr"] for g in optimizer.param_groups]
+    return OneCycleLR(optimizer, max_lr=max_lrs, total_steps=total_steps + 1, pct_start=cfg.pct_start)
+
+
+def _after_warmup(shape: Callable[[object, int, int], float]) -> Callable:
+    """A LambdaLR schedule: linear warmup, then ``shape(cfg, steps since warmup, steps after warmup)``."""
+
+    def build(cfg, optimizer, total_steps: int):
+        from torch.optim.lr_scheduler import LambdaLR
+
+        warmup = min(cfg.warmup_steps, total_steps)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return shape(cfg, step - warmup, total_steps - warmup)
+
+        return LambdaLR(optimizer, factor)
+
+    return build
+
+
+def _constant(cfg, step: int, span: int) -> float:  # noqa: ARG001
+    return 1.0
+
+
+def _step(cfg, step: int, span: int) -> float:  # noqa: ARG001
+    return cfg.gamma ** (step // cfg.step_size)
+
+
+def _cosine(cfg, step: int, span: int) -> float:
+    progress = min(1.0, step / max(1, span))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+SCHEDULES: dict[str, Callable] = {
+    "constant": _after_warmup(_constant),
+    "cosine": _after_warmup(_cosine),
+    "onecycle": _onecycle,
+    "step": _after_warmup(_step),
+    "plateau": _plateau,
+}
+
+
+def build_scheduler(cfg, optimizer, total_steps: int):
+    return SCHEDULES[cfg.name](cfg, optimizer, max(total_steps, 1))

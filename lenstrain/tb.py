@@ -38,10 +38,6 @@ class TBLogger:
             clean = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in hparams.items()}
             self.writer.add_hparams(clean, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
 
-    def flush(self) -> None:
-        if self.writer:
-            self.writer.flush()
-
     def close(self) -> None:
         if self.writer:
             self.writer.close()
