@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +17,10 @@ from shards.reader import ShardReader
 from shards.sources.arrays import load_labels, pack_arrays
 from shards.sources.common import SourceError
 from shards.sources.deeplense import import_deeplense
+from shards.sources.npyfile import read_npy
 
 CLASSES = ("axion", "cdm", "no_sub")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def make_deeplense(root: Path, *, size: int = 64, channels: int = 1, layout: str = "hw", per_class: int = 12,
@@ -156,6 +161,74 @@ def test_deeplense_source_errors(tmp_path):
     (tmp_path / "empty" / "cdm").mkdir()
     with pytest.raises(SourceError, match="holds no .npy files"):
         import_deeplense(tmp_path / "empty", tmp_path / "out")
+
+
+# --------------------------------------------------------------------------- no code from files
+
+class RunsACommand:
+    """Pickles as a call of ``os.system(command)``: what a crafted DeepLense file would hold."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def hostile_npy(path: Path, marker: Path) -> Path:
+    """An ``[image, label]``-shaped object array whose pickle runs ``touch marker`` when fully unpickled."""
+    np.save(path, np.array([RunsACommand(f"touch {marker}"), 1], dtype=object), allow_pickle=True)
+    return path
+
+
+def run_shards(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LENSTRAIN_NO_PROGRESS": "1"}
+    return subprocess.run([sys.executable, "-m", "shards", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_crafted_pickle_is_refused_by_import_deeplense_and_runs_nothing(tmp_path):
+    probe = tmp_path / "PROBE"
+    np.load(hostile_npy(tmp_path / "probe.npy", probe), allow_pickle=True)  # a plain unpickle runs it
+    assert probe.exists()
+
+    make_deeplense(tmp_path / "M", size=16, per_class=4)
+    marker = tmp_path / "MARKER"
+    bad = hostile_npy(tmp_path / "M" / "cdm" / "cdm_sim_0000.npy", marker)  # read first, by the probe too
+    result = run_shards("import", "deeplense", tmp_path / "M", "--out", tmp_path / "out", "--workers", "2")
+    assert result.returncode == 1, result.stderr
+    assert f"error: {bad}: refused to load: its pickle asks for posix.system" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+    result = run_shards("import", "deeplense", tmp_path / "M", "--out", tmp_path / "out", "--skip-bad")
+    assert result.returncode == 0, result.stderr
+    assert "skipped 1 bad samples" in result.stderr and f"{bad}: refused to load" in result.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("value", [np.float64(2.5e-23), np.int64(3), 7], ids=["float64", "int64", "int"])
+def test_deeplense_object_arrays_with_numpy_scalars_import(tmp_path, value):
+    make_deeplense(tmp_path / "M", size=16, per_class=3, valued=())
+    image = np.random.default_rng(5).random((16, 16)).astype(np.float32)
+    np.save(tmp_path / "M" / "cdm" / "0_first.npy", np.array([image, value], dtype=object), allow_pickle=True)
+    m = import_deeplense(tmp_path / "M", tmp_path / "out", PackOptions(val=0, test=0)).manifest
+    assert m.source["value_classes"] == ["cdm"]
+    (packed,) = [(img, lab) for img, lab in read_all(tmp_path / "out") if lab["file"] == "cdm/0_first.npy"]
+    assert packed[0].tobytes() == image[None].tobytes() and packed[1]["label_value"] == float(value)
+
+
+def test_object_arrays_written_by_numpy_1_and_numpy_2_both_load(tmp_path):
+    image = np.arange(64, dtype=np.float32).reshape(8, 8)
+    np.save(tmp_path / "a.npy", np.array([image, 1.5], dtype=object), allow_pickle=True)
+    data = (tmp_path / "a.npy").read_bytes()
+    spellings = {b"numpy.core.multiarray\n", b"numpy._core.multiarray\n"}
+    (written,) = [s for s in spellings if s in data]
+    (other,) = spellings - {written}
+    (tmp_path / "b.npy").write_bytes(data.replace(written, other))
+    for name in ("a.npy", "b.npy"):
+        loaded = read_npy(tmp_path / name)
+        assert loaded[0].tobytes() == image.tobytes() and loaded[1] == 1.5
 
 
 # --------------------------------------------------------------------------- arrays
