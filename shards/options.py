@@ -4,7 +4,7 @@ one set of command-line options and hands to :func:`shards.pack.pack_shard_set`.
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from shards.argtypes import default_workers, fraction, non_negative_int, positive_int
@@ -53,7 +53,7 @@ class PackOptions:
 
     def split_record(self) -> dict:
         """What the manifest's source records about the split."""
-        return {key: value for key, value in asdict(self).items() if key in ("val", "test", "seed")}
+        return {"val": self.val, "test": self.test, "seed": self.seed}
 
 
 def add_pack_options(parser: argparse.ArgumentParser, *, skip_bad: bool = True,

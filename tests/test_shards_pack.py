@@ -301,3 +301,19 @@ def _umask_sample(i):
     import numpy as np
 
     return np.full((1, 4, 4), i, dtype=np.float32), {"y": float(i)}
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"shard_size": 0}, "--shard-size must be an integer of at least 1, got 0"),
+    ({"workers": 0}, "--workers must be an integer of at least 1, got 0"),
+    ({"seed": -1}, "--seed must be an integer of at least 0, got -1"),
+    ({"dtype": "float64"}, "--dtype must be one of float32, float16, got 'float64'"),
+    ({"val": 1.0}, "--val must be in [0, 1), got 1.0"),
+    ({"val": 0.5, "test": 0.5}, "--val (0.5) plus --test (0.5) must be below 1"),
+])
+def test_pack_options_refuse_bad_values_naming_the_option(options, message):
+    from shards.clikit import UsageError
+
+    with pytest.raises(UsageError) as exc:
+        PackOptions(**options)
+    assert str(exc.value) == message
