@@ -18,16 +18,6 @@ FULL_CHECK = ("resnet18", "alternet_tiny", "xresnet_alternet_18")
 HUGE = 100_000_000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Batch-2 CPU passes gain nothing from intra-op threads, and on a loaded shared CPU the
-    # threads' spin-waiting makes them many times slower; run this module single-threaded.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -115,7 +105,7 @@ def test_norm_and_dropout_options(name: str, norm: str) -> None:
 
 
 def test_unknown_norm_is_rejected() -> None:
-    with pytest.raises(ValueError, match="Unknown norm"):
+    with pytest.raises(ValueError, match="Unknown norm 'batchnorm'; choose one of bn, gn, ln"):
         create_model("alternet_tiny", norm="batchnorm")
 
 
@@ -130,6 +120,15 @@ def test_unknown_model_lists_known_names() -> None:
     for name in MODELS:
         assert name in msg
     assert isinstance(err.value, KeyError)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_unknown_keyword_is_rejected_listing_the_valid_ones(name: str) -> None:
+    with torch.device("meta"), pytest.raises(TypeError) as err:
+        create_model(name, nrm="gn")
+    msg = str(err.value)
+    assert name in msg and "'nrm'" in msg
+    assert "norm" in msg and "drop_rate" in msg  # every family takes both
 
 
 def test_registry_holds_the_families() -> None:

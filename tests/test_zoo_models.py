@@ -162,5 +162,5 @@ def test_odd_sizes_with_layer_norm(name):
 
 @pytest.mark.parametrize("name", ZOO)
 def test_unknown_norm_rejected(name):
-    with pytest.raises(ValueError, match="norm"):
+    with pytest.raises(ValueError, match="norm 'batch'; choose one of bn, gn, ln"):
         create_model(name, norm="batch")
