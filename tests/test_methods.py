@@ -23,9 +23,9 @@ from lenstrain.config import dump_config, load_config
 from lenstrain.distributed import DistInfo
 from lenstrain.evaluate import choose_checkpoint, split_keys
 from lenstrain.inference import evaluate
-from lenstrain.losses import make_loss, weight_penalty
+from lenstrain.losses import LOSSES, make_loss, weight_penalty
 from lenstrain.lr_find import suggest_lr
-from lenstrain.optim import PlateauScheduler, build_optimizer, build_scheduler
+from lenstrain.optim import OPTIMIZERS, SCHEDULES, PlateauScheduler, build_optimizer, build_scheduler
 from lenstrain.parallel import Backend
 from lenstrain.rundir import RunDir
 from lenstrain.train import run_training
@@ -82,11 +82,15 @@ def train(cfg, steps: int = 1) -> Trained:
 # ------------------------------------------------------------------------------------ losses
 
 
-@pytest.mark.parametrize("loss, target, extra", [
-    ("mse", "y", {}), ("mae", "y", {}), ("huber", "y", {"huber_delta": 0.5}),
-    ("bce", "cls", {"label_smoothing": 0.1}), ("ce", "cls", {"label_smoothing": 0.1}),
-])
-def test_each_loss_builds_from_config_and_trains(ring_shards, loss, target, extra):
+LOSS_CASES = {  # name -> (the target it trains, its options)
+    "mse": ("y", {}), "mae": ("y", {}), "huber": ("y", {"huber_delta": 0.5}),
+    "bce": ("cls", {"label_smoothing": 0.1}), "ce": ("cls", {"label_smoothing": 0.1}),
+}
+
+
+@pytest.mark.parametrize("loss", LOSSES)  # every name in the table; a new one needs its row above
+def test_each_loss_builds_from_config_and_trains(ring_shards, loss):
+    target, extra = LOSS_CASES[loss]
     cfg = config(ring_shards, data={"target": target}, train={"loss": loss, **extra})
     trained = train(cfg)
     assert math.isfinite(trained.losses[0]) and trained.losses[0] > 0
@@ -140,7 +144,7 @@ OPTIMIZER_CLASSES = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "rada
                      "sgd": torch.optim.SGD, "lion": Lion}
 
 
-@pytest.mark.parametrize("name", OPTIMIZER_CLASSES)
+@pytest.mark.parametrize("name", OPTIMIZERS)  # every name in the table; a new one needs its class above
 def test_each_optimizer_builds_from_config_and_trains(ring_shards, name):
     cfg = config(ring_shards, optim={"name": name, "lr": LR, "weight_decay": 0.01}, schedule={"name": "constant"})
     trained = train(cfg, steps=2)
@@ -191,7 +195,7 @@ def cosine_lrs(steps: int, warmup: int, min_ratio: float) -> list[float]:
     return [LR * f for f in [(s + 1) / warmup for s in range(warmup)] + decay]
 
 
-SCHEDULES = {  # name -> (its options, the learning rates 8 training steps apply, or None: checked by shape)
+SCHEDULE_CURVES = {  # name -> (its options, the learning rates 8 training steps apply, or None: checked by shape)
     "constant": ({}, [LR] * 8),
     "cosine": ({"warmup_steps": 2, "min_lr_ratio": 0.1}, cosine_lrs(8, 2, 0.1)),
     "onecycle": ({"pct_start": 0.3}, None),
@@ -202,9 +206,9 @@ SCHEDULES = {  # name -> (its options, the learning rates 8 training steps apply
 }
 
 
-@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("name", SCHEDULES)  # every name in the table; a new one needs its curve above
 def test_each_schedule_builds_from_config_and_trains(ring_shards, name):
-    options, expected = SCHEDULES[name]
+    options, expected = SCHEDULE_CURVES[name]
     cfg = config(ring_shards, optim={"lr": LR}, schedule={"name": name, **options}, train={"max_steps": 8})
     trained = train(cfg, steps=8)
     if expected is not None:

@@ -31,10 +31,11 @@ def lenstrain(*args, timeout: float = 300, check: bool = False) -> subprocess.Co
     return proc
 
 
-def train_until_signalled(config: Path, run_dir: Path, at_step: int, nproc: int = 1, timeout: float = 300):
-    """Start training, send SIGUSR2 once progress.json reaches ``at_step``, and wait for the exit."""
-    cmd = [sys.executable, "-m", "lenstrain", "train", str(config), "--run-dir", str(run_dir), "--nproc", str(nproc)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=ROOT)
+def signal_at_step(cmd: list[str], run_dir: Path, at_step: int, sig: int, timeout: float = 300) -> tuple[int, str]:
+    """Start ``cmd``, send it ``sig`` once the run's progress.json reaches ``at_step``, and wait for the exit.
+    Returns the exit status and the output (stdout and stderr together)."""
+    proc = subprocess.Popen([str(a) for a in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env(), cwd=ROOT)
     deadline = time.monotonic() + timeout
     progress = RunDir(run_dir).progress
     try:
@@ -45,9 +46,15 @@ def train_until_signalled(config: Path, run_dir: Path, at_step: int, nproc: int 
             except (OSError, ValueError, KeyError):
                 pass
             time.sleep(0.02)
-        proc.send_signal(signal.SIGUSR2)
+        proc.send_signal(sig)
         out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
     finally:
         if proc.poll() is None:
             proc.kill()
     return proc.returncode, out
+
+
+def train_until_signalled(config: Path, run_dir: Path, at_step: int, nproc: int = 1, timeout: float = 300):
+    """``lenstrain train``, stopped by SIGUSR2 (a scheduler's preemption warning) at ``at_step``."""
+    cmd = [sys.executable, "-m", "lenstrain", "train", config, "--run-dir", run_dir, "--nproc", nproc]
+    return signal_at_step(cmd, run_dir, at_step, signal.SIGUSR2, timeout)
