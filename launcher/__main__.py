@@ -6,32 +6,33 @@ import argparse
 import sys
 
 from launcher import cli
+from shards import clikit
+from shards.clikit import Command, run_cli
 
-# subcommand -> (function, its arguments, help)
+PROG = "launcher"
+DESCRIPTION = "Launch lenstrain jobs on SLURM (or locally) and watch them."
+
+# subcommand name -> its row: help, arguments, the function that runs it
 COMMANDS = {
-    "submit": (cli.submit, cli.submit_args, "validate a job YAML and submit it (or run it with --local)"),
-    "status": (cli.status, cli.status_args, "a table of runs: state, jobs, step, loss, requeues, ETA"),
-    "resume": (cli.resume, cli.resume_args, "resubmit a cancelled or failed run; it resumes from its checkpoint"),
-    "cancel": (cli.cancel, cli.cancel_args, "scancel a run's active jobs"),
-    "logs": (cli.logs, cli.logs_args, "print (or --follow) a task's log"),
+    command.name: command
+    for command in (
+        Command("submit", "validate a job YAML and submit it (or run it with --local)", cli.submit_args, cli.submit),
+        Command("status", "a table of runs: state, jobs, step, loss, requeues, ETA", cli.status_args, cli.status),
+        Command("resume", "resubmit a cancelled or failed run; it resumes from its checkpoint", cli.resume_args,
+                cli.resume),
+        Command("cancel", "scancel a run's active jobs (or stop its --local ranks; they checkpoint first)",
+                cli.cancel_args, cli.cancel),
+        Command("logs", "print (or --follow) a task's log", cli.logs_args, cli.logs),
+    )
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="launcher", description="Launch lenstrain jobs on SLURM (or locally) and watch them."
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
-    for name, (func, configure, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        configure(p)
-        p.set_defaults(func=func)
-    return parser
+    return clikit.build_parser(PROG, DESCRIPTION, list(COMMANDS.values()))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    return run_cli(PROG, DESCRIPTION, list(COMMANDS.values()), argv)
 
 
 if __name__ == "__main__":

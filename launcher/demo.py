@@ -15,9 +15,12 @@ import sys
 import time
 from pathlib import Path
 
+from lenstrain.rundir import RunDir
+from shards.manifest import MANIFEST_NAME
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARDS = ROOT / "data" / "shards" / "demo-halo-mass"
-RUN = ROOT / "runs" / "smoke"
+RUN = RunDir(ROOT / "runs" / "smoke")
 
 
 def step(title: str, *cmd: str, check: bool = True, env: dict | None = None) -> int:
@@ -38,7 +41,7 @@ def slurm_env() -> dict:
 
 def wait_for_run(env: dict, timeout_s: float = 1800) -> None:
     deadline = time.monotonic() + timeout_s
-    progress = RUN / "progress.json"
+    progress = RUN.progress
     while time.monotonic() < deadline:
         try:
             state = json.loads(progress.read_text()).get("state")
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=3000, help="images to simulate")
     args = parser.parse_args(argv)
 
-    if not (SHARDS / "manifest.json").is_file():
+    if not (SHARDS / MANIFEST_NAME).is_file():
         step("simulate a Euclid-like halo-mass shard set", "-m", "shards", "simulate", "--task", "halo_mass",
              "--instrument", "euclid", "--n", str(args.n), "--workers", "2", "--seed", "0", "--out", str(SHARDS))
     step("inspect it (and draw a grid of images)", "-m", "shards", "inspect", str(SHARDS),
@@ -73,14 +76,14 @@ def main(argv: list[str] | None = None) -> int:
         step("train jobs/smoke.yaml locally through the launcher", "-m", "launcher", "submit", "jobs/smoke.yaml",
              "--local")
     step("status", "-m", "launcher", "status", check=False)
-    step("evaluate the best checkpoint on the test split", "-m", "lenstrain", "eval", str(RUN), "--split", "test")
+    step("evaluate the best checkpoint on the test split", "-m", "lenstrain", "eval", str(RUN.root), "--split", "test")
 
-    metrics = json.loads((RUN / "eval" / "test" / "metrics.json").read_text())
+    metrics = json.loads((RUN.eval / "test" / "metrics.json").read_text())
     r2 = metrics["metrics"]["r2"]
     print("\n==> result")
     print(f"test R^2 = {r2:.3f}  (predicting the mean scores 0; 1 is perfect)")
-    print(f"plots and predictions: {RUN / 'eval' / 'test'}")
-    print(f"TensorBoard:           .venv/bin/tensorboard --logdir {RUN.parent}")
+    print(f"plots and predictions: {RUN.eval / 'test'}")
+    print(f"TensorBoard:           .venv/bin/tensorboard --logdir {RUN.root.parent}")
     if args.slurm:
         print("the devcluster is still up for you to explore (sinfo, sacct, python -m launcher status); "
               "stop it with: slurm/devcluster down")

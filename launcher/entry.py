@@ -6,14 +6,16 @@ installed package) and calls it on each of the job's ``srun`` tasks. The task:
 1. replaces submitit's signal handlers at once with a flag-only one (submitit's would checkpoint and
    ``SystemExit`` on global rank 0 only, mid-collective); training installs its own right after;
 2. derives RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from SLURM's variables;
-3. calls :func:`lenstrain.train.run_training`, which resumes from the newest complete checkpoint;
+3. loads the run's ``config.yaml`` (written once by the launcher) and calls
+   :func:`lenstrain.train.run_training`, which resumes from the newest complete checkpoint;
 4. on :data:`~lenstrain.preemption.EXIT_REQUEUE` (a collective save after SIGUSR2/SIGTERM), global
-   rank 0 requeues the job with ``scontrol requeue`` if ``max_requeues`` allows and the job is not
-   being cancelled or requeued already; then every rank leaves with ``os._exit`` and no return value,
-   so that submitit writes no result pickle and does not take the attempt for a finished job.
+   rank 0 requeues the job with ``scontrol requeue`` if the run's requeues so far (every job's, across
+   resumes) are below ``max_requeues`` and the job is not being cancelled or requeued already; then
+   every rank leaves with ``os._exit`` and no return value, so that submitit writes no result pickle
+   and does not take the attempt for a finished job.
 
 Local runs (``launcher submit --local``) run the same class in N subprocesses:
-``python -m launcher.entry RUN_DIR`` with RANK/WORLD_SIZE/... set by :mod:`launcher.local`.
+``python -m launcher.entry RUN_DIR --name NAME`` with RANK/WORLD_SIZE/... set by :mod:`launcher.local`.
 """
 
 from __future__ import annotations
@@ -79,11 +81,11 @@ def _set_threads() -> None:
 
 
 class TrainTask:
-    """The picklable callable one SLURM task (or one local process) runs."""
+    """The picklable callable one SLURM task (or one local process) runs: it carries the run directory,
+    and trains from the ``config.yaml`` there."""
 
-    def __init__(self, run_dir: str | Path, config: dict, *, max_requeues: int, name: str) -> None:
+    def __init__(self, run_dir: str | Path, *, max_requeues: int, name: str) -> None:
         self.run_dir = str(run_dir)
-        self.config = config
         self.max_requeues = max_requeues
         self.name = name
 
@@ -104,10 +106,9 @@ class TrainTask:
         _set_threads()
 
         from launcher import runs
-        from lenstrain.config import validate_config
         from lenstrain.train import run_training
 
-        config = validate_config(self.config)
+        config = runs.load_training_config(run_dir)
         if rank == 0:
             info = {"host": socket.gethostname(), "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
             if slurm:
@@ -144,6 +145,10 @@ class TrainTask:
             outcome, state = "stopped", "STOPPED"
             if slurm:
                 outcome, state = self._requeue(job_id, restart)
+            elif (runs.find_job(runs.read_jobs(run_dir), job_id) or {}).get("cancel_requested"):
+                outcome, state = "cancelled", "CANCELLED"
+                _say(f"cancelled at step {step} after a checkpoint; continue with `python -m launcher resume "
+                     f"{self.name}`")
             else:
                 _say(f"stopped at step {step} after a checkpoint; run the same command again to resume")
             runs.record_end(run_dir, job_id, state=state, outcome=outcome, exit=EXIT_REQUEUE, step=step)
@@ -157,23 +162,26 @@ class TrainTask:
         from launcher.slurm import squeue_state
 
         run_dir = Path(self.run_dir)
-        job = runs.find_job(runs.read_jobs(run_dir), job_id) or {}
+        data = runs.read_jobs(run_dir)
+        job = runs.find_job(data, job_id) or {}
         state = (squeue_state(job_id) or "UNKNOWN").split()[0]
+        requeues = max(runs.run_requeues(data), restart)
         if job.get("cancel_requested") or state == "CANCELLED":
             _say(f"job {job_id} is being cancelled; not requeueing (resume later with `launcher resume {self.name}`)")
             return "cancelled", "CANCELLED"
         if state in _NO_REQUEUE_STATES:
             _say(f"job {job_id} is already {state}: SLURM requeues or ends it; not requeueing it again")
             return "requeued-by-slurm", state
-        if restart >= self.max_requeues:
-            _say(f"job {job_id} has been requeued {restart} times (resources.max_requeues={self.max_requeues}); "
-                 f"not requeueing. Continue with `python -m launcher resume {self.name}`")
+        if requeues >= self.max_requeues:
+            _say(f"run {self.name} has been requeued {requeues} times (resources.max_requeues={self.max_requeues}, "
+                 f"counted across resumes); not requeueing. Continue with `python -m launcher resume {self.name} "
+                 f"--set resources.max_requeues={requeues + 1}`")
             return "requeue-limit", "STOPPED"
         done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
         if done.returncode != 0:
             _say(f"scontrol requeue {job_id} failed: {(done.stderr or done.stdout).strip()}")
             return "requeue-failed", "STOPPED"
-        _say(f"requeued job {job_id} (requeue {restart + 1} of at most {self.max_requeues})")
+        _say(f"requeued job {job_id} (requeue {requeues + 1} of the run's at most {self.max_requeues})")
         runs.set_requeues(run_dir, job_id, restart + 1)
         return "requeued", "REQUEUED"
 
@@ -210,16 +218,15 @@ def _exit_clean_after_result() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m launcher.entry RUN_DIR``: one local rank of a run (see :mod:`launcher.local`)."""
+    """``python -m launcher.entry RUN_DIR [--name NAME]``: one local rank of a run (see :mod:`launcher.local`).
+
+    A local run is never requeued: a stopped one continues when the same command runs again.
+    """
     parser = argparse.ArgumentParser(prog="python -m launcher.entry")
     parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--name", help="the run's name, for messages (default: the directory's name)")
     args = parser.parse_args(argv)
-    from launcher.runs import read_job_dict
-    from launcher.spec import JobSpec
-
-    spec = JobSpec.model_validate(read_job_dict(args.run_dir))
-    task = TrainTask(args.run_dir, spec.training_dict(), max_requeues=spec.resources.max_requeues,
-                     name=spec.name or args.run_dir.name)
+    task = TrainTask(args.run_dir, max_requeues=0, name=args.name or args.run_dir.name)
     try:
         task()
         code = 0

@@ -5,23 +5,35 @@ N processes (``--nproc``, default ``resources.tasks_per_node`` capped to this ma
 the training entry the SLURM tasks run, on gloo (CPU) or one process per local GPU. Their output
 streams to the terminal (rank 0 as is, others prefixed) and into ``RUN/logs/``. Ctrl-C, SIGTERM and
 SIGUSR2 are passed to every rank as SIGTERM/SIGUSR2, so they checkpoint together and stop with
-exit status 42; running the same command again resumes. A second Ctrl-C kills them.
+:data:`~lenstrain.preemption.EXIT_REQUEUE`; running the same command again resumes. A second Ctrl-C
+kills them. ``launcher cancel`` finds the ranks through the pids recorded in ``jobs.json``.
+
+When one rank exits abnormally (a signal, an error), the others cannot go on (their collectives
+would wait for it): they are stopped within seconds, and the last thing printed says which rank died
+and how, the newest complete checkpoint, and the command that resumes from it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher import runs
 from launcher.spec import JobSpec
+from lenstrain.preemption import EXIT_NONFINITE, EXIT_REQUEUE
+from lenstrain.rundir import RunDir
 
-KILL_AFTER_S = 60
+STOP_GRACE_S = 3.0  # survivors of a dead rank get this long to leave on their own, then are killed
+POLL_S = 0.1
+EXIT_MEANINGS = {EXIT_NONFINITE: "a non-finite loss", 1: "an error; its traceback is above"}
 
 
 def local_devices() -> tuple[str, int]:
@@ -49,11 +61,54 @@ def check_local(spec: JobSpec, nproc: int) -> list[tuple[str, str]]:
         errors.append(("--nproc", f"{nproc}: need at least 1 process"))
     if kind == "cuda" and nproc > count:
         errors.append(("--nproc", f"{nproc} processes but this machine has {count} GPU(s); one process drives one GPU"))
-    if spec.parallel.strategy == "single" and nproc > 1:
-        errors.append(("parallel.strategy", f"'single' runs one process, not {nproc}; valid choices: ddp, deepspeed"))
     if spec.parallel.backend == "nccl" and kind != "cuda":
         errors.append(("parallel.backend", "nccl needs a GPU and this machine has none; use --set parallel.backend=auto"))
     return errors
+
+
+def cap_workers(spec: JobSpec, nproc: int) -> str | None:
+    """Lower ``data.workers`` to the CPUs each local process has (``os.cpu_count() // nproc``).
+
+    Returns the note to print once, or None when the job asks for no more than that.
+    """
+    cpus = os.cpu_count() or 1
+    cap = cpus // max(nproc, 1)
+    if spec.data.workers <= cap:
+        return None
+    note = (f"data.workers {spec.data.workers} -> {cap}: this machine has {cpus} CPU(s) for {nproc} local "
+            f"process(es)")
+    spec.data.workers = cap
+    return note
+
+
+# ------------------------------------------------------------------------------------ the ranks
+
+
+@dataclass
+class Ranks:
+    """The local processes of one job, the threads copying their output, and their log files."""
+
+    children: list[subprocess.Popen] = field(default_factory=list)
+    pumps: list[threading.Thread] = field(default_factory=list)
+    logs: list = field(default_factory=list)
+
+    def signal(self, signum: int) -> None:
+        for child in self.children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    def kill(self) -> None:
+        """SIGKILL every rank still running, with the processes it started (its data workers)."""
+        for child in self.children:
+            if child.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.pid, signal.SIGKILL)  # a rank leads its own process group
+
+    def close(self) -> None:
+        for pump in self.pumps:
+            pump.join(timeout=5)
+        for log in self.logs:
+            log.close()
 
 
 def _pump(stream, sinks, prefix: str) -> None:
@@ -65,43 +120,39 @@ def _pump(stream, sinks, prefix: str) -> None:
     stream.close()
 
 
-def run_local(spec: JobSpec, run_dir: Path, nproc: int) -> int:
-    """Train ``spec`` in ``run_dir`` with ``nproc`` local processes; returns training's exit status."""
-    from lenstrain.spawn import free_port
+def _rank_env(spec: JobSpec, nproc: int, job_id: str) -> dict:
+    from lenstrain.distributed import free_port
 
-    kind, count = local_devices()
-    job_id = f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     fair = max(1, (os.cpu_count() or 1) // nproc)
-    threads = min(spec.resources.cpus_per_task or fair, fair)
-    runs.add_job(run_dir, job_id, kind="local", nproc=nproc, device=kind, state="RUNNING")
-    log_dir = run_dir / runs.LOCAL_LOG_DIR
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update({"WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+                "LENSTRAIN_JOB_ID": job_id, "PYTHONUNBUFFERED": "1"})
+    env.setdefault("OMP_NUM_THREADS", str(min(spec.resources.cpus_per_task or fair, fair)))
+    return env
+
+
+def start_ranks(run_dir: Path, name: str, nproc: int, env: dict, job_id: str) -> Ranks:
+    log_dir = RunDir(run_dir).logs
     log_dir.mkdir(exist_ok=True)
-
-    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    base.update({"WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-                 "LENSTRAIN_JOB_ID": job_id, "PYTHONUNBUFFERED": "1"})
-    base.setdefault("OMP_NUM_THREADS", str(threads))
-    print(f"[launcher] local job {job_id}: {nproc} process(es) on {kind}"
-          f"{'' if kind == 'cpu' else f' ({count} GPU(s))'}, {base['OMP_NUM_THREADS']} thread(s) each; "
-          f"logs in {log_dir}", flush=True)
-
-    children: list[subprocess.Popen] = []
-    pumps: list[threading.Thread] = []
-    logs = []
+    ranks = Ranks()
     for rank in range(nproc):
-        env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-        log = open(log_dir / f"{job_id}_{rank}.log", "w")  # noqa: SIM115 - closed below
-        logs.append(log)
+        log = open(log_dir / f"{job_id}_{rank}.log", "w")  # noqa: SIM115 - closed by Ranks.close
+        ranks.logs.append(log)
         child = subprocess.Popen(
-            [sys.executable, "-u", "-m", "launcher.entry", str(run_dir)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, "-u", "-m", "launcher.entry", str(run_dir), "--name", name],
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
         )
-        children.append(child)
-        pump = threading.Thread(target=_pump, args=(child.stdout, [(sys.stdout, True), (log, False)], f"[rank {rank}] "
-                                                    if rank else ""), daemon=True)
+        ranks.children.append(child)
+        sinks = [(sys.stdout, True), (log, False)]
+        pump = threading.Thread(target=_pump, args=(child.stdout, sinks, f"[rank {rank}] " if rank else ""), daemon=True)
         pump.start()
-        pumps.append(pump)
+        ranks.pumps.append(pump)
+    return ranks
 
+
+def _forwarder(ranks: Ranks):
+    """A signal handler passing Ctrl-C (as SIGTERM), SIGTERM and SIGUSR2 to the ranks; a second Ctrl-C kills."""
     interrupts = 0
 
     def forward(signum, frame):  # noqa: ARG001
@@ -109,31 +160,117 @@ def run_local(spec: JobSpec, run_dir: Path, nproc: int) -> int:
         interrupts += 1
         if interrupts > 1 and signum == signal.SIGINT:
             print("[launcher] killing the local ranks", file=sys.stderr, flush=True)
-            for child in children:
-                if child.poll() is None:
-                    child.kill()
+            ranks.kill()
             return
         sent = signal.SIGTERM if signum == signal.SIGINT else signum
-        print(f"[launcher] passing {signal.Signals(sent).name} to {nproc} rank(s): they checkpoint and stop "
-              "(Ctrl-C again to kill)", file=sys.stderr, flush=True)
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(sent)
+        print(f"[launcher] passing {signal.Signals(sent).name} to {len(ranks.children)} rank(s): they checkpoint "
+              "and stop (Ctrl-C again to kill)", file=sys.stderr, flush=True)
+        ranks.signal(sent)
 
+    return forward
+
+
+def _abnormal(code: int | None) -> bool:
+    return code is not None and code not in (0, EXIT_REQUEUE)
+
+
+def wait_ranks(ranks: Ranks) -> tuple[list[int], int | None]:
+    """Wait for every rank. When one exits abnormally, stop the others: they get :data:`STOP_GRACE_S`
+    to leave by themselves, then SIGKILL. Returns the exit codes and the rank that failed first (or None)."""
+    while True:
+        codes = [child.poll() for child in ranks.children]
+        failed = [rank for rank, code in enumerate(codes) if _abnormal(code)]
+        if failed:
+            break
+        if all(code is not None for code in codes):
+            return codes, None
+        time.sleep(POLL_S)
+    first = min(failed, key=lambda rank: (codes[rank] >= 0, rank))  # a signal is the cause, errors follow it
+    deadline = time.monotonic() + STOP_GRACE_S
+    while time.monotonic() < deadline and any(child.poll() is None for child in ranks.children):
+        time.sleep(POLL_S)
+    ranks.kill()
+    return [child.wait() for child in ranks.children], first
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    meaning = EXIT_MEANINGS.get(code)
+    return f"exited with status {code}" + (f" ({meaning})" if meaning else "")
+
+
+def failure_summary(run_dir: Path, rank: int, code: int, nproc: int) -> str:
+    """What the user reads last: which rank died and how, the newest complete checkpoint, how to resume."""
+    newest = runs.newest_checkpoint(run_dir)
+    others = f"; stopped the other {nproc - 1} rank(s)" if nproc > 1 else ""
+    where = (f"newest complete checkpoint: {newest.name} ({newest})" if newest
+             else "no complete checkpoint yet: a resume starts from step 0")
+    return (f"[launcher] rank {rank} {describe_exit(code)}{others}.\n"
+            f"  {where}\n"
+            f"  resume with: python -m launcher resume {runs.run_ref(run_dir)}")
+
+
+# ------------------------------------------------------------------------------------- the job
+
+
+def run_local(spec: JobSpec, run_dir: Path, nproc: int, name: str) -> int:
+    """Train the run in ``run_dir`` with ``nproc`` local processes; returns training's exit status."""
+    kind, count = local_devices()
+    job_id = f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    env = _rank_env(spec, nproc, job_id)
+    runs.add_job(run_dir, job_id, kind="local", nproc=nproc, device=kind, state="RUNNING",
+                 host=socket.gethostname(), pid=os.getpid())
+    print(f"[launcher] local job {job_id}: {nproc} process(es) on {kind}"
+          f"{'' if kind == 'cpu' else f' ({count} GPU(s))'}, {env['OMP_NUM_THREADS']} thread(s) each; "
+          f"logs in {RunDir(run_dir).logs}", flush=True)
+    ranks = start_ranks(run_dir, name, nproc, env, job_id)
+    pids = [child.pid for child in ranks.children]
+    runs.update_jobs(run_dir, lambda data: runs.find_job(data, job_id).update(rank_pids=pids))
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
-    previous = {sig: signal.signal(sig, forward) for sig in handled}
+    previous = {sig: signal.signal(sig, _forwarder(ranks)) for sig in handled}
     try:
-        codes = [child.wait() for child in children]
+        codes, failed = wait_ranks(ranks)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        for pump in pumps:
-            pump.join(timeout=5)
-        for log in logs:
-            log.close()
-    code = codes[0] if codes[0] != 0 else next((c for c in codes if c != 0), 0)
-    if code < 0 or (code not in (0, 42) and runs.find_job(runs.read_jobs(run_dir), job_id).get("state") == "RUNNING"):
-        runs.record_end(run_dir, job_id, state="FAILED", outcome="failed", exit=code)
-    if code < 0:
-        code = 128 - code  # killed by a signal: the shell's convention
-    return code
+        ranks.close()
+    if failed is None:
+        return codes[0] or next((c for c in codes if c), 0)
+    code = codes[failed]
+    runs.record_end(run_dir, job_id, state="FAILED", outcome=f"rank {failed} {describe_exit(code)}", exit=code)
+    sys.stdout.flush()
+    print(failure_summary(run_dir, failed, code, nproc), file=sys.stderr, flush=True)
+    return 128 - code if code < 0 else code  # killed by a signal: the shell's convention
+
+
+# ----------------------------------------------------------------------------------- cancelling
+
+
+def rank_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live local rank (``launcher.entry``) on this machine."""
+    try:
+        return b"launcher.entry" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def live_jobs(data: dict) -> list[dict]:
+    """The run's local jobs whose ranks still run on this machine."""
+    return [job for job in data["jobs"]
+            if job.get("kind") == "local" and job.get("host") == socket.gethostname()
+            and any(rank_alive(pid) for pid in job.get("rank_pids", []))]
+
+
+def stop_job(run_dir: Path, job: dict, timeout_s: float = 300) -> bool:
+    """SIGTERM a local job's ranks (they save a checkpoint together and exit); True once they are gone."""
+    runs.update_jobs(run_dir, lambda data: runs.find_job(data, job["job_id"]).update(cancel_requested=time.time()))
+    for pid in job["rank_pids"]:
+        if rank_alive(pid):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not any(rank_alive(pid) for pid in job["rank_pids"]):
+            return True
+        time.sleep(0.2)
+    return False

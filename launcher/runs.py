@@ -1,16 +1,10 @@
-"""The run directory and its ``jobs.json``.
+"""A run directory as the launcher sees it, and its ``jobs.json``.
 
-``runs/NAME/`` holds everything a run needs and produces::
-
-    job.yaml        the resolved job (name, resources and training sections)
-    config.yaml     the resolved training sections, what ``run_training`` reads
-    jobs.json       every job (SLURM or local) that served the run: id, state, requeues, attempts
-    submitit/       sbatch scripts, pickles and per-task logs (%j_%t_log.out/.err)
-    logs/           per-rank logs of local runs
-    checkpoints/ tb/ progress.json   written by training
-
-``jobs.json`` is updated by the launcher (submit, status, cancel) and by global rank 0 inside the job,
-so every change is a locked read-modify-write followed by an atomic replace.
+Every file name of a run comes from :mod:`lenstrain.rundir`. The launcher writes ``job.yaml`` (the
+resolved job) and ``config.yaml`` (its training sections, what every task trains from) once per
+submission; ``jobs.json`` lists every job (SLURM or local) that served the run: id, state, requeues
+and attempts. ``jobs.json`` is updated by the launcher (submit, status, cancel) and by global rank 0
+inside the job, so every change is a locked read-modify-write followed by an atomic replace.
 """
 
 from __future__ import annotations
@@ -18,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,14 +19,9 @@ from typing import Any
 
 import yaml
 
-from lenstrain.config import ConfigError, LenstrainConfig, dump_config
+from lenstrain.config import ConfigError, LenstrainConfig
+from lenstrain.rundir import JOB_FILE, JOBS_FILE, RunDir, write_atomic, write_json_atomic
 
-JOB_FILE = "job.yaml"
-CONFIG_FILE = "config.yaml"
-JOBS_FILE = "jobs.json"
-PROGRESS_FILE = "progress.json"
-SUBMITIT_DIR = "submitit"
-LOCAL_LOG_DIR = "logs"
 DEFAULT_RUNS_DIR = Path("runs")
 
 # SLURM states in which a job still holds or waits for resources.
@@ -81,16 +69,7 @@ def list_runs(runs_dir: str | Path | None = None) -> list[Path]:
 
 
 def read_job_dict(run_dir: Path) -> dict:
-    return yaml.safe_load((run_dir / JOB_FILE).read_text()) or {}
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    return yaml.safe_load(RunDir(run_dir).job.read_text()) or {}
 
 
 def check_run(run_dir: Path, spec) -> str:
@@ -124,11 +103,11 @@ def check_run(run_dir: Path, spec) -> str:
 
 
 def write_run(run_dir: Path, spec) -> None:
-    """Write the resolved job and training config into ``run_dir``."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_text_atomic(run_dir / JOB_FILE, spec.to_yaml())
-    _write_text_atomic(run_dir / CONFIG_FILE, dump_config(spec.training()))
+    """Write the resolved job and its training config (``config.yaml``, read by every task) into ``run_dir``."""
+    run = RunDir(run_dir)
+    run.root.mkdir(parents=True, exist_ok=True)
+    write_atomic(run.job, spec.to_yaml())
+    write_atomic(run.config, spec.config_yaml())
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -143,9 +122,10 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def load_training_config(run_dir: Path) -> LenstrainConfig:
+    """The run's training config, as the launcher wrote it to ``config.yaml``."""
     from lenstrain.config import load_config
 
-    return load_config(run_dir / CONFIG_FILE)
+    return load_config(RunDir(run_dir).config)
 
 
 # ----------------------------------------------------------------------------------- jobs.json
@@ -162,7 +142,7 @@ def _locked(run_dir: Path) -> Iterator[None]:
 
 
 def read_jobs(run_dir: Path) -> dict:
-    path = Path(run_dir) / JOBS_FILE
+    path = RunDir(run_dir).jobs
     if not path.is_file():
         return {"run": Path(run_dir).name, "jobs": []}
     try:
@@ -177,7 +157,7 @@ def update_jobs(run_dir: Path, change: Callable[[dict], Any]) -> dict:
     with _locked(run_dir):
         data = read_jobs(run_dir)
         change(data)
-        _write_text_atomic(run_dir / JOBS_FILE, json.dumps(data, indent=1) + "\n")
+        write_json_atomic(RunDir(run_dir).jobs, data)
         return data
 
 
@@ -252,9 +232,39 @@ def active_jobs(data: dict) -> list[dict]:
     return [j for j in data["jobs"] if j.get("kind", "slurm") == "slurm" and j.get("state") in ACTIVE_STATES]
 
 
+def run_requeues(data: dict) -> int:
+    """Requeues of the whole run: every job's, across resumes."""
+    return sum(j.get("requeues", 0) for j in data["jobs"])
+
+
 def read_progress(run_dir: Path) -> dict | None:
-    path = Path(run_dir) / PROGRESS_FILE
+    path = RunDir(run_dir).progress
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint with its ``COMPLETE`` marker: where a resume starts."""
+    from lenstrain.checkpoint import COMPLETE, list_checkpoints
+
+    found = [p for _, p in list_checkpoints(RunDir(run_dir).checkpoints) if (p / COMPLETE).is_file()]
+    return found[-1] if found else None
+
+
+def display_path(path: Path) -> str:
+    """``path`` relative to the current directory when it lies below it."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def run_ref(run_dir: Path) -> str:
+    """How ``launcher resume``/``status`` find this run from here without ``--runs-dir``: its name when
+    it lies in ``runs/``, else its path."""
+    run_dir = Path(run_dir).resolve()
+    if run_dir == run_dir_for(run_dir.name):
+        return run_dir.name
+    return display_path(run_dir)

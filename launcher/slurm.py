@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 from launcher.clusters import ClusterProfile
-from launcher.runs import SUBMITIT_DIR
 from launcher.spec import JobSpec
+from lenstrain.rundir import SUBMITIT_DIR
 
 SLURM_TIMEOUT_S = 20
 

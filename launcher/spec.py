@@ -2,9 +2,10 @@
 
 :class:`JobSpec` extends lenstrain's :class:`~lenstrain.config.LenstrainConfig` with ``name`` and
 ``resources``, so one strict validation (unknown keys rejected) covers the whole file and every
-error names its dotted path. :func:`load_job` then checks what pydantic cannot: the requests against
-the cluster profile (nodes, GPUs, CPUs, memory), the consistency of tasks and GPUs, and that the
-shard set exists. Every problem found is reported at once, as a :class:`ConfigError`.
+error names its dotted path. That validation happens once, in :func:`read_job`; :func:`check_job`
+then checks what pydantic cannot: the requests against the cluster profile (nodes, GPUs, CPUs,
+memory), the consistency of tasks and GPUs, and the config against its shard set (for the ranks that
+will really run). :func:`load_job` does both and reports every problem at once, as a :class:`ConfigError`.
 """
 
 from __future__ import annotations
@@ -167,11 +168,14 @@ class JobSpec(LenstrainConfig):
             raise ValueError(f"{value!r}: use letters, digits, '_', '-' and '.' (it names runs/NAME/)")
         return value
 
-    def training(self) -> LenstrainConfig:
-        return LenstrainConfig.model_validate(self.model_dump(include=set(TRAINING_SECTIONS)))
-
     def training_dict(self) -> dict[str, Any]:
-        return self.training().model_dump(mode="json")
+        """The training sections as plain data, in ``config.yaml``'s order (validated with the job, not again)."""
+        data = self.model_dump(mode="json", include=set(TRAINING_SECTIONS))
+        return {k: data[k] for k in TRAINING_SECTIONS if k in data}
+
+    def config_yaml(self) -> str:
+        """``config.yaml``: what every task of the run trains from."""
+        return yaml.safe_dump(self.training_dict(), sort_keys=False)
 
     def to_dict(self) -> dict[str, Any]:
         data = self.model_dump(mode="json")
@@ -225,76 +229,76 @@ def check_resources(res: Resources, profile: ClusterProfile) -> list[tuple[str, 
     return errors
 
 
-def check_training(spec: JobSpec, base: Path) -> list[tuple[str, str]]:
-    """Consistency of the training sections with the resources, and the shard set's presence."""
-    from shards.manifest import MANIFEST_NAME, ManifestError, load_manifest
+def check_training(spec: JobSpec, world_size: int | None = None) -> list[tuple[str, str]]:
+    """Consistency of the training sections with the ranks that will run, and the config against its shard set.
+
+    ``world_size`` is the number of ranks that will really run (default: ``resources``' nodes x tasks).
+    """
+    from shards.manifest import ManifestError, load_manifest
 
     errors: list[tuple[str, str]] = []
-    res = spec.resources
-    if spec.parallel.strategy == "single" and res.world_size > 1:
+    world_size = spec.resources.world_size if world_size is None else world_size
+    if spec.parallel.strategy == "single" and world_size > 1:
         errors.append(
             (
                 "parallel.strategy",
-                f"'single' runs one process, but resources ask for {res.world_size} tasks; "
+                f"'single' runs one process, but {world_size} ranks would run; "
                 "valid choices: ddp, deepspeed (or set resources.nodes=1, resources.tasks_per_node=1)",
             )
         )
-    if spec.parallel.backend == "nccl" and res.gpus_per_node == 0:
+    if spec.parallel.backend == "nccl" and spec.resources.gpus_per_node == 0:
         errors.append(("parallel.backend", "nccl needs GPUs (resources.gpus_per_node is 0); valid choices: auto, gloo"))
-    shards = Path(spec.data.shards)
-    shards = shards if shards.is_absolute() else base / shards
-    if not (shards / MANIFEST_NAME).is_file():
-        hint = "pack one with `python -m shards simulate ... --out DIR` or `python -m shards import ...`"
-        errors.append(("data.shards", f"{shards}: no {MANIFEST_NAME}, not a shard set; {hint}"))
-    else:
-        try:
-            manifest = load_manifest(shards)
-        except (ManifestError, ValidationError) as exc:
-            errors.append(("data.shards", f"{shards}: unreadable manifest: {str(exc).splitlines()[0]}"))
-        else:
-            from lenstrain.preflight import preflight
+    try:
+        manifest = load_manifest(spec.data.shards)
+    except (ManifestError, ValidationError) as exc:
+        return [*errors, ("data.shards", str(exc).splitlines()[0])]
+    from lenstrain.preflight import preflight
 
-            errors.extend(preflight(spec, manifest, world_size=res.world_size))
-    return errors
+    return errors + preflight(spec, manifest, world_size=world_size)
 
 
-def _raise(errors: list[tuple[str, str]]) -> None:
-    if errors:
-        raise ConfigError("invalid config:\n" + "\n".join(f"  {path}: {msg}" for path, msg in errors))
+def read_job(
+    source: str | Path | dict, overrides: list[str] | None = None, *, base: Path | None = None
+) -> tuple[JobSpec, ClusterProfile | None, list[tuple[str, str]]]:
+    """Read a job file (or take a dict), apply ``--set`` overrides and validate its schema, once.
 
-
-def validate_job(data: dict, *, base: Path | None = None, check_shards: bool = True) -> tuple[JobSpec, ClusterProfile]:
-    """Validate a job dict: schema, then resources against the cluster profile, then the shard set.
-
-    ``data.shards`` is resolved against ``base`` (default: the current directory) and stored absolute,
-    because the job runs elsewhere.
+    Returns the job, its cluster profile (None when ``resources.cluster`` names none) and the
+    profile's complaint about it, if any. A schema error raises :class:`ConfigError`. ``data.shards``
+    is resolved against ``base`` (default: the current directory) and stored absolute, because the
+    job runs elsewhere.
     """
-    base = Path.cwd() if base is None else Path(base)
+    data = read_job_yaml(source) if not isinstance(source, dict) else source
+    data = apply_overrides(data, _quote_times(overrides))
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, JobSpec)) from None
-    errors: list[tuple[str, str]] = []
-    profile = None
-    if spec.resources.cluster not in list_profiles():
-        known = ", ".join(list_profiles())
-        errors.append(("resources.cluster", f"unknown cluster profile {spec.resources.cluster!r}; valid choices: {known}"))
-    else:
-        profile = load_profile(spec.resources.cluster)
-        errors += check_resources(spec.resources, profile)
-    if check_shards:
-        errors += check_training(spec, base)
-    _raise(errors)
-    assert profile is not None
+    base = Path.cwd() if base is None else Path(base)
     shards = Path(spec.data.shards)
     if not shards.is_absolute():
         spec.data.shards = (base / shards).resolve()
-    return spec, profile
+    if spec.resources.cluster not in list_profiles():
+        known = ", ".join(list_profiles())
+        problem = ("resources.cluster", f"unknown cluster profile {spec.resources.cluster!r}; valid choices: {known}")
+        return spec, None, [problem]
+    return spec, load_profile(spec.resources.cluster), []
+
+
+def check_job(spec: JobSpec, profile: ClusterProfile | None, world_size: int | None = None) -> list[tuple[str, str]]:
+    """Every problem of a schema-valid job: its requests against the cluster, and its training checks."""
+    return (check_resources(spec.resources, profile) if profile else []) + check_training(spec, world_size)
 
 
 def load_job(
     source: str | Path | dict, overrides: list[str] | None = None, *, base: Path | None = None, check_shards: bool = True
 ) -> tuple[JobSpec, ClusterProfile]:
-    """Read a job file (or take a dict), apply ``--set`` overrides, and validate everything."""
-    data = read_job_yaml(source) if not isinstance(source, dict) else source
-    return validate_job(apply_overrides(data, _quote_times(overrides)), base=base, check_shards=check_shards)
+    """Read and validate a job; every problem found raises one :class:`ConfigError`."""
+    spec, profile, problems = read_job(source, overrides, base=base)
+    if check_shards:
+        problems += check_job(spec, profile)
+    elif profile:
+        problems += check_resources(spec.resources, profile)
+    if problems:
+        raise ConfigError(problems=problems)
+    assert profile is not None
+    return spec, profile

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from launcher import runs
 from launcher.slurm import sacct_attempts, sacct_jobs, squeue_state, use_profile_slurm_conf
+from lenstrain.rundir import RunDir
 
 STATE_STYLES = {"RUNNING": "green", "COMPLETED": "bold green", "PENDING": "yellow", "REQUEUED": "yellow",
                 "FAILED": "red", "CANCELLED": "magenta", "STOPPED": "magenta", "TIMEOUT": "red", "PREEMPTED": "yellow"}
@@ -46,7 +47,7 @@ def refresh_states(run_dir: Path) -> tuple[dict, bool]:
     return data, True
 
 
-def _use_run_cluster(run_dir: Path) -> None:
+def use_run_cluster(run_dir: Path) -> None:
     """Talk to the run's cluster (its profile's slurm.conf) unless SLURM_CONF says otherwise."""
     from launcher.clusters import load_profile
 
@@ -68,6 +69,16 @@ def fmt_number(value) -> str:
     if value is None:
         return "-"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def requeue_count(run_dir: Path, data: dict) -> str:
+    """The run's requeues, across resumes, against its ``resources.max_requeues``: e.g. ``1/3``."""
+    count = runs.run_requeues(data)
+    try:
+        limit = runs.read_job_dict(run_dir)["resources"]["max_requeues"]
+    except (OSError, KeyError, TypeError):
+        return str(count)
+    return f"{count}/{limit}"
 
 
 def run_summary(run_dir: Path, data: dict) -> dict:
@@ -107,7 +118,7 @@ def run_summary(run_dir: Path, data: dict) -> dict:
         "step": f"{step}/{total}" if step is not None else "-",
         "loss": fmt_number(progress.get("loss")),
         "best": f"{fmt_number(best)} ({progress.get('best_metric_name')})" if best is not None else "-",
-        "requeues": str(sum(j.get("requeues", 0) for j in jobs)),
+        "requeues": requeue_count(run_dir, data),
         "elapsed": fmt_duration(elapsed if jobs else None),
         "eta": fmt_duration(eta),
     }
@@ -165,7 +176,7 @@ def show(runs_dir: Path | None, ref: str | None) -> int:
     rows, details = [], []
     any_sacct = False
     for run_dir in run_dirs:
-        _use_run_cluster(run_dir)
+        use_run_cluster(run_dir)
         data, sacct_ok = refresh_states(run_dir)
         any_sacct |= sacct_ok
         rows.append(run_summary(run_dir, data))
@@ -180,13 +191,13 @@ def show(runs_dir: Path | None, ref: str | None) -> int:
             for jid in slurm_jobs:
                 for row in sacct_attempts(jid):
                     out.print("  " + "  ".join(f"{k}={v}" for k, v in row.items()), highlight=False)
-        from lenstrain.checkpoint import list_checkpoints
+        from lenstrain.checkpoint import COMPLETE, list_checkpoints
 
-        ckpts = list_checkpoints(run_dir / "checkpoints")
-        complete = [p.name for _, p in ckpts if (p / "COMPLETE").is_file()]
+        ckpts = list_checkpoints(RunDir(run_dir).checkpoints)
+        complete = [p.name for _, p in ckpts if (p / COMPLETE).is_file()]
         out.print(f"checkpoints: {', '.join(complete[-5:]) or 'none'}", highlight=False)
         out.print(f"run dir: {run_dir}", highlight=False)
-        out.print(f"TensorBoard: tensorboard --logdir {run_dir / 'tb'}", highlight=False)
+        out.print(f"TensorBoard: tensorboard --logdir {RunDir(run_dir).tb}", highlight=False)
     if not any_sacct and any(j.get("kind", "slurm") == "slurm" for _, d, _ in details for j in d["jobs"]):
         out.print("[dim]sacct not reachable: SLURM states are the last ones recorded in jobs.json[/]")
     return 0

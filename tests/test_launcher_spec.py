@@ -3,6 +3,7 @@ path and submit nothing; the sbatch script matches a golden file; every job in j
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import shlex
@@ -60,11 +61,11 @@ BAD_SETS = [
      "resources.tasks_per_node: 2 tasks per node with 4 GPUs per node"),
     (["resources.cluster=example-gpu", "resources.gpus_per_node=8"],
      "resources.gpus_per_node: 8 GPUs per node requested; cluster 'example-gpu' has 4 GPUs per node"),
-    (["data.shards=/nonexistent/shards"], "data.shards: /nonexistent/shards: no manifest.json, not a shard set"),
+    (["data.shards=/nonexistent/shards"], "data.shards: /nonexistent/shards is not a shard set (no manifest.json)"),
     (["optim.lrr=3e-4"], "optim.lrr: unknown key; valid keys: name, lr"),
     (["optim.lr=-1"], "optim.lr: Input should be greater than 0"),
     (["model.name=alternet_huge"], "model.name: unknown model 'alternet_huge'; valid choices:"),
-    (["parallel.strategy=single"], "parallel.strategy: 'single' runs one process, but resources ask for 2 tasks"),
+    (["parallel.strategy=single"], "parallel.strategy: 'single' runs one process, but 2 ranks would run"),
     (["parallel.backend=nccl"], "parallel.backend: nccl needs GPUs"),
     (["resourcez.nodes=1"], "resourcez: unknown key; valid keys: seed, data, model"),
     (["name=bad name!"], "name: 'bad name!': use letters, digits"),
@@ -83,7 +84,7 @@ def test_bad_set_exits_2_with_dotted_path(capsys, launcher_job, tmp_path, overri
 
 
 def test_bad_job_file_reports_every_problem(capsys, launcher_shards, tmp_path):
-    job = launcher_job_dict(launcher_shards)
+    job = copy.deepcopy(launcher_job_dict(launcher_shards))
     job["resources"]["nodse"] = 2
     job["resources"]["time"] = [1]
     job["train"]["max_step"] = 5

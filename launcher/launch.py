@@ -1,0 +1,172 @@
+"""What ``submit`` and ``resume`` share: check the job once, for the ranks that will really run, then
+print it (``--dry-run``), run it on this machine (``--local``) or submit it to SLURM.
+
+The job was validated once when it was read (:func:`launcher.spec.read_job`); here it is checked
+against the cluster and its shard set, written once to the run directory (``job.yaml`` and
+``config.yaml``), and every task loads ``config.yaml`` from there. A dry run prints the script and the
+resolved job even when those checks fail: their problems become warnings under the script.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from launcher import local, runs
+from launcher.clusters import ClusterProfile
+from launcher.spec import JobSpec, check_job
+from lenstrain.config import ConfigError
+from lenstrain.rundir import TB_DIR, RunDir
+from shards.clikit import Problem, UsageError, format_problems
+
+
+@dataclass
+class Launch:
+    """One submission: the job, where its run lives, and how it runs."""
+
+    spec: JobSpec
+    profile: ClusterProfile | None
+    name: str
+    run_dir: Path
+    job_ref: str  # how the user named the job file, for hints
+    local: bool = False
+    nproc: int | None = None
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc if self.local and self.nproc else self.spec.resources.world_size
+
+
+def plan(spec: JobSpec, profile: ClusterProfile | None, problems: list[Problem], name: str, run_dir: Path,
+         args, job_ref: str) -> Launch:
+    """Name the run, decide where it runs, and collect every problem of the job for those ranks."""
+    try:
+        spec.name = name
+    except ValidationError as exc:
+        raise UsageError(f"run name: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    job = Launch(spec, profile, name, run_dir, job_ref, problems=list(problems))
+    job.local = args.local or (profile is not None and profile.kind == "local")
+    if job.local:
+        job.nproc = args.nproc or local.default_nproc(spec)
+        job.problems += local.check_local(spec, job.nproc)
+        note = local.cap_workers(spec, job.nproc)
+        if note:
+            job.notes.append(note)
+    job.problems += check_job(spec, profile, world_size=job.world_size)
+    return job
+
+
+def launch(job: Launch, dry_run: bool) -> int:
+    if job.profile is None or (job.problems and not dry_run):
+        raise ConfigError(problems=job.problems)
+    state = runs.check_run(job.run_dir, job.spec)
+    progress = (runs.read_progress(job.run_dir) or {}) if state == "resubmit" else {}
+    if dry_run:
+        print_dry_run(job, state)
+        return 0
+    if progress.get("state") == "done":
+        print(f"run {job.name} is complete (step {progress.get('step')}/{progress.get('total_steps')}) in "
+              f"{job.run_dir}; nothing to do. Use --name NEW_NAME to train it again.")
+        return 0
+    return start_local(job, state) if job.local else submit_slurm(job, state)
+
+
+def print_dry_run(job: Launch, state: str) -> None:
+    from launcher import slurm
+
+    print(f"# resolved job -> {RunDir(job.run_dir).job} ({state} run)")
+    print(job.spec.to_yaml().rstrip())
+    print()
+    if job.local:
+        for note in job.notes:
+            print(f"# {note}")
+        print(f"# local run: {job.nproc} process(es) of `python -m launcher.entry {job.run_dir}` "
+              f"with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set")
+    else:
+        print(f"# sbatch script -> {RunDir(job.run_dir).submitit}/%j_submission.sh")
+        print(slurm.render_sbatch(job.spec, job.profile, job.run_dir, job.name).rstrip())
+    if job.problems:
+        header = f"warning: submitting this job would stop at {len(job.problems)} problem(s)"
+        print("\n" + "\n".join(f"# {line}" for line in format_problems(job.problems, header).splitlines()))
+    print("\n# dry run: nothing submitted")
+
+
+def _resumes(run_dir: Path) -> str:
+    newest = runs.newest_checkpoint(run_dir)
+    return f"; resumes from {newest.name}" if newest else ""
+
+
+def refuse_active(job: Launch) -> None:
+    """A run with a job still queued or running (on SLURM, or ranks here) is not started twice."""
+    from launcher.status import refresh_states
+
+    data, _ = refresh_states(job.run_dir)
+    active = [f"{j['job_id']} ({j['state']})" for j in runs.active_jobs(data) + local.live_jobs(data)]
+    if active:
+        raise UsageError(f"run {job.name} is active already (job {', '.join(active)}).\n"
+                         f"  Watch it: python -m launcher status {job.name}; stop it: python -m launcher cancel "
+                         f"{job.name}")
+
+
+def start_local(job: Launch, state: str) -> int:
+    if state == "resubmit":
+        refuse_active(job)
+    runs.write_run(job.run_dir, job.spec)
+    for note in job.notes:
+        print(f"[launcher] {note}")
+    print(f"[launcher] {'resubmitting' if state == 'resubmit' else 'starting'} run {job.name} locally in "
+          f"{job.run_dir}{_resumes(job.run_dir)}", flush=True)
+    return local.run_local(job.spec, job.run_dir, job.nproc, job.name)
+
+
+def _no_slurm_hint(problem: str, job_ref: str) -> str:
+    return (
+        f"no SLURM cluster reachable: {problem}.\n"
+        f"  Try the job on this machine:   python -m launcher submit {job_ref} --local\n"
+        f"  Or start the development cluster and point SLURM's commands at it:\n"
+        f"    slurm/devcluster up && eval \"$(slurm/devcluster env)\""
+    )
+
+
+def check_slurm(job: Launch) -> str | None:
+    """SLURM answers and knows the partition; returns the partition (None: the cluster's default)."""
+    from launcher import slurm
+
+    slurm.use_profile_slurm_conf(job.profile)
+    problem = slurm.slurm_problem()
+    if problem:
+        raise UsageError(_no_slurm_hint(problem, job.job_ref))
+    partition = job.spec.resources.partition or job.profile.partition
+    known = slurm.partitions()
+    if partition and known and partition not in known:
+        raise ConfigError(problems=[("resources.partition",
+                                     f"unknown partition {partition!r}; valid choices: {', '.join(known)}")])
+    return partition
+
+
+def submit_slurm(job: Launch, state: str) -> int:
+    from launcher import slurm
+    from launcher.entry import TrainTask
+
+    partition = check_slurm(job)
+    if state == "resubmit":
+        refuse_active(job)
+    runs.write_run(job.run_dir, job.spec)
+    res = job.spec.resources
+    task = TrainTask(job.run_dir, max_requeues=res.max_requeues, name=job.name)
+    job_id = slurm.submit(job.spec, job.profile, job.run_dir, job.name, task)
+    runs.add_job(job.run_dir, job_id, kind="slurm", cluster=job.profile.name, partition=partition,
+                 nodes=res.nodes, tasks_per_node=res.ntasks_per_node, time_min=res.time_minutes)
+    rel = runs.display_path(job.run_dir)
+    print(f"submitted run {job.name} as SLURM job {job_id}: {res.nodes} node(s) x {res.ntasks_per_node} task(s), "
+          f"partition {partition or '(default)'}, {res.time_minutes} min, cluster {job.profile.name}"
+          f"{_resumes(job.run_dir)}")
+    print(f"  run dir:     {rel}")
+    print(f"  status:      python -m launcher status {job.name}")
+    print(f"  logs:        python -m launcher logs {job.name} --follow")
+    print(f"  tensorboard: tensorboard --logdir {rel}/{TB_DIR}")
+    return 0
