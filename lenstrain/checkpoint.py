@@ -1,88 +1,65 @@
-"""Checkpoints that survive preemption: write to ``step-N.tmp/``, fsync, rename, then ``COMPLETE``.
+"""Checkpoints that survive preemption and full disks: write ``step-N.tmp/``, fsync, rename, then ``COMPLETE``.
 
 A checkpoint directory counts only when its ``COMPLETE`` marker exists and the files it lists have
 the recorded sizes and checksums, so a kill at any moment leaves the previous complete checkpoint
-as the one to resume from. Layout of ``RUN/checkpoints/step-XXXXXXXX/``:
+as the one to resume from. A write that fails (full disk, quota, I/O error, permission) removes
+that step's directory and raises :class:`CheckpointWriteError` on every rank; older checkpoints are
+never touched. Layout of ``RUN/checkpoints/step-XXXXXXXX/``:
 
 - ``model.pt``, ``optimizer.pt``, ``scheduler.pt``, ``scaler.pt``: ``state_dict`` of each object
   (the model unwrapped), written by rank 0 since DDP replicates them;
 - with DeepSpeed, ``deepspeed/``: the engine's collective checkpoint (model states and each rank's
   optimizer partition) in place of ``model.pt`` and ``optimizer.pt``; ``scheduler.pt`` as above;
-- ``rng-rankR.pt``: the python, numpy and torch RNG states of rank R;
+- ``rng-rankR.pt``: the python, numpy and torch RNG states of rank R, as tensors and lists;
 - ``meta.json``: step, data cursor, train state and the metric, readable without torch;
 - ``COMPLETE``: written last; the size and sha256 of every other file.
+
+The backend writes and reads its own part (``Backend.save_state``/``load_state``); every file but
+DeepSpeed's is read with ``weights_only=True`` (see :mod:`lenstrain.stateio`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import random
 import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from shards.manifest import fsync_dir, write_json_atomic
+from lenstrain.checkpoint_space import (
+    CheckpointWriteError,
+    checkpoint_bytes,
+    estimate_checkpoint_bytes,
+    free_space_warning,
+    write_failure_line,
+)
+from lenstrain.rundir import CHECKPOINTS_DIR, fsync_dir, write_json_atomic
+from lenstrain.stateio import (
+    COMPLETE,
+    DEEPSPEED_DIR,
+    fsync_file,
+    load_deepspeed_model_state,
+    load_rng_file,
+    load_state_file,
+    rng_state,
+    save_state_file,
+    set_rng_state,
+    sha256_file,
+    verify_checkpoint,
+)
+
+__all__ = ["COMPLETE", "CheckpointWriteError", "Checkpointer", "best_checkpoint", "estimate_checkpoint_bytes",
+           "free_space_warning", "latest_complete", "list_checkpoints", "load_model_state", "read_meta",
+           "recorded_metric", "step_dir_name", "verify_checkpoint"]
 
 STEP_RE = re.compile(r"^step-(\d{8})$")
-COMPLETE = "COMPLETE"
 
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def verify_checkpoint(step_dir: Path) -> str | None:
-    """None if ``step_dir`` is complete and intact, else the reason it is not."""
-    marker = step_dir / COMPLETE
-    if not marker.is_file():
-        return "no COMPLETE marker"
-    try:
-        listing = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError) as exc:
-        return f"unreadable COMPLETE marker ({exc})"
-    for name, expected in listing.items():
-        path = step_dir / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != expected["bytes"]:
-            return f"{name} has {path.stat().st_size} bytes, expected {expected['bytes']}"
-        if _sha256(path) != expected["sha256"]:
-            return f"{name} does not match its checksum"
-    return None
 
 
 def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
@@ -103,13 +80,16 @@ def latest_complete(ckpt_root: Path, log=print) -> Path | None:
 
 
 def load_model_state(step_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The unwrapped model's weights in a checkpoint, as a plain state dict."""
+    """The unwrapped model's weights in a checkpoint of any backend, as a plain state dict.
+
+    The format is read from the checkpoint's files: ``model.pt``, or the DeepSpeed engine's directory.
+    """
     step_dir = Path(step_dir)
     if (step_dir / "model.pt").is_file():
-        return torch.load(step_dir / "model.pt", map_location="cpu", weights_only=True)
-    from lenstrain.deepspeed_backend import load_deepspeed_model_state
-
-    return load_deepspeed_model_state(step_dir)
+        return load_state_file(step_dir / "model.pt")
+    if (step_dir / DEEPSPEED_DIR).is_dir():
+        return load_deepspeed_model_state(step_dir)
+    raise FileNotFoundError(f"{step_dir} holds neither model.pt nor a DeepSpeed checkpoint ({DEEPSPEED_DIR}/)")
 
 
 def read_meta(step_dir: Path) -> dict:
@@ -159,7 +139,7 @@ class Checkpointer:
     """Saves and restores the training state of every rank, collectively."""
 
     def __init__(self, run_dir: Path, backend, *, keep: int, best_metric: str | None, best_mode: str, log=print):
-        self.root = Path(run_dir) / "checkpoints"
+        self.root = Path(run_dir) / CHECKPOINTS_DIR
         self.backend = backend
         self.keep = keep
         self.best_metric = best_metric
@@ -172,41 +152,75 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
         backend.barrier()
 
+    # --- saving --------------------------------------------------------------------------------
     def save(self, step: int, objects: dict[str, object], meta: dict) -> Path:
-        info = self.backend.info
+        """Collective: write ``objects``, the RNG states and ``meta`` as the checkpoint of ``step``.
+
+        Raises :class:`CheckpointWriteError` on every rank when any rank's write failed.
+        """
         final = self.root / step_dir_name(step)
         if verify_checkpoint(final) is None:  # this step is already saved
             return final
-        tmp = self.root / (step_dir_name(step) + ".tmp")
-        if info.is_main:
+        tmp = final.with_name(final.name + ".tmp")
+        self._attempt(step, lambda: self._prepare(tmp, final))
+        self._attempt(step, lambda: self._write(tmp, objects, meta))
+        self._attempt(step, lambda: self._publish(step, tmp, final))
+        self.saved_step = step
+        return final
+
+    def _prepare(self, tmp: Path, final: Path) -> None:
+        if self.backend.info.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(final, ignore_errors=True)  # an incomplete one from an earlier attempt
             tmp.mkdir(parents=True)
-        self.backend.barrier()
-        saver = getattr(self.backend, "save_sharded", None)
-        if saver is not None:  # DeepSpeed: every rank writes its own shards of model and optimizer
-            saver(tmp)
-        if info.is_main:  # what is replicated (with DeepSpeed: what the engine does not hold)
-            for key, obj in objects.items():
-                torch.save(obj.state_dict(), tmp / f"{key}.pt")
-        if info.is_main:
+
+    def _write(self, tmp: Path, objects: dict[str, object], meta: dict) -> None:
+        self.backend.save_state(tmp, objects)
+        if self.backend.info.is_main:
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        torch.save(rng_state(), tmp / f"rng-rank{info.rank}.pt")
-        self.backend.barrier()
-        if info.is_main:
-            files = {}
-            for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-                _fsync_file(path)
-                files[str(path.relative_to(tmp))] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-            for sub in [tmp, *[p for p in tmp.rglob("*") if p.is_dir()]]:
-                fsync_dir(sub)
-            os.replace(tmp, final)
-            fsync_dir(self.root)
-            write_json_atomic(final / COMPLETE, {"step": step, "files": files})
-            self._prune()
-        self.backend.barrier()
-        self.saved_step = step
-        return final
+        save_state_file(rng_state(), tmp / f"rng-rank{self.backend.info.rank}.pt")
+
+    def _publish(self, step: int, tmp: Path, final: Path) -> None:
+        """Rank 0: fsync every file, rename ``tmp`` to ``final``, write ``COMPLETE`` last, prune."""
+        if not self.backend.info.is_main:
+            return
+        files = {}
+        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            fsync_file(path)
+            files[str(path.relative_to(tmp))] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        for sub in [tmp, *[p for p in tmp.rglob("*") if p.is_dir()]]:
+            fsync_dir(sub)
+        os.replace(tmp, final)
+        fsync_dir(self.root)
+        write_json_atomic(final / COMPLETE, {"step": step, "files": files})
+        self._prune()
+
+    def _attempt(self, step: int, work) -> None:
+        """Run ``work`` on every rank; when it raised an OSError on any, clean up and raise on every rank."""
+        try:
+            work()
+            error = None
+        except OSError as exc:
+            error = str(exc)
+        errors = self.backend.gather_objects(error)
+        failed = [(rank, message) for rank, message in enumerate(errors) if message is not None]
+        if not failed:
+            return
+        line = self._clean_up_failed(step, failed) if self.backend.info.is_main else None
+        raise CheckpointWriteError(self.backend.broadcast_object(line))
+
+    def _clean_up_failed(self, step: int, failed: list[tuple[int, str]]) -> str:
+        """Rank 0: remove this step's partial checkpoint (never an older one); the line that reports it."""
+        name = step_dir_name(step)
+        written = 0
+        for partial in (self.root / f"{name}.tmp", self.root / name):
+            written = max(written, checkpoint_bytes(partial))
+            shutil.rmtree(partial, ignore_errors=True)
+        previous = latest_complete(self.root, log=lambda message: None)
+        needed = max(written, checkpoint_bytes(previous) if previous else 0,
+                     estimate_checkpoint_bytes(self.backend.model, self.backend.optimizer))
+        rank, error = failed[0]
+        return write_failure_line(name, f"rank {rank}: {error}", needed, self.root, previous)
 
     def _prune(self) -> None:
         complete = [(s, p) for s, p in list_checkpoints(self.root) if (p / COMPLETE).is_file()]
@@ -218,6 +232,7 @@ class Checkpointer:
             if path not in keep:
                 shutil.rmtree(path, ignore_errors=True)
 
+    # --- finding and loading -------------------------------------------------------------------
     def best(self) -> Path | None:
         return best_checkpoint(self.root, self.best_metric, self.best_mode)
 
@@ -227,15 +242,9 @@ class Checkpointer:
         return Path(found) if found else None
 
     def load(self, step_dir: Path, objects: dict[str, object]) -> dict:
-        info = self.backend.info
-        loader = getattr(self.backend, "load_sharded", None)
-        if loader is not None:
-            loader(step_dir)
-        for key, obj in objects.items():
-            state = torch.load(step_dir / f"{key}.pt", map_location=info.device if key != "model" else "cpu",
-                               weights_only=False)
-            obj.load_state_dict(state)
-        rng_file = step_dir / f"rng-rank{info.rank}.pt"
+        """Collective: restore ``objects`` and this rank's RNG states from ``step_dir``; return its meta."""
+        self.backend.load_state(step_dir, objects)
+        rng_file = step_dir / f"rng-rank{self.backend.info.rank}.pt"
         if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            set_rng_state(load_rng_file(rng_file))
         return read_meta(step_dir)

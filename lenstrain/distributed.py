@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import subprocess
 from dataclasses import dataclass
 
@@ -25,6 +26,13 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return dist.is_available() and dist.is_initialized()
+
+
+def free_port() -> int:
+    """A TCP port that is free on this host now, for a local process group's MASTER_PORT."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def master_port_for_job(job_id: str | int) -> int:

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from lenstrain.distributed import free_port
 
 
 def spawn_local(argv: list[str], nproc: int, env: dict | None = None) -> int:

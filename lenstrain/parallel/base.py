@@ -1,0 +1,100 @@
+"""The backend interface, and the single-process backend that defines it.
+
+A backend owns how gradients are produced and applied across ranks, and how the training state
+reaches a checkpoint. The loop calls ``accumulating(last)`` around each micro-step's forward,
+``backward(loss)``, then ``step()``, and uses ``any_flags``/``mean``/``broadcast_object``/
+``gather_objects``/``barrier`` for the few collectives it needs. The checkpointer calls
+``save_state``/``load_state`` on every rank. Evaluation reads the unwrapped ``model``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from lenstrain.distributed import DistInfo
+from lenstrain.stateio import load_state_file, save_state_file
+
+
+class Backend:
+    """One process: the step under autocast (with a GradScaler for fp16), collectives that return their input."""
+
+    name = "single"
+    multi_rank = False  # whether it runs on several ranks
+    options: tuple[str, ...] = ()  # keyword options of its constructor beyond precision and grad_clip
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo, *,
+                 precision: str, grad_clip: float | None):
+        self.model = model  # unwrapped: what checkpoints and evaluation use
+        self.optimizer = optimizer
+        self.info = info
+        self.precision = precision
+        self.grad_clip = grad_clip
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=precision == "fp16")
+        self.train_module: nn.Module = model  # what the forward pass calls
+
+    # --- the step ------------------------------------------------------------------------------
+    def autocast(self):
+        if self.precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            return torch.autocast(self.info.device.type, dtype=dtype)
+        return contextlib.nullcontext()
+
+    def accumulating(self, last: bool):  # noqa: ARG002 - DDP skips the all-reduce until the last micro-step
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self, skip: bool = False) -> float:
+        """Unscale, clip, apply the update (unless ``skip``) and zero the gradients; return the grad norm."""
+        self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.grad_clip if self.grad_clip is not None else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.tensor(0.0)
+        if not skip:
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    # --- collectives ---------------------------------------------------------------------------
+    def any_flags(self, flags: list[bool]) -> list[bool]:
+        """For each flag, whether any rank raised it (one collective for all of them)."""
+        return list(flags)
+
+    def mean(self, value: float) -> float:
+        return value
+
+    def broadcast_object(self, obj):
+        return obj
+
+    def gather_objects(self, obj) -> list:
+        return [obj]
+
+    def barrier(self) -> None:
+        pass
+
+    # --- state ---------------------------------------------------------------------------------
+    def state_objects(self) -> dict[str, object]:
+        """Objects with ``state_dict`` that this backend keeps in step, by fixed key."""
+        return {"model": self.model, "optimizer": self.optimizer, "scaler": self.scaler}
+
+    def save_state(self, directory: Path, objects: dict[str, object]) -> None:
+        """Collective: write ``objects`` into the checkpoint ``directory``, as ``KEY.pt`` files.
+
+        Every rank holds the same state here, so rank 0 alone writes it. A failed write raises its OSError.
+        """
+        if self.info.is_main:
+            for key, obj in objects.items():
+                save_state_file(obj.state_dict(), Path(directory) / f"{key}.pt")
+
+    def load_state(self, directory: Path, objects: dict[str, object]) -> None:
+        """Collective: restore ``objects`` from the checkpoint ``directory`` (plain data only)."""
+        for key, obj in objects.items():
+            where = "cpu" if key == "model" else self.info.device
+            obj.load_state_dict(load_state_file(Path(directory) / f"{key}.pt", map_location=where))

@@ -1,0 +1,211 @@
+"""DeepSpeed ZeRO behind the backend interface (``parallel.strategy: deepspeed``).
+
+The engine owns the model weights, the gradients and the optimizer state (partitioned across ranks
+by ZeRO stages 1-3, optionally offloaded to CPU memory). The loop drives it exactly as it drives
+DDP, one micro-step at a time:
+
+- ``accumulating(last)`` marks the gradient-accumulation boundary by hand
+  (``engine.set_gradient_accumulation_boundary``), so DeepSpeed reduces gradients only on the last
+  micro-step, like DDP's ``no_sync``. The config keeps ``gradient_accumulation_steps: 1``; the loop
+  already divides each micro-step's loss by the number of micro-steps.
+- ``backward(loss)`` is ``engine.backward(loss, scale_wrt_gas=False)`` (fp16 loss scaling included);
+- ``step()`` is one ``engine.step()``: clipping (``gradient_clipping``; without ZeRO, here), the
+  update and zeroing. It returns the global gradient norm.
+
+Before each step's first forward, rank 0's buffers (batch-norm statistics) are broadcast, as DDP
+does; DeepSpeed would let them drift apart between ranks and checkpoint only rank 0's.
+bf16/fp16 run through DeepSpeed's ``torch_autocast`` (see :func:`deepspeed_config`).
+
+Checkpoints are collective: on every rank ``save_state``/``load_state`` write and read
+``step-N/deepspeed/`` through the engine (model states and each rank's optimizer partition), through
+:class:`~lenstrain.parallel.deepspeed_files.ListedFilesCheckpointEngine`. The scheduler and everything
+else outside the engine go through the base class's plain state files.
+DeepSpeed itself is imported when a backend is built, not with this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from lenstrain.distributed import DistInfo, free_port
+from lenstrain.parallel.base import Backend
+from lenstrain.parallel.ddp import DDPBackend
+from lenstrain.stateio import DEEPSPEED_DIR
+
+
+def ensure_process_group(info: DistInfo) -> str:
+    """Set the variables DeepSpeed reads (a lone process gets defaults) and join a process group.
+
+    A multi-rank run already has its group (``init_distributed``); a lone process gets a group of
+    one, so DeepSpeed never falls back to MPI discovery. Returns the backend name.
+    """
+    defaults = {"RANK": str(info.rank), "WORLD_SIZE": str(info.world_size), "LOCAL_RANK": str(info.local_rank),
+                "MASTER_ADDR": "127.0.0.1"}
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(free_port())
+    if not dist.is_initialized():
+        backend = "nccl" if info.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size,
+                                timeout=datetime.timedelta(minutes=10))
+    return dist.get_backend()
+
+
+def deepspeed_config(*, precision: str, grad_clip: float | None, zero_stage: int, offload_optimizer: bool,
+                     world_size: int, on_gpu: bool, num_params: int, clip_in_engine: bool = True) -> dict:
+    """The DeepSpeed config for one lenstrain run (the batch fields only satisfy DeepSpeed's checks).
+
+    bf16 and fp16 use DeepSpeed's ``torch_autocast`` mode rather than its bf16/fp16 modes: weights,
+    batch-norm statistics and optimizer state stay fp32 and autocast picks the precision per op, as
+    with DDP. (Its bf16 mode casts the weights but not the buffers, which batch norm rejects.)
+
+    The communication buckets are no larger than the model: ZeRO allocates its reduce bucket anew
+    at each step, and its default of 5e8 elements costs seconds per step on CPU when
+    ``torch.use_deterministic_algorithms`` fills fresh memory.
+    """
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
+    if offload_optimizer and zero_stage == 0:
+        raise ValueError("parallel.offload_optimizer needs parallel.zero_stage 1, 2 or 3")
+    bucket = int(min(5e8, max(num_params, 2**20)))
+    zero: dict = {"stage": zero_stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
+    if zero_stage == 3:
+        zero["stage3_prefetch_bucket_size"] = int(min(5e7, bucket))
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,  # the loop marks the boundary itself
+        "train_batch_size": world_size,
+        "gradient_clipping": float(grad_clip) if grad_clip and clip_in_engine else 0.0,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # the torch optimizer from optim.name
+        "zero_force_ds_cpu_optimizer": False,  # offload keeps that optimizer: no compiled CPU Adam
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if precision in ("bf16", "fp16"):  # torch autocast inside the engine (and a GradScaler for fp16)
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16" if precision == "bf16" else "float16"}
+    elif precision != "fp32":
+        raise ValueError(f"unknown precision {precision!r}; valid: fp32, bf16, fp16")
+    return config
+
+
+class DeepSpeedBackend(DDPBackend):
+    """ZeRO stages 0-3 through ``deepspeed.initialize``; the collectives are DDP's."""
+
+    name = "deepspeed"
+    options = ("zero_stage", "offload_optimizer")
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo, *, precision: str,
+                 grad_clip: float | None, zero_stage: int = 1, offload_optimizer: bool = False):
+        Backend.__init__(self, model, optimizer, info, precision="fp32", grad_clip=grad_clip)  # no GradScaler
+        self.precision = precision
+        self.zero_stage = zero_stage
+        comm_backend = ensure_process_group(info)
+
+        import deepspeed
+        from deepspeed.utils import logger as ds_logger
+
+        from lenstrain.parallel.deepspeed_files import ListedFilesCheckpointEngine
+
+        ds_logger.setLevel(logging.WARNING)
+        deepspeed.init_distributed(dist_backend=comm_backend, auto_mpi_discovery=False)
+        config = deepspeed_config(precision=precision, grad_clip=grad_clip, zero_stage=zero_stage,
+                                  offload_optimizer=offload_optimizer, world_size=info.world_size,
+                                  on_gpu=info.device.type == "cuda", clip_in_engine=zero_stage > 0,
+                                  num_params=sum(p.numel() for p in model.parameters()))
+        self.engine, self.ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        self.engine.checkpoint_engine = ListedFilesCheckpointEngine(self.engine._config)
+        self.train_module = self.engine
+        self._buffers_synced = False
+
+    # --- the step ------------------------------------------------------------------------------
+    def accumulating(self, last: bool):
+        if not self._buffers_synced:  # once per step, before its first forward
+            self._broadcast_buffers()
+            self._buffers_synced = True
+        self.engine.set_gradient_accumulation_boundary(last)
+        return contextlib.nullcontext()
+
+    def _broadcast_buffers(self) -> None:
+        """Rank 0's buffers (batch-norm statistics) to every rank, as DDP does before each forward.
+
+        DeepSpeed leaves each rank's buffers to drift apart, while its checkpoint keeps rank 0's.
+        """
+        if not self._distributed():
+            return
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for buf in self.model.buffers():
+            by_dtype.setdefault(buf.dtype, []).append(buf)
+        for bufs in by_dtype.values():
+            flat = _flatten_dense_tensors([b.detach() for b in bufs])
+            device = flat.device
+            flat = flat.to(self._comm_device())
+            dist.broadcast(flat, src=0)
+            for buf, value in zip(bufs, _unflatten_dense_tensors(flat.to(device), bufs), strict=True):
+                buf.copy_(value)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self, skip: bool = False) -> float:
+        """One engine step; returns the global grad norm (inf when the update was skipped).
+
+        With ZeRO the engine itself skips an update whose gradients are not finite (which a
+        non-finite loss gives) and clears them; without ZeRO this backend skips it.
+        """
+        self.engine.set_gradient_accumulation_boundary(True)
+        self._buffers_synced = False
+        if self.zero_stage == 0:
+            return self._step_without_zero(skip)
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            return 0.0
+        return float(norm.item() if torch.is_tensor(norm) else norm)
+
+    def _step_without_zero(self, skip: bool) -> float:
+        """Without ZeRO the engine steps the torch optimizer and reports no norm: unscale and clip here."""
+        scaler = getattr(self.engine, "torch_autocast_z0_gradscaler", None)  # fp16 only
+        if scaler is not None:
+            scaler.unscale_(self.engine.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.grad_clip if self.grad_clip is not None else math.inf
+        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+        if skip:
+            if scaler is not None:
+                scaler.update()
+            self.engine.zero_grad()
+            return norm
+        self.engine.step()
+        return norm
+
+    # --- state ---------------------------------------------------------------------------------
+    def state_objects(self) -> dict[str, object]:
+        """Nothing for rank 0 alone: the engine's collective checkpoint holds model, optimizer and scaler."""
+        return {}
+
+    def save_state(self, directory: Path, objects: dict[str, object]) -> None:
+        """Collective: every rank writes its part of ``directory/deepspeed/``; rank 0 then writes ``objects``."""
+        self.engine.save_checkpoint(str(directory), tag=DEEPSPEED_DIR, client_state={}, save_latest=False)
+        super().save_state(directory, objects)
+
+    def load_state(self, directory: Path, objects: dict[str, object]) -> None:
+        """Collective: every rank restores the weights and its optimizer partition, then ``objects``."""
+        path, _ = self.engine.load_checkpoint(str(directory), tag=DEEPSPEED_DIR, load_module_strict=True,
+                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {Path(directory) / DEEPSPEED_DIR}")
+        super().load_state(directory, objects)
