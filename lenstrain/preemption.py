@@ -14,6 +14,7 @@ import time
 
 EXIT_REQUEUE = 42
 EXIT_NONFINITE = 3
+EXIT_CHECKPOINT_FAILED = 44  # a checkpoint could not be written (full disk, quota, I/O error): no requeue
 DEFAULT_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 

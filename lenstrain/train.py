@@ -26,7 +26,7 @@ from lenstrain.build import (
     resolve_precision,
     total_steps,
 )
-from lenstrain.checkpoint import Checkpointer, read_meta
+from lenstrain.checkpoint import Checkpointer, CheckpointWriteError, read_meta
 from lenstrain.config import LenstrainConfig
 from lenstrain.data import Cursor, TrainStream
 from lenstrain.distributed import DistInfo, init_distributed, shutdown_distributed
@@ -35,7 +35,7 @@ from lenstrain.losses import weight_penalty
 from lenstrain.metrics import better
 from lenstrain.optim import PlateauScheduler, build_optimizer, build_scheduler
 from lenstrain.parallel import Backend
-from lenstrain.preemption import EXIT_NONFINITE, EXIT_REQUEUE, PreemptionFlag
+from lenstrain.preemption import EXIT_CHECKPOINT_FAILED, EXIT_NONFINITE, EXIT_REQUEUE, PreemptionFlag
 from lenstrain.preflight import has_split
 from lenstrain.rundir import RunDir, write_json_atomic
 from lenstrain.tb import TBLogger
@@ -117,10 +117,15 @@ class Run:
 
 def run_training(config: LenstrainConfig, run_dir: str | os.PathLike) -> int:
     """Train in ``run_dir`` (resuming from its newest complete checkpoint); returns the exit status:
-    0 when done, :data:`EXIT_REQUEUE` after a collective save on a signal, :data:`EXIT_NONFINITE`."""
+    0 when done, :data:`EXIT_REQUEUE` after a collective save on a signal, :data:`EXIT_NONFINITE`,
+    :data:`EXIT_CHECKPOINT_FAILED` when a checkpoint could not be written (its one-line reason printed)."""
     info = init_distributed(config.parallel.backend)
     try:
         return train_loop(config, Path(run_dir), info)
+    except CheckpointWriteError as exc:
+        if info.is_main:
+            print(f"[lenstrain] error: {exc}", flush=True)
+        return EXIT_CHECKPOINT_FAILED
     finally:
         shutdown_distributed()
 
