@@ -49,6 +49,7 @@ def ring_shards(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def launcher_shards(ring_shards):
+    """The same set, under the name the launcher tests use."""
     return ring_shards
 
 

@@ -3,6 +3,7 @@ comparison of two runs' final weights."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -50,9 +51,10 @@ def make_ring_shards(out: Path, n: int = 120, shard_size: int = 25, size: int = 
 
 
 def merged(base: dict, **sections) -> dict:
-    """``base`` with ``sections`` laid over it: a dict updates the section's keys, anything else replaces it."""
-    out = dict(base)
-    for key, value in sections.items():
+    """A new dict: ``base`` with ``sections`` laid over it (a dict updates the section's keys, anything else
+    replaces it). Nothing of ``base`` or ``sections`` is shared with the result, so callers may change it."""
+    out = copy.deepcopy(base)
+    for key, value in copy.deepcopy(sections).items():
         out[key] = {**out[key], **value} if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
