@@ -116,8 +116,8 @@ def cancel(args) -> int:
         if not local.stop_job(run_dir, job):
             raise UsageError(f"the ranks of local job {job['job_id']} are still running; "
                              f"kill them with: kill -9 {' '.join(map(str, job['rank_pids']))}")
-        print(f"stopped local job {job['job_id']}. Continue later with: python -m launcher resume "
-              f"{runs.run_ref(run_dir)}")
+        print(f"stopped local job {job['job_id']}. Continue later with: "
+              f"{local.resume_command(run_dir, job.get('nproc', 1))}")
     return 0
 
 

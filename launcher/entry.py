@@ -147,8 +147,7 @@ class TrainTask:
                 outcome, state = self._requeue(job_id, restart)
             elif (runs.find_job(runs.read_jobs(run_dir), job_id) or {}).get("cancel_requested"):
                 outcome, state = "cancelled", "CANCELLED"
-                _say(f"cancelled at step {step} after a checkpoint; continue with `python -m launcher resume "
-                     f"{self.name}`")
+                _say(f"cancelled at step {step} after a checkpoint")
             else:
                 _say(f"stopped at step {step} after a checkpoint; run the same command again to resume")
             runs.record_end(run_dir, job_id, state=state, outcome=outcome, exit=EXIT_REQUEUE, step=step)

@@ -200,6 +200,11 @@ def describe_exit(code: int) -> str:
     return f"exited with status {code}" + (f" ({meaning})" if meaning else "")
 
 
+def resume_command(run_dir: Path, nproc: int) -> str:
+    """The command that continues a local run from its newest checkpoint, with the same ranks."""
+    return f"python -m launcher resume {runs.run_ref(run_dir)} --local --nproc {nproc}"
+
+
 def failure_summary(run_dir: Path, rank: int, code: int, nproc: int) -> str:
     """What the user reads last: which rank died and how, the newest complete checkpoint, how to resume."""
     newest = runs.newest_checkpoint(run_dir)
@@ -208,7 +213,7 @@ def failure_summary(run_dir: Path, rank: int, code: int, nproc: int) -> str:
              else "no complete checkpoint yet: a resume starts from step 0")
     return (f"[launcher] rank {rank} {describe_exit(code)}{others}.\n"
             f"  {where}\n"
-            f"  resume with: python -m launcher resume {runs.run_ref(run_dir)}")
+            f"  resume with: {resume_command(run_dir, nproc)}")
 
 
 # ------------------------------------------------------------------------------------- the job

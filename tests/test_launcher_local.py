@@ -4,36 +4,31 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
+import pytest
+import yaml
 
 from launcher import runs
 from launcher.__main__ import main
-from lenstrain.checkpoint import latest_complete, load_model_state, read_meta
+from launcher.local import rank_alive
+from lenstrain.checkpoint import latest_complete, read_meta
 from lenstrain.preemption import EXIT_REQUEUE
+from tests.factories import assert_same_weights, final_weights, launcher_job_dict
 
 ROOT = Path(__file__).resolve().parents[1]
+STEPS = 40  # the job of launcher_job_dict; it checkpoints every 10 steps
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     out = capsys.readouterr()
     return code, out.out, out.err
-
-
-def final_weights(run_dir: Path) -> dict:
-    return load_model_state(latest_complete(run_dir / "checkpoints", log=lambda m: None))
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs"
 
 
 def test_local_run_resubmit_status_and_logs(capsys, launcher_job, tmp_path):
@@ -63,39 +58,118 @@ def test_local_run_resubmit_status_and_logs(capsys, launcher_job, tmp_path):
     assert len(runs.read_jobs(run_dir)["jobs"]) == 1
 
 
-def test_ctrl_c_checkpoints_and_the_same_command_resumes_exactly(capsys, launcher_job, tmp_path):
-    job = launcher_job("sig", train={"max_steps": 24})
-    runs_dir = tmp_path / "runs"
-    code, out, err = run_cli(capsys, "submit", job, "--local", "--nproc", "2", "--name", "straight",
-                             "--runs-dir", runs_dir)
-    assert code == 0, out + err
+@pytest.fixture(scope="module")
+def reference(launcher_shards, tmp_path_factory) -> dict:
+    """The final weights of the uninterrupted run (2 local ranks) that every interrupted run must match."""
+    root = tmp_path_factory.mktemp("reference")
+    job = root / "straight.yaml"
+    job.write_text(yaml.safe_dump(launcher_job_dict(launcher_shards), sort_keys=False))
+    assert main([str(a) for a in ("submit", job, "--local", "--nproc", "2", "--runs-dir", root / "runs")]) == 0
+    return final_weights(root / "runs" / "straight")
 
+
+def start_local(job: Path, runs_dir: Path) -> subprocess.Popen:
+    """``launcher submit JOB --local --nproc 2`` as its own process, as a user starts it."""
     cmd = [sys.executable, "-m", "launcher", "submit", str(job), "--local", "--nproc", "2", "--runs-dir", str(runs_dir)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
-    progress = runs_dir / "sig" / "progress.json"
-    deadline = time.monotonic() + 120
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if json.loads((run_dir / "progress.json").read_text())["step"] >= step:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"the run did not reach step {step}:\n{proc.communicate()[0]}")
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> str:
     try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if json.loads(progress.read_text())["step"] >= 3:
-                    break
-            except (OSError, ValueError, KeyError):
-                pass
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)  # Ctrl-C: passed to every rank as SIGTERM
-        out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        return proc.communicate(timeout=timeout)[0]
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_ctrl_c_checkpoints_and_the_same_command_resumes_exactly(capsys, launcher_job, reference, tmp_path):
+    job = launcher_job("sig")
+    runs_dir = tmp_path / "runs"
+    proc = start_local(job, runs_dir)
+    wait_for_step(proc, runs_dir / "sig", 3)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: passed to every rank as SIGTERM
+    out = finish(proc)
     assert proc.returncode == EXIT_REQUEUE, out
     assert "passing SIGTERM to 2 rank(s)" in out
     stopped = latest_complete(runs_dir / "sig" / "checkpoints", log=lambda m: None)
-    assert read_meta(stopped)["reason"] == "signal 15" and read_meta(stopped)["step"] < 24
+    assert read_meta(stopped)["reason"] == "signal 15" and read_meta(stopped)["step"] < STEPS
     (job_record,) = runs.read_jobs(runs_dir / "sig")["jobs"]
     assert job_record["state"] == "STOPPED" and job_record["attempts"][0]["outcome"] == "stopped"
 
     code, out, err = run_cli(capsys, "submit", job, "--local", "--nproc", "2", "--runs-dir", runs_dir)
     assert code == 0, out + err
     assert f"resumes from {stopped.name}" in out
-    assert_same_weights(final_weights(runs_dir / "straight"), final_weights(runs_dir / "sig"))
+    assert_same_weights(reference, final_weights(runs_dir / "sig"))
+
+
+def test_cancel_stops_a_local_run_after_a_checkpoint(capsys, launcher_job, tmp_path):
+    job = launcher_job("stopme")
+    runs_dir = tmp_path / "runs"
+    run_dir = runs_dir / "stopme"
+    proc = start_local(job, runs_dir)
+    wait_for_step(proc, run_dir, 3)
+    (record,) = runs.read_jobs(run_dir)["jobs"]
+    assert record["pid"] == proc.pid and len(record["rank_pids"]) == 2
+
+    code, out, err = run_cli(capsys, "cancel", "stopme", "--runs-dir", runs_dir)
+    launcher_out = finish(proc)
+    assert code == 0, out + err
+    assert f"stopped local job {record['job_id']}" in out
+    assert f"python -m launcher resume {run_dir.resolve()} --local --nproc 2" in out
+    assert proc.returncode == EXIT_REQUEUE, launcher_out
+    assert not any(rank_alive(pid) for pid in record["rank_pids"])
+    (record,) = runs.read_jobs(run_dir)["jobs"]
+    assert record["state"] == "CANCELLED" and record["attempts"][0]["outcome"] == "cancelled"
+    stopped = latest_complete(run_dir / "checkpoints", log=lambda m: None)
+    assert read_meta(stopped)["reason"] == "signal 15"
+
+    code, out, _ = run_cli(capsys, "status", "--runs-dir", runs_dir)
+    assert "CANCELLED" in next(line for line in out.splitlines() if "stopme" in line)
+    code, out, _ = run_cli(capsys, "cancel", "stopme", "--runs-dir", runs_dir)
+    assert code == 0 and "has no active job" in out
+
+
+def test_a_killed_rank_stops_the_others_and_the_printed_resume_finishes_exactly(capsys, launcher_job, reference,
+                                                                                tmp_path):
+    job = launcher_job("killed")
+    runs_dir = tmp_path / "runs"
+    run_dir = (runs_dir / "killed").resolve()
+    proc = start_local(job, runs_dir)
+    wait_for_step(proc, run_dir, 12)  # past the checkpoint at step 10
+    (record,) = runs.read_jobs(run_dir)["jobs"]
+    os.kill(record["rank_pids"][1], signal.SIGKILL)
+    killed = time.monotonic()
+    out = finish(proc, timeout=60)
+    assert time.monotonic() - killed < 30, out
+    assert proc.returncode == 128 + signal.SIGKILL, out
+    assert not any(rank_alive(pid) for pid in record["rank_pids"])
+
+    newest = runs.newest_checkpoint(run_dir)
+    assert newest is not None and read_meta(newest)["step"] >= 10
+    resume = f"python -m launcher resume {run_dir} --local --nproc 2"
+    assert out.rstrip().splitlines()[-3:] == [
+        "[launcher] rank 1 was killed by SIGKILL; stopped the other 1 rank(s).",
+        f"  newest complete checkpoint: {newest.name} ({newest})",
+        f"  resume with: {resume}",
+    ], out
+    (record,) = runs.read_jobs(run_dir)["jobs"]
+    assert record["state"] == "FAILED" and record["attempts"][0]["outcome"] == "rank 1 was killed by SIGKILL"
+
+    code, out, err = run_cli(capsys, *shlex.split(resume)[3:])
+    assert code == 0, out + err
+    assert f"resumes from {newest.name}" in out
+    assert_same_weights(reference, final_weights(run_dir))
