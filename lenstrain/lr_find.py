@@ -35,6 +35,7 @@ from lenstrain.parallel import Backend
 from lenstrain.rundir import TB_DIR, write_json_atomic
 from lenstrain.tb import TBLogger
 from shards.clikit import UsageError, fail
+from shards.manifest import MANIFEST_NAME, not_a_shard_set
 
 SMOOTHING = 0.98
 DIVERGENCE = 4.0
@@ -134,8 +135,8 @@ def check_args(args) -> LenstrainConfig:
         raise UsageError(f"need 0 < --min-lr < --max-lr, got {args.min_lr:g} and {args.max_lr:g}")
     if args.steps < 2:
         raise UsageError(f"--steps {args.steps}: the ramp needs at least 2 steps")
-    if not (Path(cfg.data.shards) / "manifest.json").is_file():
-        raise UsageError(f"data.shards: {cfg.data.shards} is not a shard set (no manifest.json)")
+    if not (Path(cfg.data.shards) / MANIFEST_NAME).is_file():
+        raise UsageError(f"data.shards: {not_a_shard_set(cfg.data.shards)}")
     return cfg
 
 
