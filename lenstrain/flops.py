@@ -116,3 +116,35 @@ def mfu(flops_per_sample: float, samples_per_s: float, peak: float | None, devic
     if not peak:
         return None
     return tflops(flops_per_sample, samples_per_s, devices) / peak
+
+
+@dataclass(frozen=True)
+class FlopRate:
+    """A training run's FLOPs per sample and its devices' peak: turns samples/s into TFLOP/s and MFU."""
+
+    train_flops_per_sample: int
+    peak_tflops: float | None
+    devices: int = 1
+
+    def scalars(self, samples_per_s: float) -> dict[str, float]:
+        """``perf/tflops`` (per device) and, where the peak is known, ``perf/mfu``; ``samples_per_s`` of all
+        devices together."""
+        out = {"perf/tflops": tflops(self.train_flops_per_sample, samples_per_s, self.devices)}
+        utilisation = mfu(self.train_flops_per_sample, samples_per_s, self.peak_tflops, self.devices)
+        if utilisation is not None:
+            out["perf/mfu"] = utilisation
+        return out
+
+    def describe(self) -> str:
+        forward = self.train_flops_per_sample / TRAIN_FLOPS_PER_FORWARD
+        peak = (f"MFU against {self.peak_tflops:g} TFLOP/s per device" if self.peak_tflops
+                else "no MFU: the device's peak is unknown (set log.peak_tflops)")
+        return f"{forward / 1e9:.4g} GFLOP per sample forward, x{TRAIN_FLOPS_PER_FORWARD} to train; {peak}"
+
+
+def flop_rate(model: nn.Module, input_shape: tuple[int, ...], device: torch.device, precision: str,
+              devices: int = 1, peak_override: float | None = None) -> FlopRate:
+    """Count ``model``'s FLOPs (before a parallel backend wraps it) and look up the peak of ``device``
+    for the training ``precision``."""
+    return FlopRate(train_flops_per_sample(model, tuple(input_shape)),
+                    peak_tflops(device, precision, peak_override), devices)

@@ -8,7 +8,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lenstrain.flops import (
+    FlopRate,
     device_peak,
+    flop_rate,
     forward_flops_per_sample,
     matmul_precision,
     mfu,
@@ -108,3 +110,14 @@ def test_tflops_and_mfu_are_per_device():
     assert tflops(2e9, 1e6) == pytest.approx(2000.0)
     assert tflops(2e9, 1e6, devices=2) == pytest.approx(1000.0)
     assert mfu(2e9, 1e6, peak=4000.0, devices=2) == pytest.approx(0.25)
+
+
+def test_a_runs_flop_rate_gives_tflops_everywhere_and_mfu_with_a_peak():
+    model, shape = conv_linear_model(), (3, 16, 16)
+    on_cpu = flop_rate(model, shape, torch.device("cpu"), "fp32", devices=2)
+    assert on_cpu == FlopRate(train_flops_per_sample(model, shape), None, 2)
+    assert on_cpu.scalars(1000.0) == {"perf/tflops": pytest.approx(on_cpu.train_flops_per_sample * 500 / 1e12)}
+    given = flop_rate(model, shape, torch.device("cpu"), "fp32", devices=2, peak_override=1e-6)
+    scalars = given.scalars(1000.0)
+    assert scalars["perf/mfu"] == pytest.approx(scalars["perf/tflops"] / 1e-6)
+    assert "no MFU" in on_cpu.describe() and "1e-06 TFLOP/s" in given.describe()
