@@ -120,7 +120,7 @@ class Resources(Section):
     qos: str | None = None
     constraint: str | None = None
     signal_delay_s: int = Field(120, ge=1, description="seconds between the signal and the time limit")
-    max_requeues: int = Field(3, ge=0, description="requeues of one SLURM job (preemption or time limit)")
+    max_requeues: int = Field(3, ge=0, description="requeues of the run, across resumes (preemption or time limit)")
     setup: list[str] = Field(default_factory=list, description="shell lines run before srun")
 
     @field_validator("time")

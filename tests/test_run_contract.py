@@ -1,0 +1,78 @@
+"""One run-directory contract: a job is validated once, at the edge, written once to ``config.yaml``, and
+every task (SLURM or local, launcher or ``lenstrain train --nproc``) trains from that file."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launcher import runs
+from launcher.__main__ import main
+from launcher.entry import TrainTask
+from launcher.spec import JobSpec, load_job
+from lenstrain.config import LenstrainConfig
+from lenstrain.rundir import RunDir
+from tests.factories import launcher_job_dict, write_config
+from tests.train_helpers import lenstrain
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def validations(monkeypatch) -> list[str]:
+    """The names of the models validated from now on (a job is a JobSpec, a training config a LenstrainConfig)."""
+    seen: list[str] = []
+    original = LenstrainConfig.model_validate.__func__
+
+    def counting(cls, *args, **kwargs):
+        seen.append(cls.__name__)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(LenstrainConfig, "model_validate", classmethod(counting))
+    return seen
+
+
+def test_a_submission_validates_the_job_once(launcher_job, tmp_path, validations, capsys, monkeypatch):
+    monkeypatch.setenv("SLURM_CONF", "/nonexistent/slurm.conf")
+    assert main(["submit", str(launcher_job("once")), "--dry-run", "--runs-dir", str(tmp_path)]) == 0
+    assert validations == ["JobSpec"]
+
+
+def test_the_task_carries_the_run_directory_not_the_config(tmp_path):
+    task = pickle.loads(pickle.dumps(TrainTask(tmp_path, max_requeues=3, name="r")))
+    assert vars(task) == {"run_dir": str(tmp_path), "max_requeues": 3, "name": "r"}
+
+
+def test_a_local_rank_trains_from_config_yaml(launcher_shards, tmp_path):
+    run_dir = tmp_path / "r"
+    spec, _ = load_job(launcher_job_dict(launcher_shards))  # job.yaml: 40 steps
+    spec.name = "r"
+    runs.write_run(run_dir, spec)
+    run = RunDir(run_dir)
+    assert yaml.safe_load(run.config.read_text()) == spec.training_dict()
+    assert JobSpec.model_validate(yaml.safe_load(run.job.read_text())).training_dict() == spec.training_dict()
+
+    config = yaml.safe_load(run.config.read_text())
+    config["train"]["max_steps"] = 2  # only config.yaml says 2
+    run.config.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RANK": "0", "WORLD_SIZE": "1", "LENSTRAIN_JOB_ID": "local-1"}
+    proc = subprocess.run([sys.executable, "-m", "launcher.entry", str(run_dir)], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "training complete at step 2" in proc.stdout
+
+
+def test_lenstrain_train_writes_config_yaml_and_its_ranks_read_it(ring_shards, tmp_path):
+    config = write_config(tmp_path / "c.yaml", ring_shards, train={"max_steps": 40})
+    run_dir = tmp_path / "run"
+    proc = lenstrain("train", config, "--run-dir", run_dir, "--nproc", "2", "--set", "train.max_steps=2",
+                     "--set", "parallel.strategy=ddp", check=True)
+    written = yaml.safe_load(RunDir(run_dir).config.read_text())
+    assert written["train"]["max_steps"] == 2 and written["parallel"]["strategy"] == "ddp"
+    assert "step 2/2" in proc.stdout
