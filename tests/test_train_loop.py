@@ -1,0 +1,32 @@
+"""The loop's exits clean up after themselves: the non-finite-loss exit restores the signal handlers and
+closes TensorBoard (its events are on disk), and the loop never writes the run's config."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lenstrain.config import load_config
+from lenstrain.preemption import DEFAULT_SIGNALS, EXIT_NONFINITE
+from lenstrain.rundir import RunDir
+from lenstrain.train import run_training
+from tests.factories import config_dict
+
+
+def test_the_nonfinite_exit_restores_handlers_and_closes_tensorboard(tmp_path, ring_shards):
+    cfg = load_config(config_dict(ring_shards, optim={"name": "sgd", "lr": 1e12},
+                                  train={"max_steps": 30, "grad_clip": None, "deterministic": False},
+                                  checkpoint={"every_steps": 0}))
+    before = {sig: signal.getsignal(sig) for sig in DEFAULT_SIGNALS}
+    run = RunDir(tmp_path / "run")
+    assert run_training(cfg, run.root) == EXIT_NONFINITE
+    assert {sig: signal.getsignal(sig) for sig in DEFAULT_SIGNALS} == before
+    progress = json.loads(run.progress.read_text())
+    assert progress["state"] == "failed" and progress["step"] < 30
+    events = EventAccumulator(str(run.tb))
+    events.Reload()
+    logged = [e.step for e in events.Scalars("train/loss")]
+    assert logged == list(range(1, progress["step"] + 1))  # every step taken, on disk: the writer was closed
+    assert not run.config.exists()  # written at the edge (the CLI, the launcher), never by the loop
