@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +13,8 @@ import torch
 from lenstrain.checkpoint import latest_complete, list_checkpoints, load_model_state
 from lenstrain.models import create_model
 from lenstrain.preemption import EXIT_REQUEUE
-from tests.train_helpers import ROOT, lenstrain, make_ring_shards, train_until_signalled, write_config
+from tests.factories import assert_same_weights, make_ring_shards, write_config
+from tests.train_helpers import ROOT, env, lenstrain, train_until_signalled
 
 pytest.importorskip("deepspeed")
 
@@ -40,12 +43,6 @@ def assert_plain_state_dict(state: dict) -> None:
     assert list(state) == list(model.state_dict()), "keys and order of the unwrapped model's state dict"
     model.load_state_dict(state)  # strict
     assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs after the resume"
 
 
 def test_zero2_signal_and_resume_is_bit_identical(tmp_path, shards):
@@ -86,3 +83,12 @@ def test_zero3_resume_from_a_partitioned_checkpoint_is_bit_identical(tmp_path, s
     final = load_model_state(latest_complete(straight / "checkpoints"))
     assert_plain_state_dict(final)
     assert_same_weights(final, load_model_state(latest_complete(resumed / "checkpoints")))
+
+
+def test_deepspeed_is_imported_only_when_a_deepspeed_backend_is_built():
+    code = ("import sys, lenstrain.parallel, lenstrain.checkpoint, lenstrain.train, lenstrain.evaluate; "
+            "from lenstrain.parallel import BACKENDS; "
+            "assert set(BACKENDS) == {'single', 'ddp', 'deepspeed'}; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'deepspeed'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(), cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
