@@ -227,7 +227,8 @@ def _contradiction(metric_key: str, metric: str | None, mode_key: str, mode: str
 # ---------------------------------------------------------------------------------------- loading
 
 
-def read_yaml(path: str | Path) -> dict:
+def read_yaml(path: str | Path, *, not_a_mapping: str = "the top level must be a mapping of sections") -> dict:
+    """The YAML mapping in ``path``; :class:`ConfigError` for a missing file, bad YAML or another top level."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
@@ -236,7 +237,7 @@ def read_yaml(path: str | Path) -> dict:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        raise ConfigError(f"{path}: {not_a_mapping}")
     return data
 
 
