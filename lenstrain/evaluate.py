@@ -63,8 +63,9 @@ def choose_checkpoint(run_dir: Path, which: str, best_metric: str | None, best_m
                       log=log) -> tuple[Path, str]:
     """The checkpoint to load and a phrase saying why: ``best`` by the recorded metric, else the newest."""
     root = RunDir(run_dir).checkpoints
-    best = best_checkpoint(root, best_metric, best_mode, verify=True, log=log) if which == "best" else None
-    latest = latest_complete(root, log=log if which == "latest" else lambda message: None)
+    scored = which == "best" and bool(best_metric)  # then every checkpoint is verified, and unusable ones reported
+    best = best_checkpoint(root, best_metric, best_mode, verify=True, log=log) if scored else None
+    latest = latest_complete(root, log=(lambda message: None) if scored else log)
     if latest is None:
         raise UsageError(f"{run_dir}: no complete checkpoint under {root}; train the run first "
                          f"(`python -m lenstrain train CONFIG --run-dir {run_dir}`)")
