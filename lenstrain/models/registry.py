@@ -8,12 +8,16 @@ the fields of the family's one ``*Config`` dataclass, defined in the variant's o
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch.nn as nn
 
 COMMON_KEYWORDS = ("in_channels", "num_outputs", "image_size")
+NOT_FAMILIES = {"registry", "blocks"}  # the modules of this package that define no models
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -39,8 +43,11 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 
 
 def _import_families() -> None:
-    # Importing the family modules runs their @register_model decorators.
-    from lenstrain.models import families  # noqa: F401
+    """Import every family module beside this one, which runs their ``@register_model`` decorators."""
+    package = __name__.rpartition(".")[0]
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        if info.name not in NOT_FAMILIES and not info.name.startswith("_"):
+            importlib.import_module(f"{package}.{info.name}")
 
 
 def list_models() -> list[str]:
