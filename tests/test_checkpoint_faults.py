@@ -140,30 +140,32 @@ def shards(tmp_path_factory):
     return make_ring_shards(tmp_path_factory.mktemp("data") / "rings")
 
 
-def train_with_file_size_limit(config, run_dir, limit: int) -> subprocess.CompletedProcess:
+def train_with_file_size_limit(config, run_dir, limit: int, nproc: int) -> subprocess.CompletedProcess:
     """``lenstrain train`` where no file may grow past ``limit`` bytes: writes beyond it fail with EFBIG."""
 
     def limit_files():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
 
-    return subprocess.run([sys.executable, "-m", "lenstrain", "train", str(config), "--run-dir", str(run_dir)],
-                          capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300, preexec_fn=limit_files)
+    cmd = [sys.executable, "-m", "lenstrain", "train", str(config), "--run-dir", str(run_dir), "--nproc", str(nproc)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300, preexec_fn=limit_files)
 
 
-def test_a_checkpoint_that_cannot_be_written_exits_cleanly_and_the_run_resumes_exactly(tmp_path, shards):
+@pytest.mark.parametrize("nproc", [1, 2], ids=["single", "ddp2"])
+def test_a_checkpoint_that_cannot_be_written_exits_cleanly_and_the_run_resumes_exactly(tmp_path, shards, nproc):
+    """Rank 0's model.pt passes the limit while rank 1's files do not: every rank must stop, with one line."""
     config = write_config(tmp_path / "c.yaml", shards, checkpoint={"every_steps": 4, "keep": 3, "every_minutes": None})
     straight = tmp_path / "straight"
-    lenstrain("train", config, "--run-dir", straight, check=True)
+    lenstrain("train", config, "--run-dir", straight, "--nproc", nproc, check=True)
 
     run = RunDir(tmp_path / "run")
-    code, out = train_until_signalled(config, run.root, at_step=2)  # the first checkpoint, at the stop
+    code, out = train_until_signalled(config, run.root, at_step=2, nproc=nproc)  # the first checkpoint, at the stop
     assert code == EXIT_REQUEUE, out
     [(first_step, first)] = list_checkpoints(run.checkpoints)
     first_files = {p.name: p.read_bytes() for p in first.iterdir()}
     limit = min(len(first_files["model.pt"]), len(first_files["optimizer.pt"])) // 2
 
-    failed = train_with_file_size_limit(config, run.root, limit)  # the second checkpoint cannot be written
+    failed = train_with_file_size_limit(config, run.root, limit, nproc)  # the second checkpoint cannot be written
     assert failed.returncode == EXIT_CHECKPOINT_FAILED, failed.stdout + failed.stderr
     assert "Traceback" not in failed.stdout + failed.stderr
     [line] = [s for s in failed.stdout.splitlines() if "could not be written" in s]
@@ -175,6 +177,6 @@ def test_a_checkpoint_that_cannot_be_written_exits_cleanly_and_the_run_resumes_e
     assert {p.name: p.read_bytes() for p in first.iterdir()} == first_files
     assert load_model_state(first).keys() == final_weights(straight).keys()
 
-    lenstrain("train", config, "--run-dir", run.root, check=True)  # with room again
+    lenstrain("train", config, "--run-dir", run.root, "--nproc", nproc, check=True)  # with room again
     assert latest_complete(run.checkpoints).name == step_dir_name(12)
     assert_same_weights(final_weights(straight), final_weights(run.root))

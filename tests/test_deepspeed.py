@@ -92,3 +92,16 @@ def test_deepspeed_is_imported_only_when_a_deepspeed_backend_is_built():
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'deepspeed'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(), cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_a_failed_deepspeed_file_write_is_raised_after_the_engine_save(tmp_path):
+    """The engine's save carries on (every rank meets its barrier); the OSError comes after, naming the file."""
+    from lenstrain.parallel.deepspeed_files import ListedFilesCheckpointEngine
+
+    files = ListedFilesCheckpointEngine()
+    files.save({"w": torch.ones(3)}, str(tmp_path / "missing-dir" / "mp_rank_00_model_states.pt"))
+    files.save({"w": torch.ones(3)}, str(tmp_path / "written-after-a-failure.pt"))
+    assert not (tmp_path / "written-after-a-failure.pt").exists()
+    with pytest.raises(FileNotFoundError, match="mp_rank_00_model_states.pt"):
+        files.raise_write_error()
+    files.raise_write_error()  # raised once

@@ -198,8 +198,14 @@ class DeepSpeedBackend(DDPBackend):
         return {}
 
     def save_state(self, directory: Path, objects: dict[str, object]) -> None:
-        """Collective: every rank writes its part of ``directory/deepspeed/``; rank 0 then writes ``objects``."""
+        """Collective: every rank writes its part of ``directory/deepspeed/``; rank 0 then writes ``objects``.
+
+        A failed write raises its OSError after the engine's save has finished on every rank. (DeepSpeed
+        copies its recovery script on rank 0 outside this path; a failure there leaves the other ranks
+        at the engine's closing barrier until the collective timeout.)
+        """
         self.engine.save_checkpoint(str(directory), tag=DEEPSPEED_DIR, client_state={}, save_latest=False)
+        self.engine.checkpoint_engine.raise_write_error()
         super().save_state(directory, objects)
 
     def load_state(self, directory: Path, objects: dict[str, object]) -> None:
