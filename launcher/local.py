@@ -174,23 +174,25 @@ def _abnormal(code: int | None) -> bool:
     return code is not None and code not in (0, EXIT_REQUEUE)
 
 
-def wait_ranks(ranks: Ranks) -> tuple[list[int], int | None]:
+def wait_ranks(ranks: Ranks) -> tuple[list[int], int | None, int]:
     """Wait for every rank. When one exits abnormally, stop the others: they get :data:`STOP_GRACE_S`
-    to leave by themselves, then SIGKILL. Returns the exit codes and the rank that failed first (or None)."""
+    to leave by themselves, then SIGKILL. Returns the exit codes, the rank that failed first (or None)
+    and how many ranks had to be killed."""
     while True:
         codes = [child.poll() for child in ranks.children]
         failed = [rank for rank, code in enumerate(codes) if _abnormal(code)]
         if failed:
             break
         if all(code is not None for code in codes):
-            return codes, None
+            return codes, None, 0
         time.sleep(POLL_S)
     first = min(failed, key=lambda rank: (codes[rank] >= 0, rank))  # a signal is the cause, errors follow it
     deadline = time.monotonic() + STOP_GRACE_S
     while time.monotonic() < deadline and any(child.poll() is None for child in ranks.children):
         time.sleep(POLL_S)
+    stopped = sum(child.poll() is None for child in ranks.children)
     ranks.kill()
-    return [child.wait() for child in ranks.children], first
+    return [child.wait() for child in ranks.children], first, stopped
 
 
 def describe_exit(code: int) -> str:
@@ -205,10 +207,10 @@ def resume_command(run_dir: Path, nproc: int) -> str:
     return f"python -m launcher resume {runs.run_ref(run_dir)} --local --nproc {nproc}"
 
 
-def failure_summary(run_dir: Path, rank: int, code: int, nproc: int) -> str:
+def failure_summary(run_dir: Path, rank: int, code: int, nproc: int, stopped: int) -> str:
     """What the user reads last: which rank died and how, the newest complete checkpoint, how to resume."""
     newest = runs.newest_checkpoint(run_dir)
-    others = f"; stopped the other {nproc - 1} rank(s)" if nproc > 1 else ""
+    others = f"; stopped {stopped} other rank(s)" if stopped else ""
     where = (f"newest complete checkpoint: {newest.name} ({newest})" if newest
              else "no complete checkpoint yet: a resume starts from step 0")
     return (f"[launcher] rank {rank} {describe_exit(code)}{others}.\n"
@@ -235,7 +237,7 @@ def run_local(spec: JobSpec, run_dir: Path, nproc: int, name: str) -> int:
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
     previous = {sig: signal.signal(sig, _forwarder(ranks)) for sig in handled}
     try:
-        codes, failed = wait_ranks(ranks)
+        codes, failed, stopped = wait_ranks(ranks)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -245,7 +247,7 @@ def run_local(spec: JobSpec, run_dir: Path, nproc: int, name: str) -> int:
     code = codes[failed]
     runs.record_end(run_dir, job_id, state="FAILED", outcome=f"rank {failed} {describe_exit(code)}", exit=code)
     sys.stdout.flush()
-    print(failure_summary(run_dir, failed, code, nproc), file=sys.stderr, flush=True)
+    print(failure_summary(run_dir, failed, code, nproc, stopped), file=sys.stderr, flush=True)
     return 128 - code if code < 0 else code  # killed by a signal: the shell's convention
 
 
