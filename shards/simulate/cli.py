@@ -9,12 +9,15 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.argtypes import default_workers, fraction, non_negative_int, positive_float, positive_int
+from shards.argtypes import positive_float, positive_int
 from shards.manifest import Manifest
+from shards.options import PackOptions, add_pack_options
 from shards.pack import OutputExistsError, PackResult, pack_shard_set
 from shards.simulate import physics
+from shards.simulate.options import add_physics_arguments, physics_overrides
 from shards.simulate.physics import SUBSTRUCTURE_CLASSES, SimConfig, Simulator, draw_params
-from shards.simulate.presets import INSTRUMENTS, get_instrument
+from shards.simulate.presets import INSTRUMENTS
+from shards.simulate.scenarios import PRESETS, resolve
 from shards.simulate.tasks import TASKS, get_task
 from shards.splits import stratified_split
 
@@ -37,18 +40,27 @@ def _physics_record() -> dict:
 
 
 def plan(task: str, n: int, *, instrument: str = "model1", size: int | None = None,
-         pixel_scale: float | None = None, seed: int = 0) -> SimConfig:
-    """Validate the arguments and return the configuration every sample is drawn from."""
+         pixel_scale: float | None = None, seed: int = 0, preset: str | None = None,
+         physics: dict | None = None) -> SimConfig:
+    """Validate the arguments and return the configuration every sample is drawn from.
+
+    ``preset`` (default: ``instrument``, a realistic preset) names a scenario of
+    :data:`~shards.simulate.scenarios.PRESETS`; ``physics`` overrides its knobs (name -> value).
+    """
     if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n <= 0:
         raise SimulateError(f"n must be a positive integer, got {n!r}")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise SimulateError(f"seed must be a non-negative integer, got {seed!r}")
     try:
         spec = get_task(task)
-        inst = get_instrument(instrument, size=size, pixel_scale=pixel_scale)
+        if preset is None and instrument not in INSTRUMENTS:
+            raise SimulateError(f"unknown instrument {instrument!r}; valid choices: {', '.join(INSTRUMENTS)}")
+        name = preset or instrument
+        inst, phys = resolve(name, spec.name, physics or {}, size=size, pixel_scale=pixel_scale)
     except ValueError as exc:
         raise SimulateError(str(exc)) from None
-    return SimConfig(task=spec.name, classes=spec.classes, instrument=inst, seed=int(seed), task_code=spec.code)
+    return SimConfig(task=spec.name, classes=spec.classes, instrument=inst, seed=int(seed), task_code=spec.code,
+                     physics=phys, preset=name)
 
 
 def split_plan(config: SimConfig, n: int, *, val: float, test: float) -> tuple[list[str], np.ndarray]:
@@ -72,14 +84,16 @@ def split_plan(config: SimConfig, n: int, *, val: float, test: float) -> tuple[l
 def simulate(task: str, n: int, out: str | os.PathLike, *, instrument: str = "model1", size: int | None = None,
              pixel_scale: float | None = None, seed: int = 0, workers: int = 1, val: float = 0.1,
              test: float = 0.1, shard_size: int = 1000, dtype: str = "float32", overwrite: bool = False,
-             grid: str | os.PathLike | None = None, result: bool = False) -> Manifest | PackResult:
+             grid: str | os.PathLike | None = None, result: bool = False, preset: str | None = None,
+             physics: dict | None = None) -> Manifest | PackResult:
     """Simulate ``n`` images for ``task`` into a shard set at ``out`` and return its manifest.
 
     Each sample is a pure function of ``(seed, task, index)``, so the shards are byte-identical for any
     ``workers``. ``grid`` writes a PNG of sample images per class. ``result=True`` returns the whole
-    :class:`~shards.pack.PackResult` instead of the manifest.
+    :class:`~shards.pack.PackResult` instead of the manifest. ``preset`` and ``physics`` as in :func:`plan`.
     """
-    config = plan(task, n, instrument=instrument, size=size, pixel_scale=pixel_scale, seed=seed)
+    config = plan(task, n, instrument=instrument, size=size, pixel_scale=pixel_scale, seed=seed, preset=preset,
+                  physics=physics)
     out = Path(out)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists; choose another --out or pass --overwrite")
@@ -97,7 +111,9 @@ def simulate(task: str, n: int, out: str | os.PathLike, *, instrument: str = "mo
         "classes": list(spec.classes),
         "n": int(n),
         "seed": config.seed,
+        "preset": config.preset,
         "instrument": config.instrument.as_dict(),
+        "scenario": config.physics.as_dict(),
         "val": val,
         "test": test,
         "stratify": "class" if not spec.regression else f"quantiles of {spec.primary.name}",
@@ -110,10 +126,8 @@ def simulate(task: str, n: int, out: str | os.PathLike, *, instrument: str = "mo
         targets=spec.targets,
         primary_target=spec.primary.name,
         source=source,
-        shard_size=shard_size,
-        dtype=dtype,
-        workers=workers,
-        overwrite=overwrite,
+        options=PackOptions(val=val, test=test, seed=seed, shard_size=shard_size, dtype=dtype, workers=workers,
+                            overwrite=overwrite),
         desc=f"simulate {spec.name}",
     )
     if grid is not None:
@@ -136,37 +150,43 @@ def _instrument_help() -> str:
     return "; ".join(f"{name}: {inst.description}" for name, inst in INSTRUMENTS.items())
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
+HELP = "simulate strong-lensing images (lenstronomy) into a shard set"
+
+
+def description() -> str:
     tasks = "; ".join(f"{name}: {t.description}" for name, t in TASKS.items())
-    p = subparsers.add_parser(
-        "simulate", help="simulate strong-lensing images (lenstronomy) into a shard set",
-        description="Simulate galaxy-galaxy strong-lensing images with lenstronomy (SIE + external shear "
-                    "lensing a Sersic source, Gaussian PSF, Poisson + sky + read noise) with dark-matter "
-                    "substructure (no_sub, cdm, vortex, axion), and pack them into a shard set. Each sample is "
-                    "a pure function of (seed, task, index): the same seed gives byte-identical shards for "
-                    f"any --workers. Tasks: {tasks}.")
+    return ("Simulate galaxy-galaxy strong-lensing images with lenstronomy (SIE + external shear "
+            "lensing a Sersic source, Gaussian PSF, Poisson + sky + read noise) with dark-matter "
+            "substructure (no_sub, cdm, vortex, axion), and pack them into a shard set. Each sample is "
+            "a pure function of (seed, task, index): the same seed gives byte-identical shards for "
+            f"any --workers. Tasks: {tasks}.")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("simulate", help=HELP, description=description())
+    add_arguments(p)
+    p.set_defaults(func=run, _parser=p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, choices=list(TASKS), help="what the primary target is (see above)")
     p.add_argument("--n", required=True, type=positive_int, help="number of images")
-    p.add_argument("--out", required=True, type=Path, help="directory of the new shard set")
-    p.add_argument("--instrument", default="model1", choices=list(INSTRUMENTS),
-                   help=f"observing preset (default model1). {_instrument_help()}")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--preset", default=None, choices=list(PRESETS),
+                       help="scenario: deeplense1/2/3 reproduce the physics of DeepLense's Model I/II/III (fixed "
+                            "lens, magnitude-20 source, images divided by their maximum: substructure is easy to "
+                            "see); model1, euclid, hst are the realistic ones (everything drawn, faint sources, "
+                            "1-5%% substructure mass: hard). Default model1")
+    which.add_argument("--instrument", default=None, choices=list(INSTRUMENTS),
+                       help=f"the realistic preset of this instrument (same as --preset). {_instrument_help()}")
     p.add_argument("--size", type=_size, default=None, help="pixels per side (default: the preset's)")
     p.add_argument("--pixel-scale", type=positive_float, default=None,
                    help="arcsec per pixel (default: the preset's)")
-    p.add_argument("--seed", type=non_negative_int, default=0,
-                   help="seed of the simulation and of the split (default 0)")
-    p.add_argument("--workers", type=positive_int, default=default_workers(),
-                   help="simulating processes (default: the usable CPU cores)")
-    p.add_argument("--val", type=fraction, default=0.1, help="fraction of samples for validation (default 0.1)")
-    p.add_argument("--test", type=fraction, default=0.1, help="fraction of samples for test (default 0.1)")
-    p.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard (default 1000)")
-    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
-                   help="image dtype in the shards (default float32)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing shard set at --out")
+    add_pack_options(p, skip_bad=False, seed_help="seed of the simulation and of the split")
     p.add_argument("--grid", type=Path, default=None, metavar="PNG",
                    help="also write a PNG grid of 8 training images per class (or spanning the target)")
-    p.set_defaults(func=run, _parser=p)
-    return p
+    add_physics_arguments(p)
 
 
 def _usage_error(args: argparse.Namespace, message: str) -> int:
@@ -183,7 +203,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.overwrite:
         return _usage_error(args, f"{args.out} already exists; choose another --out or pass --overwrite")
     try:
-        packed = simulate(args.task, args.n, args.out, instrument=args.instrument, size=args.size,
+        packed = simulate(args.task, args.n, args.out, preset=args.preset or args.instrument or "model1",
+                          physics=physics_overrides(args), size=args.size,
                           pixel_scale=args.pixel_scale, seed=args.seed, workers=args.workers, val=args.val,
                           test=args.test, shard_size=args.shard_size, dtype=args.dtype,
                           overwrite=args.overwrite, result=True)
@@ -194,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
     n_shards = sum(len(split.shards) for split in m.splits.values())
     inst = m.source["instrument"]
     print(f"wrote {args.out}: {counts} samples in {n_shards} shards; image {tuple(m.image.shape)} {m.image.dtype} "
-          f"({inst['name']}, {inst['pixel_scale']}\"/px); task {args.task}, primary target {m.primary_target} "
+          f"(preset {m.source['preset']}: {inst['name']}, {inst['pixel_scale']}\"/px); task {args.task}, primary target {m.primary_target} "
           f"({m.target.kind})")
     if args.grid is not None:
         from shards.grid import write_grid

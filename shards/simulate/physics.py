@@ -1,14 +1,17 @@
 """Lensing physics: draw the parameters of one sample, then render its image with lenstronomy.
 
-A sample is a pure function of ``(seed, task, index)``. Three independent random streams are used:
+A sample is a pure function of ``(seed, task, index)`` and the scenario (:class:`~shards.simulate.
+scenarios.Physics`). Four independent random streams are used:
 
 * stream 0, the *shared* parameters (main lens, external shear, source, exposure), drawn from the
   same distributions whatever the substructure class, so no class differs in brightness or noise
   by construction;
 * stream 1, the substructure (its mass fraction, masses and positions, the axion mass);
-* stream 2, the pixel noise.
+* stream 2, the pixel noise;
+* stream 3, the lens population (redshifts, scatter of the lensing mass around the halo mass).
 
-Units: angles in arcsec, masses in solar masses, images in e-/s per pixel (sky subtracted).
+Units: angles in arcsec, masses in solar masses, images in e-/s per pixel (sky subtracted) unless the
+scenario stores them divided by their maximum.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from functools import lru_cache
 import numpy as np
 
 from shards.simulate.presets import Instrument
+from shards.simulate.scenarios import Physics
 
-# --- fixed cosmology and redshifts (as DeepLenseSim: flat LCDM, H0=70, Om0=0.3, z_l=0.5, z_s=1.0)
+# --- cosmology and default redshifts (as DeepLenseSim: flat LCDM, H0=70, Om0=0.3, z_l=0.5, z_s=1.0)
 H0 = 70.0
 OMEGA_M = 0.3
 Z_LENS = 0.5
@@ -30,8 +34,8 @@ Z_SOURCE = 1.0
 
 SUBSTRUCTURE_CLASSES = ("no_sub", "cdm", "vortex", "axion")
 
-# --- distributions (all documented in README.md)
-LOG_HALO_MASS = (11.2, 12.1)  # log10 M/M_sun, uniform; theta_E from M (see einstein_radius)
+# --- realistic distributions (the defaults of Physics; all documented in README.md)
+LOG_HALO_MASS = Physics.halo_mass  # log10 M/M_sun, uniform; theta_E from M (see einstein_radius)
 LENS_AXIS_RATIO = (0.6, 1.0)  # SIE q, uniform; position angle uniform
 LENS_CENTER_JITTER = 0.05  # arcsec, uniform in [-j, j] on each axis
 SHEAR_MAX = 0.08  # external shear strength, uniform in [0, max]; angle uniform
@@ -39,9 +43,9 @@ SOURCE_OFFSET = 0.4  # source centre uniform in a disc of this radius, in units 
 SOURCE_RADIUS = (0.1, 0.35)  # Sersic half-light radius, arcsec, uniform
 SOURCE_INDEX = (0.8, 2.5)  # Sersic index, uniform
 SOURCE_AXIS_RATIO = (0.5, 1.0)  # uniform; position angle uniform
-SOURCE_MAGNITUDE = (22.5, 24.5)  # unlensed AB magnitude, uniform
+SOURCE_MAGNITUDE = Physics.source_mag  # unlensed AB magnitude, uniform
 
-SUBHALO_FRACTION = (0.01, 0.05)  # substructure mass / main lens mass, uniform (0 for no_sub)
+SUBHALO_FRACTION = Physics.subhalo_fraction  # substructure mass / main lens mass, uniform (0 for no_sub)
 ANNULUS = (0.5, 1.5)  # substructure lies in this annulus around the lens centre, units of theta_E
 CDM_SLOPE = -1.9  # dN/dm ~ m^slope
 CDM_MASS = (1e-4, 1e-2)  # subhalo mass range, in units of the main lens mass
@@ -53,50 +57,63 @@ LOG_AXION_MASS = (-24.0, -22.0)  # log10 m_a/eV, uniform
 AXION_VELOCITY = 200.0  # km/s, velocity in the de Broglie wavelength h / (m_a v)
 AXION_GRANULES = (4, 48)  # min and max number of granules
 
-STREAM_SHARED, STREAM_SUBSTRUCTURE, STREAM_NOISE = 0, 1, 2
+# --- the fixed lens of DeepLense's sets (Physics.lens == "fixed")
+FIXED_LENS_E1 = 0.1  # SIE ellipticity e1 (e2 = 0), centred
+FIXED_SHEAR_GAMMA1 = 0.05  # external shear gamma1 (gamma2 = 0)
+FIXED_SOURCE_BOX = 0.35  # arcsec: source centre uniform in [-b, b] on each axis
+FIXED_SOURCE_RADIUS = 0.25  # arcsec, Sersic half-light radius of a round source
+FIXED_SOURCE_INDEX = 1.0
+FIXED_SOURCE_E = (-0.1, 0.1)  # source ellipticity (e1, e2)
+DEEPLENSE_VORTEX_ELEMENTS = 100  # point masses along a vortex line through the lens centre
+
+STREAM_SHARED, STREAM_SUBSTRUCTURE, STREAM_NOISE, STREAM_POPULATION = 0, 1, 2, 3
 
 
 # --------------------------------------------------------------------------------------------- scales
 @lru_cache(maxsize=1)
-def _distances_mpc() -> tuple[float, float, float]:
+def _cosmology():
     from astropy.cosmology import FlatLambdaCDM
 
-    cosmo = FlatLambdaCDM(H0=H0, Om0=OMEGA_M)
-    d_l = cosmo.angular_diameter_distance(Z_LENS).value
-    d_s = cosmo.angular_diameter_distance(Z_SOURCE).value
-    d_ls = cosmo.angular_diameter_distance_z1z2(Z_LENS, Z_SOURCE).value
-    return float(d_l), float(d_s), float(d_ls)
+    return FlatLambdaCDM(H0=H0, Om0=OMEGA_M)
 
 
-@lru_cache(maxsize=1)
-def theta_e_per_sqrt_msun() -> float:
+@lru_cache(maxsize=1024)
+def _distances_mpc(z_lens: float = Z_LENS, z_source: float = Z_SOURCE) -> tuple[float, float, float]:
+    """Angular-diameter distances (D_l, D_s, D_ls) in Mpc; flat, so D_ls = (D_C(z_s) - D_C(z_l)) / (1 + z_s)."""
+    cosmo = _cosmology()
+    c_l, c_s = (float(d) for d in cosmo.comoving_distance([z_lens, z_source]).value)
+    return c_l / (1 + z_lens), c_s / (1 + z_source), (c_s - c_l) / (1 + z_source)
+
+
+@lru_cache(maxsize=1024)
+def theta_e_per_sqrt_msun(z_lens: float = Z_LENS, z_source: float = Z_SOURCE) -> float:
     """Einstein radius (arcsec) of a point mass of 1 M_sun: theta_E^2 = 4 G M / c^2 * D_ls / (D_l D_s)."""
     g, c, m_sun, mpc = 6.67430e-11, 299792458.0, 1.988409870698051e30, 3.0856775814913673e22
-    d_l, d_s, d_ls = _distances_mpc()
+    d_l, d_s, d_ls = _distances_mpc(z_lens, z_source)
     theta = math.sqrt(4 * g * m_sun / c**2 * d_ls / (d_l * d_s * mpc))
     return theta * 180 / math.pi * 3600
 
 
-def einstein_radius(mass) -> np.ndarray | float:
-    """Einstein radius in arcsec of the lensing mass ``mass`` (M_sun) at z_l for a source at z_s.
+def einstein_radius(mass, z_lens: float = Z_LENS, z_source: float = Z_SOURCE) -> np.ndarray | float:
+    """theta_E (arcsec) of a lens of ``mass`` M_sun at ``z_lens`` for a source at ``z_source``.
 
     The main lens is an SIE whose mass inside the Einstein radius is ``mass`` (DeepLenseSim's
     convention: its "halo mass" of 1e12 M_sun sets theta_E this way). Subhalos use the same relation.
     """
-    return theta_e_per_sqrt_msun() * np.sqrt(mass)
+    return theta_e_per_sqrt_msun(z_lens, z_source) * np.sqrt(mass)
 
 
-def arcsec_per_kpc() -> float:
-    d_l, _, _ = _distances_mpc()
+def arcsec_per_kpc(z_lens: float = Z_LENS) -> float:
+    d_l, _, _ = _distances_mpc(z_lens, max(Z_SOURCE, z_lens + 0.5))
     return 1.0 / (d_l * 1e3 * math.pi / 180 / 3600)
 
 
-def de_broglie_wavelength(axion_mass_ev: float) -> float:
+def de_broglie_wavelength(axion_mass_ev: float, z_lens: float = Z_LENS) -> float:
     """lambda = h / (m_a v) at the lens, in arcsec (about 0.1" for 1e-22 eV and v = 200 km/s)."""
     h_c_ev_m = 1.23984198e-6  # h c in eV m
     kpc_m = 3.0856775814913673e19
     wavelength_m = h_c_ev_m / (axion_mass_ev * AXION_VELOCITY / 299792.458)
-    return wavelength_m / kpc_m * arcsec_per_kpc()
+    return wavelength_m / kpc_m * arcsec_per_kpc(z_lens)
 
 
 # --------------------------------------------------------------------------------------------- drawing
@@ -109,6 +126,8 @@ class SimConfig:
     instrument: Instrument
     seed: int
     task_code: int  # separates the random streams of different tasks with the same seed
+    physics: Physics = Physics()
+    preset: str = ""
 
     def class_of(self, index: int) -> str:
         return self.classes[index % len(self.classes)]
@@ -123,6 +142,10 @@ def _ellipticity(phi: float, q: float) -> tuple[float, float]:
     return e * math.cos(2 * phi), e * math.sin(2 * phi)
 
 
+def _lerp(bounds, u: float) -> float:
+    return bounds[0] + (bounds[1] - bounds[0]) * u
+
+
 @dataclass
 class Substructure:
     """Mass elements added to the main lens: POINT_MASS (theta_E) or GAUSSIAN convergence (amp, sigma)."""
@@ -134,84 +157,67 @@ class Substructure:
     sigma: list[float] = field(default_factory=list)  # arcsec, GAUSSIAN only
 
 
+def _main_lens(phys: Physics, u: np.ndarray, population: np.random.Generator) -> dict:
+    """Halo and lensing mass, redshifts, Einstein radius, SIE shape and position, external shear."""
+    z_u = population.random(2)
+    z_l, z_s = _lerp(phys.z_lens, z_u[0]), _lerp(phys.z_source, z_u[1])
+    log_m = _lerp(phys.halo_mass, u[0])
+    # Lognormal scatter of the lensing mass around the halo mass, truncated at 2 sigma (rings stay in the field).
+    lensing_mass = 10.0 ** (log_m + phys.mass_scatter * float(np.clip(population.standard_normal(), -2, 2)))
+    if phys.lens == "fixed":
+        q, phi, lx, ly, gamma, gamma_phi = (1 - FIXED_LENS_E1) / (1 + FIXED_LENS_E1), 0.0, 0.0, 0.0, FIXED_SHEAR_GAMMA1, 0.0
+    else:
+        q, phi = _lerp(LENS_AXIS_RATIO, u[1]), math.pi * u[2]
+        lx, ly = LENS_CENTER_JITTER * (2 * u[3] - 1), LENS_CENTER_JITTER * (2 * u[4] - 1)
+        gamma, gamma_phi = SHEAR_MAX * u[5], math.pi * u[6]
+    e1, e2 = _ellipticity(phi, q)
+    return {"z_lens": z_l, "z_source": z_s, "halo_mass": log_m, "lensing_mass": lensing_mass,
+            "einstein_radius": float(einstein_radius(lensing_mass, z_l, z_s)), "axis_ratio": q, "lens_angle": phi,
+            "lens_e1": e1, "lens_e2": e2, "lens_x": lx, "lens_y": ly, "shear": gamma, "shear_angle": gamma_phi,
+            "gamma1": gamma * math.cos(2 * gamma_phi), "gamma2": gamma * math.sin(2 * gamma_phi)}
+
+
+def _source(phys: Physics, inst: Instrument, u: np.ndarray, lens: dict) -> dict:
+    """The unlensed Sersic source: position, shape and flux."""
+    if phys.lens == "fixed":
+        sx, sy = FIXED_SOURCE_BOX * (2 * u[7] - 1), FIXED_SOURCE_BOX * (2 * u[8] - 1)
+        s_radius, s_index, (s_e1, s_e2) = FIXED_SOURCE_RADIUS, FIXED_SOURCE_INDEX, FIXED_SOURCE_E
+        e = math.hypot(s_e1, s_e2)
+        s_q, s_phi = (1 - e) / (1 + e), 0.5 * math.atan2(s_e2, s_e1)
+    else:
+        r_src, a_src = SOURCE_OFFSET * lens["einstein_radius"] * math.sqrt(u[7]), 2 * math.pi * u[8]
+        sx, sy = lens["lens_x"] + r_src * math.cos(a_src), lens["lens_y"] + r_src * math.sin(a_src)
+        s_radius, s_index = _lerp(SOURCE_RADIUS, u[9]), _lerp(SOURCE_INDEX, u[10])
+        s_q, s_phi = _lerp(SOURCE_AXIS_RATIO, u[11]), math.pi * u[12]
+        s_e1, s_e2 = _ellipticity(s_phi, s_q)
+    s_mag = _lerp(phys.source_mag, u[13])
+    return {"source_x": sx, "source_y": sy, "source_radius": s_radius, "source_index": s_index,
+            "source_axis_ratio": s_q, "source_angle": s_phi, "source_e1": s_e1, "source_e2": s_e2,
+            "source_magnitude": s_mag, "source_flux": 10 ** (-0.4 * (s_mag - inst.zero_point))}  # e-/s
+
+
 def draw_params(config: SimConfig, index: int) -> dict:
     """All parameters of sample ``index`` (JSON-serialisable); cheap, no rendering."""
-    inst = config.instrument
+    inst, phys = config.instrument, config.physics
     cls = config.class_of(index)
-    rng = _rng(config, index, STREAM_SHARED)
-    u = rng.random(16)  # fixed number of draws: the shared parameters never depend on the class
-
-    log_m = LOG_HALO_MASS[0] + (LOG_HALO_MASS[1] - LOG_HALO_MASS[0]) * u[0]
-    mass = 10.0**log_m
-    theta_e = float(einstein_radius(mass))
-    q = LENS_AXIS_RATIO[0] + (LENS_AXIS_RATIO[1] - LENS_AXIS_RATIO[0]) * u[1]
-    phi = math.pi * u[2]
-    e1, e2 = _ellipticity(phi, q)
-    lx, ly = LENS_CENTER_JITTER * (2 * u[3] - 1), LENS_CENTER_JITTER * (2 * u[4] - 1)
-    gamma = SHEAR_MAX * u[5]
-    gamma_phi = math.pi * u[6]
-    g1, g2 = gamma * math.cos(2 * gamma_phi), gamma * math.sin(2 * gamma_phi)
-
-    r_src = SOURCE_OFFSET * theta_e * math.sqrt(u[7])
-    a_src = 2 * math.pi * u[8]
-    sx, sy = lx + r_src * math.cos(a_src), ly + r_src * math.sin(a_src)
-    s_radius = SOURCE_RADIUS[0] + (SOURCE_RADIUS[1] - SOURCE_RADIUS[0]) * u[9]
-    s_index = SOURCE_INDEX[0] + (SOURCE_INDEX[1] - SOURCE_INDEX[0]) * u[10]
-    s_q = SOURCE_AXIS_RATIO[0] + (SOURCE_AXIS_RATIO[1] - SOURCE_AXIS_RATIO[0]) * u[11]
-    s_phi = math.pi * u[12]
-    s_e1, s_e2 = _ellipticity(s_phi, s_q)
-    s_mag = SOURCE_MAGNITUDE[0] + (SOURCE_MAGNITUDE[1] - SOURCE_MAGNITUDE[0]) * u[13]
-    s_flux = 10 ** (-0.4 * (s_mag - inst.zero_point))  # e-/s
-    exposure = math.exp(math.log(inst.exposure[0]) + math.log(inst.exposure[1] / inst.exposure[0]) * u[14])
-
-    sub, extra = _draw_substructure(cls, _rng(config, index, STREAM_SUBSTRUCTURE), mass, theta_e, lx, ly)
-    fraction = float(sum(sub.mass) / mass) if sub.mass else 0.0
+    u = _rng(config, index, STREAM_SHARED).random(16)  # fixed count: shared parameters never depend on the class
+    lens = _main_lens(phys, u, _rng(config, index, STREAM_POPULATION))
+    source = _source(phys, inst, u, lens)
+    t_lo, t_hi = phys.exposure or inst.exposure
+    exposure = math.exp(math.log(t_lo) + math.log(t_hi / t_lo) * u[14])
+    sub, extra = _draw_substructure(cls, phys, _rng(config, index, STREAM_SUBSTRUCTURE), lens)
+    fraction = float(sum(sub.mass) / lens["lensing_mass"]) if sub.mass else 0.0
     # The substructure takes its mass from the main lens, so the total lensing mass (and with it the
     # ring size and the mean magnification) does not depend on the class.
-    sie_theta_e = float(einstein_radius(mass * (1.0 - fraction)))
+    sie_theta_e = float(einstein_radius(lens["lensing_mass"] * (1.0 - fraction), lens["z_lens"], lens["z_source"]))
     return {
-        "index": index,
-        "seed": config.seed,
-        "task": config.task,
-        "instrument": inst.name,
-        "pixel_scale": inst.pixel_scale,
-        "psf_fwhm": inst.psf_fwhm,
-        "z_lens": Z_LENS,
-        "z_source": Z_SOURCE,
-        "halo_mass": log_m,
-        "einstein_radius": theta_e,
-        "sie_einstein_radius": sie_theta_e,
-        "axis_ratio": q,
-        "lens_angle": phi,
-        "lens_e1": e1,
-        "lens_e2": e2,
-        "lens_x": lx,
-        "lens_y": ly,
-        "shear": gamma,
-        "shear_angle": gamma_phi,
-        "gamma1": g1,
-        "gamma2": g2,
-        "source_x": sx,
-        "source_y": sy,
-        "source_radius": s_radius,
-        "source_index": s_index,
-        "source_axis_ratio": s_q,
-        "source_angle": s_phi,
-        "source_e1": s_e1,
-        "source_e2": s_e2,
-        "source_magnitude": s_mag,
-        "source_flux": s_flux,
-        "exposure": exposure,
-        "substructure": SUBSTRUCTURE_CLASSES.index(cls),
-        "substructure_name": cls,
-        "has_substructure": int(cls != "no_sub"),
-        "subhalo_fraction": fraction,
-        "n_subhalos": len(sub.mass),
+        "index": index, "seed": config.seed, "task": config.task, "preset": config.preset,
+        "instrument": inst.name, "pixel_scale": inst.pixel_scale, "psf_fwhm": inst.psf_fwhm,
+        **lens, "sie_einstein_radius": sie_theta_e, **source, "exposure": exposure,
+        "substructure": SUBSTRUCTURE_CLASSES.index(cls), "substructure_name": cls,
+        "has_substructure": int(cls != "no_sub"), "subhalo_fraction": fraction, "n_subhalos": len(sub.mass),
         **extra,
-        "subhalo_profile": sub.profile,
-        "subhalo_x": sub.x,
-        "subhalo_y": sub.y,
-        "subhalo_mass": sub.mass,
+        "subhalo_profile": sub.profile, "subhalo_x": sub.x, "subhalo_y": sub.y, "subhalo_mass": sub.mass,
         "subhalo_sigma": sub.sigma,
     }
 
@@ -225,6 +231,8 @@ def _annulus(rng: np.random.Generator, n: int, theta_e: float, cx: float, cy: fl
 
 def _power_law(rng: np.random.Generator, n: int, lo: float, hi: float, slope: float) -> np.ndarray:
     k = slope + 1.0
+    if abs(k) < 1e-9:  # dN/dm ~ 1/m: log-uniform
+        return lo * (hi / lo) ** rng.random(n)
     return (lo**k + (hi**k - lo**k) * rng.random(n)) ** (1.0 / k)
 
 
@@ -233,13 +241,25 @@ def _power_law_mean(lo: float, hi: float, slope: float) -> float:
     return ((hi ** (k + 1) - lo ** (k + 1)) / (k + 1)) / ((hi**k - lo**k) / k)
 
 
-def _draw_substructure(cls: str, rng: np.random.Generator, mass: float, theta_e: float, cx: float, cy: float):
+def _line(rng: np.random.Generator, n: int, total: float, length: float, cx: float, cy: float):
+    """``n`` equal point masses summing to ``total`` on a line of ``length`` through (cx, cy), any angle."""
+    angle = math.pi * rng.random()
+    t = np.linspace(-0.5, 0.5, n) * length
+    x, y = cx + t * math.cos(angle), cy + t * math.sin(angle)
+    return Substructure("POINT_MASS", x.tolist(), y.tolist(), np.full(n, total / n).tolist()), angle
+
+
+def _draw_substructure(cls: str, phys: Physics, rng: np.random.Generator, lens: dict):
     extra = {"axion_mass": None, "axion_mass_ev": None, "de_broglie_wavelength": None,
              "vortex_length": None, "vortex_angle": None}
     if cls == "no_sub":
         return Substructure(), extra
-    f_target = SUBHALO_FRACTION[0] + (SUBHALO_FRACTION[1] - SUBHALO_FRACTION[0]) * rng.random()
-    total = f_target * mass
+    if cls == "cdm" and phys.subhalos is not None:
+        return _counted_subhalos(phys, rng, lens), extra
+    if cls in ("vortex", "axion") and phys.vortex_mass is not None:
+        return _vortex_line(cls, phys, rng, lens, extra)
+    mass, theta_e, cx, cy = lens["lensing_mass"], lens["einstein_radius"], lens["lens_x"], lens["lens_y"]
+    total = _lerp(phys.subhalo_fraction, rng.random()) * mass
     if cls == "cdm":
         lo, hi = CDM_MASS[0] * mass, CDM_MASS[1] * mass
         n = int(np.clip(rng.poisson(total / _power_law_mean(lo, hi, CDM_SLOPE)), 1, CDM_MAX_SUBHALOS))
@@ -248,28 +268,54 @@ def _draw_substructure(cls: str, rng: np.random.Generator, mass: float, theta_e:
         x, y = _annulus(rng, n, theta_e, cx, cy)
         return Substructure("POINT_MASS", x.tolist(), y.tolist(), m.tolist()), extra
     if cls == "vortex":
-        length = theta_e * (VORTEX_LENGTH[0] + (VORTEX_LENGTH[1] - VORTEX_LENGTH[0]) * rng.random())
-        r = theta_e * (VORTEX_RADIUS[0] + (VORTEX_RADIUS[1] - VORTEX_RADIUS[0]) * rng.random())
-        a, angle = 2 * math.pi * rng.random(), math.pi * rng.random()
-        t = np.linspace(-0.5, 0.5, VORTEX_ELEMENTS) * length
-        x = cx + r * math.cos(a) + t * math.cos(angle)
-        y = cy + r * math.sin(a) + t * math.sin(angle)
-        m = np.full(VORTEX_ELEMENTS, total / VORTEX_ELEMENTS)
+        length = theta_e * _lerp(VORTEX_LENGTH, rng.random())
+        r = theta_e * _lerp(VORTEX_RADIUS, rng.random())
+        a = 2 * math.pi * rng.random()
+        sub, angle = _line(rng, VORTEX_ELEMENTS, total, length, cx + r * math.cos(a), cy + r * math.sin(a))
         extra.update(vortex_length=length, vortex_angle=angle)
-        return Substructure("POINT_MASS", x.tolist(), y.tolist(), m.tolist()), extra
+        return sub, extra
     if cls == "axion":
-        log_ma = LOG_AXION_MASS[0] + (LOG_AXION_MASS[1] - LOG_AXION_MASS[0]) * rng.random()
-        wavelength = de_broglie_wavelength(10.0**log_ma)
-        # Granules: interference maxima of FWHM lambda/2, filling the annulus up to a maximum count.
-        sigma = wavelength / 2 / (2 * math.sqrt(2 * math.log(2)))
-        area = math.pi * (ANNULUS[1] ** 2 - ANNULUS[0] ** 2) * theta_e**2
-        n = int(np.clip(round(area / (math.pi * (wavelength / 2) ** 2)), *AXION_GRANULES))
-        x, y = _annulus(rng, n, theta_e, cx, cy)
-        m = total / n * rng.uniform(0.5, 1.5, n)
-        m *= total / m.sum()
-        extra.update(axion_mass=log_ma, axion_mass_ev=10.0**log_ma, de_broglie_wavelength=wavelength)
-        return Substructure("GAUSSIAN", x.tolist(), y.tolist(), m.tolist(), [sigma] * n), extra
+        return _granules(rng, total, lens, extra)
     raise ValueError(f"unknown substructure class {cls!r}; valid: {', '.join(SUBSTRUCTURE_CLASSES)}")
+
+
+def _counted_subhalos(phys: Physics, rng: np.random.Generator, lens: dict) -> Substructure:
+    """DeepLense's CDM: a fixed number of point masses from the power law, at radii uniform in a range."""
+    n = phys.subhalos
+    m = _power_law(rng, n, *phys.subhalo_mass, phys.subhalo_slope)
+    r = phys.subhalo_radius[0] + (phys.subhalo_radius[1] - phys.subhalo_radius[0]) * rng.random(n)
+    a = 2 * np.pi * rng.random(n)
+    x, y = lens["lens_x"] + r * np.cos(a), lens["lens_y"] + r * np.sin(a)
+    return Substructure("POINT_MASS", x.tolist(), y.tolist(), m.tolist())
+
+
+def _vortex_line(cls: str, phys: Physics, rng: np.random.Generator, lens: dict, extra: dict):
+    """DeepLense's vortex: 100 point masses of vortex_mass in all on a line through the lens centre. For
+    the axion class its length is twice the de Broglie wavelength of an axion mass drawn log-uniform."""
+    length = phys.vortex_length
+    if cls == "axion":
+        log_ma = _lerp(LOG_AXION_MASS, rng.random())
+        wavelength = de_broglie_wavelength(10.0**log_ma, lens["z_lens"])
+        length = 2 * wavelength
+        extra.update(axion_mass=log_ma, axion_mass_ev=10.0**log_ma, de_broglie_wavelength=wavelength)
+    sub, angle = _line(rng, DEEPLENSE_VORTEX_ELEMENTS, phys.vortex_mass, length, lens["lens_x"], lens["lens_y"])
+    extra.update(vortex_length=length, vortex_angle=angle)
+    return sub, extra
+
+
+def _granules(rng: np.random.Generator, total: float, lens: dict, extra: dict):
+    """Axion wave interference as granules: GAUSSIAN clumps of FWHM lambda/2 filling the annulus."""
+    log_ma = _lerp(LOG_AXION_MASS, rng.random())
+    wavelength = de_broglie_wavelength(10.0**log_ma, lens["z_lens"])
+    sigma = wavelength / 2 / (2 * math.sqrt(2 * math.log(2)))
+    theta_e = lens["einstein_radius"]
+    area = math.pi * (ANNULUS[1] ** 2 - ANNULUS[0] ** 2) * theta_e**2
+    n = int(np.clip(round(area / (math.pi * (wavelength / 2) ** 2)), *AXION_GRANULES))
+    x, y = _annulus(rng, n, theta_e, lens["lens_x"], lens["lens_y"])
+    m = total / n * rng.uniform(0.5, 1.5, n)
+    m *= total / m.sum()
+    extra.update(axion_mass=log_ma, axion_mass_ev=10.0**log_ma, de_broglie_wavelength=wavelength)
+    return Substructure("GAUSSIAN", x.tolist(), y.tolist(), m.tolist(), [sigma] * n), extra
 
 
 def smooth_twin(params: dict) -> dict:
@@ -292,14 +338,13 @@ def lenstronomy_kwargs(params: dict) -> tuple[list[str], list[dict], list[str], 
         {"gamma1": params["gamma1"], "gamma2": params["gamma2"], "ra_0": params["lens_x"], "dec_0": params["lens_y"]},
     ]
     profile = params["subhalo_profile"]
+    theta = einstein_radius(np.asarray(params["subhalo_mass"]), params["z_lens"], params["z_source"])
     if profile == "POINT_MASS":
-        theta = einstein_radius(np.asarray(params["subhalo_mass"]))
         for x, y, t in zip(params["subhalo_x"], params["subhalo_y"], theta.tolist(), strict=True):
             lens_models.append("POINT_MASS")
             kwargs_lens.append({"theta_E": t, "center_x": x, "center_y": y})
     elif profile == "GAUSSIAN":
         # A Gaussian convergence of total lensing mass pi theta_E^2 deflects like a point mass far away.
-        theta = einstein_radius(np.asarray(params["subhalo_mass"]))
         for x, y, t, s in zip(params["subhalo_x"], params["subhalo_y"], theta.tolist(), params["subhalo_sigma"], strict=True):
             lens_models.append("GAUSSIAN")
             kwargs_lens.append({"amp": math.pi * t * t, "sigma": s, "center_x": x, "center_y": y})
@@ -401,4 +446,7 @@ class Simulator:
 
     def __call__(self, index: int) -> tuple[np.ndarray, dict]:
         params = draw_params(self.config, index)
-        return render(self.config, params), params
+        image = render(self.config, params)
+        if self.config.physics.scaling == "max":  # as DeepLense's files: each image divided by its maximum
+            image /= max(float(image.max()), np.finfo(np.float32).tiny)
+        return image, params
