@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import resource
 import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,6 +36,7 @@ from lenstrain.stateio import (
     load_state_file,
     rng_state,
     save_state_file,
+    set_rng_state,
     sha256_file,
 )
 from tests.factories import assert_same_weights, final_weights, make_ring_shards, write_config
@@ -90,6 +93,15 @@ def test_a_tampered_rng_file_with_a_pickle_payload_is_refused(tmp_path):
 
     save_state_file(rng_state(), rng_file)  # what a run writes loads: tensors, lists and numbers only
     assert torch.equal(load_rng_file(rng_file)["torch"], torch.get_rng_state())
+
+
+def test_an_rng_file_of_the_earlier_format_still_restores_the_generators(tmp_path):
+    """Earlier versions saved the generators' own tuples, with numpy's state as an array."""
+    rng_file = tmp_path / "rng-rank0.pt"
+    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}, rng_file)
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    set_rng_state(load_rng_file(rng_file))
+    assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(1), expected[2])
 
 
 def test_deepspeed_files_are_unpickled_only_as_the_complete_marker_lists_them(tmp_path):
