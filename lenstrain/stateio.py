@@ -6,7 +6,8 @@ file dropped into a shared run directory cannot run code on resume. DeepSpeed's 
 objects of its classes and need a full unpickle; :func:`load_listed_pickle` confines that to files
 that the run's ``COMPLETE`` marker lists with the same size and sha256.
 
-Nothing here imports DeepSpeed or any other part of lenstrain.
+This module imports no other part of lenstrain, and DeepSpeed only inside
+:func:`load_deepspeed_model_state`, for a ZeRO checkpoint.
 """
 
 from __future__ import annotations
