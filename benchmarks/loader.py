@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lenstrain.data import BatchBuilder, TargetTransform, TrainStream  # noqa: E402
 from shards.manifest import load_manifest  # noqa: E402
+from shards.options import PackOptions  # noqa: E402
 from shards.pack import TargetSpec, pack_shard_set  # noqa: E402
 from shards.reader import ShardReader  # noqa: E402
 
@@ -66,8 +67,8 @@ def make_data(root: Path, n: int, size: int, channels: int, shard_size: int) -> 
         pack_shard_set(shards, sample_fn=fn, split_of=["train"] * n,
                        targets=[TargetSpec("substructure", "classification", CLASSES),
                                 TargetSpec("einstein_radius", "regression")],
-                       primary_target="substructure", source={"kind": "benchmark"}, shard_size=shard_size,
-                       overwrite=True)
+                       primary_target="substructure", source={"kind": "benchmark"},
+                       options=PackOptions(shard_size=shard_size, overwrite=True))
     if not (folder / "done").is_file():
         for c in CLASSES:
             (folder / c).mkdir(parents=True, exist_ok=True)
@@ -107,7 +108,7 @@ def run_ours(shards: Path, batch: int, workers: int, epoch: int, augment: bool) 
     manifest = load_manifest(shards)
     reader = ShardReader(shards, "train", manifest=manifest)
     target = TargetTransform.from_manifest(manifest, "substructure", "none")
-    builder = BatchBuilder(reader, target, seed=epoch, normalize=False, mean=0.0, std=1.0,
+    builder = BatchBuilder(reader, target, seed=epoch, normalize="none", mean=0.0, std=1.0,
                            rotate=augment, flip=augment)
     stream = TrainStream(builder, n=len(reader), seed=epoch, rank=0, world=1, batch=batch, accum=1,
                          workers=workers, prefetch=2)

@@ -1,7 +1,7 @@
 """Train-step overhead: lenstrain's step against a bare PyTorch loop, on the same model and batch.
 
 Ours is the body of ``lenstrain.train.train_loop`` for one step with its data already in memory:
-``backend.accumulating``/``backend.autocast`` around the forward and the loss (``build_loss``),
+``backend.accumulating``/``backend.autocast`` around the forward and the loss (``make_loss``),
 ``backend.backward``, ``float(loss)``, the per-step ``backend.any_flags`` (non-finite loss,
 preemption, checkpoint due), ``backend.step`` (unscale, clip, update, zero) and
 ``scheduler.step()``. The bare loop is ``model(x)``, ``F.mse_loss``, ``zero_grad``, ``backward``,
@@ -32,12 +32,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lenstrain.backends import build_backend  # noqa: E402
 from lenstrain.config import ScheduleConfig  # noqa: E402
 from lenstrain.distributed import DistInfo  # noqa: E402
-from lenstrain.losses import build_loss  # noqa: E402
+from lenstrain.losses import make_loss  # noqa: E402
 from lenstrain.models import create_model  # noqa: E402
 from lenstrain.optim import build_scheduler  # noqa: E402
+from lenstrain.parallel import build_backend  # noqa: E402
 
 
 def make_ours(model, lr: float, clip: float, total_steps: int, precision: str):
@@ -45,7 +45,7 @@ def make_ours(model, lr: float, clip: float, total_steps: int, precision: str):
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=next(model.parameters()).device)
     backend = build_backend("single", model, optimizer, info, precision=precision, grad_clip=clip)
     scheduler = build_scheduler(ScheduleConfig(), optimizer, total_steps)
-    loss_fn = build_loss("mse", "regression", 0, huber_delta=1.0, label_smoothing=0.0)
+    loss_fn = make_loss("mse", "regression", 0)
 
     def step(micro_batches):
         loss_total = torch.zeros((), device=info.device)
