@@ -172,8 +172,15 @@ def runs_dir(tmp_path) -> Path:
 # --------------------------------------------------------------------------------------- tests
 
 
+def submitted_since(start: str, name: str) -> list[str]:
+    """Job ids named ``name`` that SLURM's accounting has seen submitted since ``start``."""
+    out = slurm("sacct", "-X", "-n", "-P", "-o", "JobID", "-S", start, "--name", name, check=False).stdout
+    return out.split()
+
+
 def test_bad_jobs_submit_nothing(cluster, base, runs_dir, capsys):
-    before = slurm("sacct", "-X", "-n", "-P", "-o", "JobID", check=False).stdout.split()
+    # Accounting records of earlier tests' jobs may still be arriving: look only for this run's name.
+    start = time.strftime("%Y-%m-%dT%H:%M:%S")
     bad = [
         (["resources.nodse=2"], "resources.nodse: unknown key"),
         (["resources.nodes=3"], "resources.nodes: 3 nodes requested"),
@@ -187,7 +194,7 @@ def test_bad_jobs_submit_nothing(cluster, base, runs_dir, capsys):
         assert cli("submit", base, "--runs-dir", runs_dir, *args) == 2
         assert expected in capsys.readouterr().err
     assert squeue_jobs() == []
-    assert slurm("sacct", "-X", "-n", "-P", "-o", "JobID", check=False).stdout.split() == before
+    assert submitted_since(start, "train") == []
     assert not (runs_dir / "train").exists()
 
 
