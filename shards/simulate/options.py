@@ -24,7 +24,8 @@ def _parse(name: str):
         try:
             return check_knob(name, value)
         except KnobError as exc:
-            raise argparse.ArgumentTypeError(exc.detail) from None
+            detail = exc.detail if exc.detail.startswith("must") else f"expected {KNOBS[name].describe()}, got {text!r}"
+            raise argparse.ArgumentTypeError(detail) from None
 
     parse.__name__ = name  # argparse names the type in some messages
     return parse
@@ -37,7 +38,7 @@ def add_physics_arguments(parser: argparse.ArgumentParser) -> None:
         "Ranges are LOW,HIGH (drawn uniformly) or one value (fixed). Presets: "
         + "; ".join(f"{name}: {p.description}" for name, p in PRESETS.items()))
     for name, knob in KNOBS.items():
-        metavar = "LOW[,HIGH]" if knob.kind == "range" else None
+        metavar = {"range": "LOW[,HIGH]", "float": "X", "int": "N"}.get(knob.kind, "{" + ",".join(knob.choices) + "}")
         group.add_argument(option_name(name), dest=f"physics_{name}", type=_parse(name), default=None,
                            metavar=metavar, help=f"{knob.help} ({knob.describe()})")
 

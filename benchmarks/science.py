@@ -1,0 +1,298 @@
+"""The science experiments, run as the jobs in ``jobs/``, with their results written to benchmarks/SCIENCE.md.
+
+One command runs them all (CPU-sized by default; ``--full`` for GPU sizes)::
+
+    python benchmarks/science.py                      # CPU sizes: data/science, runs/science
+    python benchmarks/science.py --only ladder-euclid # one experiment
+    python benchmarks/science.py --full               # the GPU sizes
+    python benchmarks/science.py --report             # rewrite SCIENCE.md from the results already there
+
+Each experiment simulates its data set (``python -m shards simulate``; reused when it is already there with
+the same arguments), trains a job from ``jobs/`` (``python -m lenstrain train``, with ``--set`` overrides for
+the data set and the size), evaluates it (``python -m lenstrain eval``) and stores what the table needs in
+``<run>/science.json``: test metrics, parameters, steps, wall and CPU time, and the commands. SCIENCE.md is
+regenerated between its ``science:begin`` and ``science:end`` markers; the text around them is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORT = ROOT / "benchmarks" / "SCIENCE.md"
+BEGIN, END = "<!-- science:begin -->", "<!-- science:end -->"
+
+
+@dataclass(frozen=True)
+class DataSet:
+    args: tuple[str, ...]  # python -m shards simulate arguments, without --n and --out
+    n: int  # CPU size
+    n_full: int
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    table: str
+    job: str
+    data: str  # a key of DATA
+    sets: tuple[str, ...] = ()  # --set overrides at CPU size
+    sets_full: tuple[str, ...] = ()
+    split: str = "test"
+    cpu: bool = True  # run at CPU size (False: only with --full)
+    note: str = ""
+
+
+_SUB = ("--task", "substructure", "--seed", "2")
+_DRAWN = ("--lens", "drawn", "--halo-mass", "11.2,12.1")
+DATA: dict[str, DataSet] = {
+    "deeplense2": DataSet(("--task", "substructure", "--seed", "1", "--preset", "deeplense2"), 11250, 33750),
+    "euclid": DataSet(("--task", "substructure", "--seed", "1", "--preset", "euclid"), 11250, 33750),
+    "ladder-dl2": DataSet((*_SUB, "--preset", "deeplense2"), 3750, 33750),
+    "ladder-drawn": DataSet((*_SUB, "--preset", "deeplense2", *_DRAWN), 3750, 33750),
+    "ladder-faint": DataSet((*_SUB, "--preset", "deeplense2", *_DRAWN, "--source-mag", "22.5,24.5"), 3750, 33750),
+    "ladder-euclid": DataSet((*_SUB, "--preset", "euclid"), 3750, 33750),
+    "halo-euclid": DataSet(("--task", "halo_mass", "--seed", "3", "--preset", "euclid", "--val", "0.1",
+                            "--test", "0"), 5000, 50000),
+}
+
+_LADDER = ("train.epochs=6", "train.val_every_steps=0", "checkpoint.every_steps=0")
+_FULL = ("data.batch_size=128", "data.workers=8", "train.epochs=30", "train.val_every_steps=0")
+_HALO_SETS = ("data.workers=1", "train.val_every_steps=0", "checkpoint.every_steps=0", "checkpoint.best_metric=null")
+EXPERIMENTS: list[Experiment] = [
+    Experiment("resnet18-deeplense2", "must", "jobs/resnet18_substructure_deeplense2.yaml", "deeplense2",
+               sets_full=_FULL),
+    Experiment("alternet18-deeplense2", "must", "jobs/alternet18_substructure_deeplense2.yaml", "deeplense2",
+               sets_full=_FULL),
+    Experiment("resnet18-euclid", "must", "jobs/resnet18_substructure_euclid.yaml", "euclid", sets_full=_FULL),
+    *(Experiment(f"resnet18-{rung}", "ladder", "jobs/resnet18_substructure_deeplense2.yaml", rung, _LADDER, _FULL)
+      for rung in ("ladder-dl2", "ladder-drawn", "ladder-faint", "ladder-euclid")),
+    Experiment("resnet18-halo-euclid", "halo", "jobs/resnet18_halo_mass.yaml", "halo-euclid", _HALO_SETS,
+               split="val", note="the reference protocol: Adam 5e-5, MSE, 5 epochs"),
+    Experiment("resnet18-halo-euclid-onecycle", "halo", "jobs/resnet18_halo_mass.yaml", "halo-euclid",
+               (*_HALO_SETS, "optim.name=adamw", "optim.lr=1e-3", "optim.weight_decay=0.05",
+                "schedule.name=onecycle", "train.epochs=8"), split="val", note="AdamW 1e-3, one-cycle, 8 epochs"),
+    *(Experiment(f"{job}-halo-full", "zoo", f"jobs/{job}.yaml", "halo-euclid", sets_full=("train.epochs=10",),
+                 split="val", cpu=False)
+      for job in ("mresunet_halo_mass", "attention_unet_halo_mass", "residual_attention_halo_mass",
+                  "resnet18_halo_mass", "xresnet_alternet_halo_mass", "efficientnetv2_halo_mass")),
+]
+
+TABLES = {
+    "must": "Three classes (no_sub / cdm / vortex), 9,000 training images, 8 epochs: deeplense2 and realistic euclid",
+    "ladder": "The difficulty ladder: ResNet-18, 3,000 training images, 6 epochs, from DeepLense physics to realistic",
+    "halo": "Halo-mass regression on the realistic `euclid` preset (drawn redshifts, 0.12 dex mass scatter)",
+    "zoo": "The regression zoo on one set (GPU size only: `--full`)",
+}
+
+
+# ------------------------------------------------------------------------------------------ running
+def _python(*args: str) -> list[str]:
+    return [sys.executable, *args]
+
+
+def _run(cmd: list[str], log: Path) -> None:
+    with log.open("a") as out:
+        out.write("$ " + shlex.join(cmd) + "\n")
+        out.flush()
+        code = subprocess.call(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                               env={**os.environ, "LENSTRAIN_NO_PROGRESS": "1"})
+    if code != 0:
+        raise SystemExit(f"failed ({code}): {shlex.join(cmd)}; see {log}")
+
+
+def ensure_data(name: str, root: Path, full: bool, workers: int, log: Path) -> tuple[Path, list[str]]:
+    spec = DATA[name]
+    out = root / name
+    n = spec.n_full if full else spec.n
+    cmd = _python("-m", "shards", "simulate", *spec.args, "--n", str(n), "--out", str(out), "--workers", str(workers))
+    stamp = out / "science-args.json"
+    wanted = {"args": list(spec.args), "n": n}
+    if not (stamp.is_file() and json.loads(stamp.read_text()) == wanted):
+        _run([*cmd, "--overwrite"], log)
+        stamp.write_text(json.dumps(wanted) + "\n")
+    return out, cmd
+
+
+def _child_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_experiment(exp: Experiment, args: argparse.Namespace) -> dict:
+    run_dir = args.runs / exp.name
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log = args.runs / f"{exp.name}.log"
+    data, sim_cmd = ensure_data(exp.data, args.data, args.full, args.workers, log)
+    sets = exp.sets_full if args.full else exp.sets
+    train = _python("-m", "lenstrain", "train", exp.job, "--run-dir", str(run_dir), "--set", f"data.shards={data}",
+                    *(x for s in sets for x in ("--set", s)))
+    evaluate = _python("-m", "lenstrain", "eval", str(run_dir), "--split", exp.split, "--checkpoint", "latest")
+    if run_dir.exists():
+        subprocess.call(["rm", "-rf", str(run_dir)])
+    wall, cpu = time.perf_counter(), _child_cpu()
+    _run(train, log)
+    wall, cpu = time.perf_counter() - wall, _child_cpu() - cpu
+    _run(evaluate, log)
+    metrics = json.loads((run_dir / "eval" / exp.split / "metrics.json").read_text())
+    progress = json.loads((run_dir / "progress.json").read_text())
+    found = re.findall(r"([\d,]+) parameters", log.read_text())
+    result = {"experiment": exp.name, "table": exp.table, "job": exp.job, "data": exp.data, "note": exp.note,
+              "split": exp.split, "samples": metrics["samples"], "model": metrics["model"],
+              "metrics": metrics["metrics"], "steps": progress.get("step"),
+              "parameters": int(found[-1].replace(",", "")) if found else None,
+              "train_wall_s": round(wall, 1), "train_cpu_s": round(cpu, 1), "full": args.full,
+              "commands": [shlex.join(c[1:]).replace(str(ROOT) + "/", "") for c in (sim_cmd, train, evaluate)]}
+    (run_dir / "science.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+# ------------------------------------------------------------------------------------------ oracle ladder
+RUNGS = {  # preset and knobs of each rung, as the simulate options of the ladder's data sets
+    "deeplense2": ("deeplense2", {}),
+    "deeplense2, lens drawn": ("deeplense2", {"lens": "drawn", "halo_mass": (11.2, 12.1)}),
+    "deeplense2, lens drawn, source 22.5-24.5 mag": ("deeplense2", {"lens": "drawn", "halo_mass": (11.2, 12.1),
+                                                                    "source_mag": (22.5, 24.5)}),
+    "euclid (realistic)": ("euclid", {}),
+    "deeplense1": ("deeplense1", {}),
+    "deeplense3": ("deeplense3", {}),
+}
+
+
+def _auc(pos: list[float], neg: list[float]) -> float:
+    import numpy as np
+
+    p, n = np.asarray(pos)[:, None], np.asarray(neg)[None, :]
+    return float((p > n).mean() + 0.5 * (p == n).mean())
+
+
+def oracle_ladder(per_class: int) -> list[dict]:
+    """The AUC of an oracle that knows each image's smooth lens: its reduced chi^2 against that lens, as the
+    score of cdm (or vortex) against no_sub. An upper bound for any model, measured without training."""
+    import numpy as np
+
+    from shards.simulate import physics as P
+    from shards.simulate.cli import plan
+
+    rows = []
+    for rung, (preset, knobs) in RUNGS.items():
+        config = plan("substructure", 3 * per_class, preset=preset, physics=knobs, seed=7)
+        chi2: dict[str, list[float]] = {c: [] for c in config.classes}
+        for i in range(3 * per_class):
+            p = P.draw_params(config, i)
+            smooth = P.render_clean(config, P.smooth_twin(p))
+            sigma = P.noise_sigma(smooth, config.instrument, p["exposure"])
+            chi2[p["substructure_name"]].append(float(np.mean(((P.render(config, p)[0] - smooth) / sigma) ** 2)))
+        rows.append({"rung": rung, "cdm": _auc(chi2["cdm"], chi2["no_sub"]),
+                     "vortex": _auc(chi2["vortex"], chi2["no_sub"]),
+                     "median_chi2": {c: float(np.median(v)) for c, v in chi2.items()}, "per_class": per_class})
+    return rows
+
+
+def render_oracle(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["### Oracle detectability by rung (no training)", "",
+             f"AUC of the reduced chi^2 of each image against its own smooth lens (the true main lens and source, "
+             f"no substructure), {rows[0]['per_class']} images per class, seed 7: what an ideal model could reach.",
+             "", "| rung | cdm vs no_sub | vortex vs no_sub | median chi^2 no_sub / cdm / vortex |", "|---|---|---|---|"]
+    for r in rows:
+        m = r["median_chi2"]
+        lines.append(f"| {r['rung']} | {r['cdm']:.3f} | {r['vortex']:.3f} | {m['no_sub']:.3f} / {m['cdm']:.3f} / "
+                     f"{m['vortex']:.3f} |")
+    return [*lines, "", "Command: `python benchmarks/science.py --oracle`", ""]
+
+
+# ------------------------------------------------------------------------------------------ report
+def _fmt(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _row(r: dict) -> str:
+    m = r["metrics"]
+    score = (f"AUC {_fmt(m.get('auc'))}, acc {_fmt(m.get('accuracy'))}" if "auc" in m
+             else f"R² {_fmt(m.get('r2'))}, MSE {_fmt(m.get('mse'), 4)}")
+    params = f"{r['parameters'] / 1e6:.1f} M" if r.get("parameters") else "-"
+    return (f"| `{r['experiment']}` | {r['model']} | {DATA_LABEL.get(r['data'], r['data'])} | {score} "
+            f"({r['split']}, {r['samples']}) | {params} | {r['steps']} | {r['train_wall_s'] / 60:.1f} min "
+            f"({r['train_cpu_s'] / 60:.1f} CPU-min) | {r['note'] or '-'} |")
+
+
+DATA_LABEL = {
+    "deeplense2": "deeplense2",
+    "euclid": "euclid (realistic)",
+    "ladder-dl2": "deeplense2",
+    "ladder-drawn": "deeplense2, lens drawn",
+    "ladder-faint": "deeplense2, lens drawn, source 22.5-24.5 mag",
+    "ladder-euclid": "euclid (realistic)",
+    "halo-euclid": "euclid halo_mass",
+}
+
+
+def render_report(results: list[dict], oracle: list[dict]) -> str:
+    lines = [BEGIN, "", *render_oracle(oracle)]
+    for table, title in TABLES.items():
+        rows = [r for r in results if r["table"] == table]
+        lines += [f"### {title}", ""]
+        if not rows:
+            lines += ["Not run at this size.", ""]
+            continue
+        lines += ["| experiment | model | data | test metrics | params | steps | train time | note |",
+                  "|---|---|---|---|---|---|---|---|", *(_row(r) for r in rows), "", "Commands:", "", "```"]
+        for r in rows:
+            lines += [f"# {r['experiment']}", *(f"python {c}" for c in r["commands"])]
+        lines += ["```", ""]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def write_report(runs: Path) -> Path:
+    order = {e.name: i for i, e in enumerate(EXPERIMENTS)}
+    results = [json.loads(p.read_text()) for p in runs.glob("*/science.json")]
+    oracle_file = runs / "oracle.json"
+    oracle = json.loads(oracle_file.read_text()) if oracle_file.is_file() else []
+    results.sort(key=lambda r: order.get(r["experiment"], len(order)))
+    text = REPORT.read_text() if REPORT.is_file() else f"# Science results\n\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    REPORT.write_text(head + render_report(results, oracle) + tail)
+    return REPORT
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--full", action="store_true", help="GPU sizes (more images and epochs; the zoo)")
+    p.add_argument("--only", nargs="+", metavar="NAME", choices=[e.name for e in EXPERIMENTS],
+                   help="run these experiments only")
+    p.add_argument("--data", type=Path, default=ROOT / "data" / "science", help="where the data sets go")
+    p.add_argument("--runs", type=Path, default=ROOT / "runs" / "science", help="where the runs go")
+    p.add_argument("--workers", type=int, default=2, help="simulating processes (default 2)")
+    p.add_argument("--report", action="store_true", help="only rewrite SCIENCE.md from the results there")
+    p.add_argument("--oracle", type=int, nargs="?", const=60, default=None, metavar="PER_CLASS",
+                   help="only measure the oracle ladder (default 60 images per class), then rewrite SCIENCE.md")
+    args = p.parse_args(argv)
+    if args.oracle:
+        args.runs.mkdir(parents=True, exist_ok=True)
+        (args.runs / "oracle.json").write_text(json.dumps(oracle_ladder(args.oracle), indent=1) + "\n")
+    elif not args.report:
+        chosen = [e for e in EXPERIMENTS if (e.name in args.only if args.only else args.full or e.cpu)]
+        for exp in chosen:
+            print(f"[science] {exp.name}", flush=True)
+            result = run_experiment(exp, args)
+            print(f"[science] {exp.name}: {result['metrics']}", flush=True)
+    print(f"wrote {write_report(args.runs)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
