@@ -38,6 +38,8 @@ def _train(args) -> int:
     here, so they read it without checking or writing it again.
     """
     run = RunDir(args.run_dir)
+    if args.profile:
+        args.set = [*(args.set or []), "train.profile={}"]  # the window's defaults: steps 6-10
     config = load_config(args.config, args.set)
     own_config = not args.set and Path(args.config).resolve() == run.config.resolve()
     if not own_config:
@@ -65,6 +67,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", type=Path, required=True, help="where checkpoints, TensorBoard events and logs go")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=3e-4")
     p.add_argument("--nproc", type=int, default=1, help="local processes (gloo on CPU, NCCL on GPUs)")
+    p.add_argument("--profile", action="store_true",
+                   help="trace steps 6-10 with torch.profiler into RUN/profile/ (train.profile sets the window)")
 
 
 def _checkpoint_arg(p: argparse.ArgumentParser) -> None:

@@ -133,6 +133,12 @@ class EarlyStoppingConfig(Section):
         return _infer_mode(cls, data, "metric", "mode")
 
 
+class ProfileConfig(Section):
+    start_step: int = Field(5, ge=0, description="the step after which tracing starts")
+    steps: int = Field(5, ge=1, description="steps traced")
+    memory: bool = False  # a CUDA memory snapshot of those steps (GPU only)
+
+
 class TrainConfig(Section):
     max_steps: int | None = Field(None, ge=1)
     epochs: float | None = Field(None, gt=0)
@@ -148,6 +154,7 @@ class TrainConfig(Section):
     val_every_steps: int = Field(0, ge=0, description="0: validate at the end only")
     early_stopping: EarlyStoppingConfig | None = None
     tta_rotations: int = Field(1, ge=1, description="test-time rotation averaging in eval")
+    profile: ProfileConfig | None = None  # torch.profiler traces of a window of steps, in RUN/profile/
 
     @model_validator(mode="after")
     def _length(self) -> TrainConfig:
@@ -162,6 +169,7 @@ class ParallelConfig(Section):
     zero_stage: int = Field(1, ge=0, le=3)  # deepspeed
     offload_optimizer: bool = False  # deepspeed
     find_unused_parameters: bool = False
+    timeout_s: float = Field(600, gt=0, description="seconds a collective waits for every rank before the run fails")
 
 
 class CheckpointConfig(Section):
@@ -181,6 +189,7 @@ class LogConfig(Section):
     every_steps: int = Field(10, ge=1)
     images: bool = True
     console: bool = True
+    peak_tflops: float | None = Field(None, gt=0, description="the device's dense peak, for perf/mfu")
 
 
 class LenstrainConfig(Section):

@@ -20,6 +20,11 @@ class TBLogger:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)
 
+    def text(self, tag: str, text: str, step: int) -> None:
+        """Preformatted text (each line indented, so TensorBoard's markdown keeps it as it is)."""
+        if self.writer:
+            self.writer.add_text(tag, "\n".join("    " + line for line in text.splitlines()), step)
+
     def figure(self, tag: str, fig, step: int) -> None:
         if self.writer:
             self.writer.add_figure(tag, fig, step, close=True)

@@ -1,12 +1,18 @@
 """The training loop, and only the loop: ``start_run`` builds the parts (see :mod:`lenstrain.build`) and
 resumes from the newest complete checkpoint; ``train_loop`` steps through them, top to bottom.
 
+No step reads the device on the host, except at a host step (a log, validation or checkpoint step, the last
+one, or one where a save is due). A step's loss, grad norm and flags (non-finite loss, stop signal, timed
+checkpoint due) stay on the device; its update is masked there when the loss is not finite. The host reads
+the flags one step late: those of step k while step k+1's forward and backward are queued, before its update
+(:func:`settle`), and at a host step those of that step itself, before it logs, validates or saves. So a
+non-finite loss never reaches an update nor a checkpoint, and a stop signal saves at the next step boundary.
+
 The run directory's config is written at the edge (``lenstrain train``, the launcher), not here.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable
@@ -30,13 +36,16 @@ from lenstrain.checkpoint import Checkpointer, CheckpointWriteError, read_meta
 from lenstrain.config import LenstrainConfig
 from lenstrain.data import Cursor, TrainStream
 from lenstrain.distributed import DistInfo, init_distributed, shutdown_distributed
+from lenstrain.flops import FlopRate, flop_rate
 from lenstrain.inference import evaluate
 from lenstrain.losses import weight_penalty
 from lenstrain.metrics import better
 from lenstrain.optim import PlateauScheduler, build_optimizer, build_scheduler
 from lenstrain.parallel import Backend
+from lenstrain.parallel.base import StepFlags
 from lenstrain.preemption import EXIT_CHECKPOINT_FAILED, EXIT_NONFINITE, EXIT_REQUEUE, PreemptionFlag
 from lenstrain.preflight import has_split
+from lenstrain.profiling import StepProfiler
 from lenstrain.rundir import RunDir, write_json_atomic
 from lenstrain.tb import TBLogger
 
@@ -60,11 +69,27 @@ class TrainState:
             setattr(self, key, value)
 
 
+NONFINITE, STOP_SIGNAL, TIME_DUE = range(3)  # a step's flags
+
+
+@dataclass
+class Pending:
+    """A step taken whose flags the host has not read yet."""
+
+    step: int  # its number (the state's step once it was taken)
+    flags: StepFlags
+    loss: torch.Tensor
+
+
 @dataclass
 class Carried:
     """What the loop carries from one step to the next and does not checkpoint."""
 
-    loss: float | None = None  # this rank's loss at the last step taken
+    loss: torch.Tensor | None = None  # this rank's loss at the last step taken (on the device)
+    grad_norm: torch.Tensor | float | None = None  # of the last step taken
+    pending: Pending | None = None
+    stop_signal: bool = False  # read from the flags: save and stop at this step's boundary
+    time_due: bool = False  # read from the flags: a timed checkpoint at this step's boundary
     logged_loss: float | None = None  # the mean loss last logged
     metrics: dict[str, float] = field(default_factory=dict)  # the last validation's
     metrics_step: int = -1  # the step they were measured at
@@ -102,6 +127,8 @@ class Run:
     preempt: PreemptionFlag
     steps: int
     has_val: bool
+    flop_rate: FlopRate
+    profiler: StepProfiler
     state: TrainState = field(default_factory=TrainState)
     carried: Carried = field(default_factory=Carried)
 
@@ -111,6 +138,7 @@ class Run:
         return {**self.backend.state_objects(), "scheduler": self.scheduler}
 
     def close(self) -> None:
+        self.profiler.close()
         self.tb.close()
         self.stream.close()
 
@@ -119,7 +147,8 @@ def run_training(config: LenstrainConfig, run_dir: str | os.PathLike) -> int:
     """Train in ``run_dir`` (resuming from its newest complete checkpoint); returns the exit status:
     0 when done, :data:`EXIT_REQUEUE` after a collective save on a signal, :data:`EXIT_NONFINITE`,
     :data:`EXIT_CHECKPOINT_FAILED` when a checkpoint could not be written (its one-line reason printed)."""
-    info = init_distributed(config.parallel.backend)
+    info = init_distributed(config.parallel.backend, timeout_s=config.parallel.timeout_s,
+                            trace_dir=RunDir(run_dir).logs)
     try:
         return train_loop(config, Path(run_dir), info)
     except CheckpointWriteError as exc:
@@ -135,42 +164,78 @@ def train_loop(cfg: LenstrainConfig, run_dir: Path, info: DistInfo) -> int:
     run = None
     try:
         run = start_run(cfg, RunDir(run_dir), info, preempt)
-        state, carried = run.state, run.carried
         run.model.train()
         write_progress(run, "running")
-        while state.step < run.steps:
-            nonfinite, stop_signal, time_due = train_step(run)
-            if nonfinite and not skip_nonfinite(run):
-                write_progress(run, "failed", carried.loss)
-                return EXIT_NONFINITE
-            grad_norm = run.backend.step(skip=nonfinite)
-            run.scheduler.step()
-            state.step += 1
-            carried.window_samples += run.stream.global_batch
-            if state.step % cfg.log.every_steps == 0 or state.step == run.steps:
-                log_step(run, grad_norm)
-            if run.has_val and (state.step == run.steps or (
-                    cfg.train.val_every_steps and state.step % cfg.train.val_every_steps == 0)):
-                validate(run)
-                if state.stopped_early:
-                    run.log(f"early stopping at step {state.step}: {cfg.train.early_stopping.metric} has not "
-                            f"improved for {cfg.train.early_stopping.patience} validations")
-                    break
-            every = cfg.checkpoint.every_steps
-            if (every and state.step % every == 0) or time_due:
-                save(run, "periodic" if not time_due else "time")
-            if stop_signal:
-                save(run, f"signal {preempt.signum}")
-                write_progress(run, "preempted", carried.logged_loss)
-                run.log(f"stopping on signal {preempt.signum} at step {state.step}; exit {EXIT_REQUEUE} asks for a "
-                        f"requeue")
-                return EXIT_REQUEUE
+        while run.state.step < run.steps and not run.state.stopped_early:
+            status = take_step(run)
+            if status is not None:
+                return status
         finish(run)
         return 0
     finally:
         if run is not None:
             run.close()
         preempt.restore()
+
+
+def take_step(run: Run) -> int | None:
+    """One step and what its boundary asks for; an exit status when the run stops here."""
+    cfg, state, carried = run.cfg, run.state, run.carried
+    flags = train_step(run)
+    if not settle(run):  # the last step's flags, read while this step is queued
+        return stop_nonfinite(run)
+    carried.grad_norm = run.backend.step(skip=flags.on_device[NONFINITE] > 0)
+    run.scheduler.step()
+    state.step += 1
+    carried.window_samples += run.stream.global_batch
+    carried.pending = Pending(state.step, flags, carried.loss)
+    run.profiler.step(state.step)
+    log_due = state.step % cfg.log.every_steps == 0 or state.step == run.steps
+    val_due = run.has_val and (state.step == run.steps or (
+        cfg.train.val_every_steps and state.step % cfg.train.val_every_steps == 0))
+    every = cfg.checkpoint.every_steps
+    save_due = bool(every and state.step % every == 0)
+    if (log_due or val_due or save_due or carried.time_due or carried.stop_signal) and not settle(run):
+        return stop_nonfinite(run)
+    if log_due:
+        log_step(run)
+    if val_due:
+        validate(run)
+        if state.stopped_early:
+            run.log(f"early stopping at step {state.step}: {cfg.train.early_stopping.metric} has not "
+                    f"improved for {cfg.train.early_stopping.patience} validations")
+            return None
+    if save_due or carried.time_due:
+        save(run, "periodic" if not carried.time_due else "time")
+        carried.time_due = False
+    if carried.stop_signal:
+        save(run, f"signal {run.preempt.signum}")
+        write_progress(run, "preempted", carried.logged_loss)
+        run.log(f"stopping on signal {run.preempt.signum} at step {state.step}; exit {EXIT_REQUEUE} asks for a "
+                f"requeue")
+        return EXIT_REQUEUE
+    return None
+
+
+def settle(run: Run) -> bool:
+    """Read the flags of the step not read yet, if any, and act on them: a non-finite loss (whose update was
+    masked on the device) is skipped or stops the run as ``train.nan_policy`` says; a stop signal or a due
+    timed checkpoint is noted for this step's boundary. False when the run must stop."""
+    carried = run.carried
+    pending, carried.pending = carried.pending, None
+    if pending is None:
+        return True
+    nonfinite, stop_signal, time_due = pending.flags.read()
+    run.backend.settle_skip(nonfinite)
+    carried.stop_signal |= stop_signal
+    carried.time_due |= time_due
+    return not nonfinite or skip_nonfinite(run, pending)
+
+
+def stop_nonfinite(run: Run) -> int:
+    """The exit on a non-finite loss: nothing saved; progress at the last step whose update was applied."""
+    write_progress(run, "failed", float(run.carried.loss))
+    return EXIT_NONFINITE
 
 
 # ------------------------------------------------------------------------------------ starting
@@ -185,6 +250,8 @@ def start_run(cfg: LenstrainConfig, paths: RunDir, info: DistInfo, preempt: Pree
         paths.root.mkdir(parents=True, exist_ok=True)
     task = build_task(cfg)
     model = build_model(cfg, task, info)
+    rate = flop_rate(model, task.manifest.image.shape, info.device, resolve_precision(cfg.train.precision, info.device),
+                     devices=info.world_size, peak_override=cfg.log.peak_tflops)  # before a backend wraps it
     optimizer = build_optimizer(cfg.optim, model)
     backend = build_parallel(cfg, model, optimizer, info)
     forward = torch.compile(backend.train_module) if cfg.model.compile else backend.train_module
@@ -197,9 +264,11 @@ def start_run(cfg: LenstrainConfig, paths: RunDir, info: DistInfo, preempt: Pree
         cursor.load_state_dict(meta["cursor"])
     stream = build_train_stream(cfg, task, info, cursor if meta else None, log)
     steps = total_steps(cfg, stream)
+    tb = TBLogger(paths.tb, enabled=info.is_main)
     run = Run(cfg, paths, info, log, task, model, backend, forward, build_loss(cfg.train, task),
-              build_scheduler(cfg.schedule, optimizer, steps), stream, checkpointer,
-              TBLogger(paths.tb, enabled=info.is_main), preempt, steps, has_split(task.manifest, cfg.data.val_split))
+              build_scheduler(cfg.schedule, optimizer, steps), stream, checkpointer, tb, preempt, steps,
+              has_split(task.manifest, cfg.data.val_split), rate, StepProfiler(cfg.train.profile, paths.profile,
+                                                                               info, tb, log))
     if resume_from:
         checkpointer.load(resume_from, run.objects)
         run.state.load_state_dict(meta["train_state"])
@@ -218,7 +287,7 @@ def announce(run: Run) -> None:
     log(f"{cfg.model.name}: {sum(p.numel() for p in run.model.parameters()):,} parameters; "
         f"{run.info.world_size} rank(s) on {run.info.device.type}; "
         f"{resolve_precision(cfg.train.precision, run.info.device)}; global batch {run.stream.global_batch}; "
-        f"{run.steps} steps ({run.stream.steps_per_epoch} per epoch)")
+        f"{run.steps} steps ({run.stream.steps_per_epoch} per epoch); {run.flop_rate.describe()}")
     if not run.has_val:
         log(f"warning: the shard set has no '{cfg.data.val_split}' split: no validation, and checkpoint.best_metric "
             f"cannot pick a best checkpoint (pack with --val > 0 to have one)")
@@ -230,9 +299,9 @@ def announce(run: Run) -> None:
 # ------------------------------------------------------------------------------------ one step
 
 
-def train_step(run: Run) -> list[bool]:
-    """Forward and backward over this rank's micro-batches of the next global batch; then, agreed across
-    ranks: whether the loss is non-finite, a stop signal came, and a timed checkpoint is due."""
+def train_step(run: Run) -> StepFlags:
+    """Forward and backward over this rank's micro-batches of the next global batch; then, queued to be agreed
+    across ranks on the device: whether the loss is non-finite, a stop signal came, a timed checkpoint is due."""
     cfg, info, backend = run.cfg, run.info, run.backend
     micro_batches = run.stream.next_step()
     if run.state.step == 0 and cfg.log.images:
@@ -249,37 +318,50 @@ def train_step(run: Run) -> list[bool]:
                 loss = loss + weight_penalty(run.model, cfg.optim.l1, cfg.optim.l2)
         backend.backward(loss / len(micro_batches))
         loss_total += loss.detach()
-    run.carried.loss = float(loss_total) / len(micro_batches)
+    run.carried.loss = loss_total / len(micro_batches)
     every = cfg.checkpoint.every_minutes
     time_due = every is not None and info.is_main and time.monotonic() - run.carried.saved_at >= 60 * every
-    return backend.any_flags([not math.isfinite(run.carried.loss), run.preempt.set, time_due])
+    flags = torch.zeros(3, device=info.device)
+    flags[NONFINITE] = ~torch.isfinite(run.carried.loss)
+    if run.preempt.set:
+        flags[STOP_SIGNAL] = 1.0
+    if time_due:
+        flags[TIME_DUE] = 1.0
+    return backend.reduce_flags(flags)
 
 
-def skip_nonfinite(run: Run) -> bool:
-    """Whether to go on past a non-finite loss (skipping its update), as ``train.nan_policy`` allows."""
+def skip_nonfinite(run: Run, pending: Pending) -> bool:
+    """Whether to go on past a non-finite loss (its update skipped), as ``train.nan_policy`` allows; when not,
+    the state's step goes back to the last step whose update was applied."""
     state, train = run.state, run.cfg.train
     state.skipped_steps += 1
     if train.nan_policy == "stop" or state.skipped_steps > train.max_skipped_steps:
-        run.log(f"non-finite loss ({run.carried.loss}) at step {state.step + 1}; stopping. Checkpoints are untouched; "
-                f"lower optim.lr, use train.precision=fp32 or bf16, or set train.nan_policy=skip")
+        state.step, run.carried.loss = pending.step - 1, pending.loss
+        run.log(f"non-finite loss ({float(pending.loss)}) at step {pending.step}; stopping. Checkpoints are "
+                f"untouched; lower optim.lr, use train.precision=fp32 or bf16, or set train.nan_policy=skip")
         return False
-    run.log(f"non-finite loss at step {state.step + 1}: skipping its update "
+    run.log(f"non-finite loss at step {pending.step}: skipping its update "
             f"({state.skipped_steps} skipped so far, at most {train.max_skipped_steps})")
     return True
 
 
-def log_step(run: Run, grad_norm: float) -> None:
-    """The mean loss across ranks, the learning rate, the gradient norm and the throughput since the last log."""
+def log_step(run: Run) -> None:
+    """The mean loss across ranks, the learning rate, the gradient norm, the throughput since the last log and
+    its TFLOP/s per device (and MFU where the device's peak is known)."""
     step, carried = run.state.step, run.carried
-    mean_loss = run.backend.mean(carried.loss)
+    mean_loss = run.backend.mean(float(carried.loss))
+    grad_norm = float(carried.grad_norm)
     rate = carried.window_samples / (time.perf_counter() - carried.window_start)
+    perf = run.flop_rate.scalars(rate)
     lr = run.scheduler.get_last_lr()[0]
     run.tb.scalars({"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                    "perf/samples_per_s": rate, "train/epoch": run.stream.cursor.epoch}, step)
+                    "perf/samples_per_s": rate, "train/epoch": run.stream.cursor.epoch, **perf}, step)
     if run.info.device.type == "cuda":
         run.tb.scalars({"perf/gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30}, step)
-    run.log(f"step {step}/{run.steps} loss {mean_loss:.4g} lr {lr:.3g} grad {grad_norm:.3g} {rate:.1f} samples/s")
-    write_progress(run, "running", mean_loss, rate)
+    mfu = f" MFU {perf['perf/mfu']:.1%}" if "perf/mfu" in perf else ""
+    run.log(f"step {step}/{run.steps} loss {mean_loss:.4g} lr {lr:.3g} grad {grad_norm:.3g} {rate:.1f} samples/s "
+            f"{perf['perf/tflops']:.3g} TFLOP/s{mfu}")
+    write_progress(run, "running", mean_loss, rate, perf["perf/tflops"])
     carried.logged_loss = mean_loss
     carried.window_start, carried.window_samples = time.perf_counter(), 0
 
@@ -337,15 +419,16 @@ def finish(run: Run) -> None:
     if carried.loss is None:
         run.log(f"nothing to do: the run already reached step {run.state.step} of {run.steps}")
     save(run, "final")
-    write_progress(run, "done", carried.loss if carried.loss is not None else carried.logged_loss)
+    write_progress(run, "done", float(carried.loss) if carried.loss is not None else carried.logged_loss)
     run.tb.hparams({"model": cfg.model.name, "lr": cfg.optim.lr, "optim": cfg.optim.name,
                     "batch": run.stream.global_batch,
                     "precision": resolve_precision(cfg.train.precision, run.info.device)}, carried.metrics)
 
 
-def write_progress(run: Run, state: str, loss: float | None = None, rate: float | None = None) -> None:
+def write_progress(run: Run, state: str, loss: float | None = None, rate: float | None = None,
+                   tflops: float | None = None) -> None:
     if run.info.is_main:
         write_json_atomic(run.paths.progress, {
             "state": state, "step": run.state.step, "total_steps": run.steps, "loss": loss,
             "best_metric": run.state.best_metric, "best_metric_name": run.cfg.checkpoint.best_metric,
-            "samples_per_s": rate, "epoch": run.stream.cursor.epoch, "updated": time.time()})
+            "samples_per_s": rate, "tflops": tflops, "epoch": run.stream.cursor.epoch, "updated": time.time()})

@@ -2,8 +2,12 @@
 
 A backend owns how gradients are produced and applied across ranks, and how the training state
 reaches a checkpoint. The loop calls ``accumulating(last)`` around each micro-step's forward,
-``backward(loss)``, then ``step()``, and uses ``any_flags``/``mean``/``broadcast_object``/
-``gather_objects``/``barrier`` for the few collectives it needs. The checkpointer calls
+``backward(loss)``, then ``step()``, and uses ``reduce_flags``/``mean``/``broadcast_object``/
+``gather_objects``/``barrier`` for the few collectives it needs.
+
+Nothing on a step's path reads the device: ``reduce_flags`` leaves the agreed flags on the device
+(with a copy on its way to the host, read a step later), ``step(skip=tensor)`` masks the update on
+the device and returns the gradient norm as a device tensor. The checkpointer calls
 ``save_state``/``load_state`` on every rank. Evaluation reads the unwrapped ``model``.
 """
 
@@ -50,22 +54,43 @@ class Backend:
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
-    def step(self, skip: bool = False) -> float:
-        """Unscale, clip, apply the update (unless ``skip``) and zero the gradients; return the grad norm."""
+    def step(self, skip: bool | torch.Tensor = False) -> torch.Tensor:
+        """Unscale, clip, apply the update (unless ``skip``) and zero the gradients; return the grad norm
+        (a 0-dim tensor on the device).
+
+        ``skip`` as a 0-dim bool tensor on the device masks the update there, without reading it: see
+        :class:`MaskedUpdate`. (fp16's GradScaler reads its own inf check on the host.)
+        """
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.grad_clip if self.grad_clip is not None else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.tensor(0.0)
-        if not skip:
+        norm = (torch.nn.utils.clip_grad_norm_(params, max_norm) if params
+                else torch.zeros((), device=self.info.device))
+        if torch.is_tensor(skip):
+            with self.masked_update.masking(skip):
+                self.scaler.step(self.optimizer)
+        elif not skip:
             self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm.detach()
+
+    @property
+    def masked_update(self) -> MaskedUpdate:
+        if getattr(self, "_masked_update", None) is None:
+            self._masked_update = MaskedUpdate(self.optimizer)
+        return self._masked_update
+
+    def settle_skip(self, skipped: bool) -> None:
+        """The host's reading of the last masked step's ``skip`` (before the next update)."""
+        if getattr(self, "_masked_update", None) is not None:
+            self._masked_update.settle(skipped)
 
     # --- collectives ---------------------------------------------------------------------------
-    def any_flags(self, flags: list[bool]) -> list[bool]:
-        """For each flag, whether any rank raised it (one collective for all of them)."""
-        return list(flags)
+    def reduce_flags(self, flags: torch.Tensor) -> StepFlags:
+        """For each entry of a 1-d float tensor of 0/1 flags on the device, whether any rank raised it
+        (one collective for all of them, queued, not waited for)."""
+        return StepFlags(flags)
 
     def mean(self, value: float) -> float:
         return value
@@ -98,3 +123,84 @@ class Backend:
         for key, obj in objects.items():
             where = "cpu" if key == "model" else self.info.device
             obj.load_state_dict(load_state_file(Path(directory) / f"{key}.pt", map_location=where))
+
+
+class StepFlags:
+    """A step's flags, agreed across ranks on the device, and a copy of them on its way to the host.
+
+    ``on_device`` serves masks on the device. ``read()`` returns them as bools, waiting only for the
+    collective and the copy queued with them: read a step later, it does not wait for the step queued since.
+    """
+
+    def __init__(self, on_device: torch.Tensor, work=None):
+        self.on_device = on_device
+        self._work = work
+        self._event = None
+        if on_device.device.type == "cuda":
+            if work is not None:
+                work.wait()  # NCCL: the stream waits for the collective, the host does not
+                self._work = None
+            self._host = torch.empty(on_device.shape, dtype=on_device.dtype, pin_memory=True)
+            self._host.copy_(on_device, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = on_device
+
+    def read(self) -> list[bool]:
+        if self._work is not None:
+            self._work.wait()
+        if self._event is not None:
+            self._event.synchronize()
+        return [bool(v > 0) for v in self._host.numpy()]
+
+
+class MaskedUpdate:
+    """An optimizer step that a bool tensor on the device can undo, without the host reading it.
+
+    Before the step the parameters and the optimizer state are copied (into buffers kept from step to
+    step, one batched copy); after it, each tensor on the mask's device takes back its copy where the
+    mask is true (``torch.where``, exact). State the optimizer keeps elsewhere (Adam's step counts on
+    the CPU beside GPU parameters) is put back by ``settle(True)`` once the host has read the mask,
+    which the loop does before the next update. The cost: one copy of the parameters and the
+    optimizer state per step, in memory and in time.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self._buffers: list[torch.Tensor] = []
+        self._host_saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def _tensors(self) -> list[torch.Tensor]:
+        out = []
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                out.append(p.data)
+                out.extend(v for v in self.optimizer.state.get(p, {}).values() if torch.is_tensor(v))
+        return out
+
+    @contextlib.contextmanager
+    def masking(self, skip: torch.Tensor):
+        tensors = self._tensors()
+        known = {t.data_ptr() for t in tensors}
+        on_device = [t for t in tensors if t.device == skip.device]
+        self._host_saved = [(t, t.clone()) for t in tensors if t.device != skip.device]
+        if [(b.shape, b.dtype) for b in self._buffers] != [(t.shape, t.dtype) for t in on_device]:
+            self._buffers = [torch.empty_like(t) for t in on_device]  # the first step, or new state
+        if on_device:
+            torch._foreach_copy_(self._buffers, on_device)
+        yield
+        for before, tensor in zip(self._buffers, on_device, strict=True):
+            torch.where(skip, before, tensor, out=tensor)
+        # State the step created (its first) goes back to zeros, which the optimizers read as fresh.
+        for tensor in (t for t in self._tensors() if t.data_ptr() not in known):
+            if tensor.device == skip.device:
+                tensor.masked_fill_(skip, 0)
+            else:
+                self._host_saved.append((tensor, torch.zeros_like(tensor)))
+
+    def settle(self, skipped: bool) -> None:
+        if skipped:
+            for tensor, before in self._host_saved:
+                tensor.copy_(before)
+        self._host_saved = []

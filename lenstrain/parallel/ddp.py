@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from lenstrain.parallel.base import Backend
+from lenstrain.parallel.base import Backend, StepFlags
 
 
 class DDPBackend(Backend):
@@ -33,12 +33,13 @@ class DDPBackend(Backend):
     def _distributed(self) -> bool:
         return self.info.world_size > 1 and dist.is_initialized()
 
-    def any_flags(self, flags: list[bool]) -> list[bool]:
+    def reduce_flags(self, flags: torch.Tensor) -> StepFlags:
+        """One all-reduce (MAX), queued: on the device with NCCL; with gloo on a CPU copy."""
         if not self._distributed():
-            return list(flags)
-        t = torch.tensor([1.0 if f else 0.0 for f in flags], device=self._comm_device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return [bool(v > 0) for v in t.tolist()]
+            return StepFlags(flags)
+        flags = flags.to(self._comm_device())
+        work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True)
+        return StepFlags(flags, work)
 
     def mean(self, value: float) -> float:
         if not self._distributed():

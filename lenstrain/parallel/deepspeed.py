@@ -58,8 +58,18 @@ def ensure_process_group(info: DistInfo) -> str:
     if not dist.is_initialized():
         backend = "nccl" if info.device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size,
-                                timeout=datetime.timedelta(minutes=10))
+                                timeout=datetime.timedelta(seconds=info.timeout_s))
     return dist.get_backend()
+
+
+def clone_world_group(info: DistInfo) -> None:
+    """Create DeepSpeed's copy of the world group (ZeRO's data-parallel group) with ``parallel.timeout_s``;
+    DeepSpeed would create it with torch's default timeout (30 min on gloo)."""
+    from deepspeed.utils import groups
+
+    if groups._WORLD_GROUP is None:
+        groups._WORLD_GROUP = dist.new_group(ranks=range(info.world_size),
+                                             timeout=datetime.timedelta(seconds=info.timeout_s))
 
 
 def deepspeed_config(*, precision: str, grad_clip: float | None, zero_stage: int, offload_optimizer: bool,
@@ -121,7 +131,9 @@ class DeepSpeedBackend(DDPBackend):
         from lenstrain.parallel.deepspeed_files import ListedFilesCheckpointEngine
 
         ds_logger.setLevel(logging.WARNING)
-        deepspeed.init_distributed(dist_backend=comm_backend, auto_mpi_discovery=False)
+        deepspeed.init_distributed(dist_backend=comm_backend, auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(seconds=info.timeout_s))
+        clone_world_group(info)
         config = deepspeed_config(precision=precision, grad_clip=grad_clip, zero_stage=zero_stage,
                                   offload_optimizer=offload_optimizer, world_size=info.world_size,
                                   on_gpu=info.device.type == "cuda", clip_in_engine=zero_stage > 0,
@@ -160,8 +172,9 @@ class DeepSpeedBackend(DDPBackend):
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)
 
-    def step(self, skip: bool = False) -> float:
-        """One engine step; returns the global grad norm (inf when the update was skipped).
+    def step(self, skip: bool | torch.Tensor = False) -> float | torch.Tensor:
+        """One engine step; returns the global grad norm (inf when the update was skipped). (The engine
+        reads its overflow check on the host, and without ZeRO a tensor ``skip`` is read here.)
 
         With ZeRO the engine itself skips an update whose gradients are not finite (which a
         non-finite loss gives) and clears them; without ZeRO this backend skips it.
@@ -174,7 +187,7 @@ class DeepSpeedBackend(DDPBackend):
         norm = self.engine.get_global_grad_norm()
         if norm is None:
             return 0.0
-        return float(norm.item() if torch.is_tensor(norm) else norm)
+        return norm.detach() if torch.is_tensor(norm) else float(norm)
 
     def _step_without_zero(self, skip: bool) -> float:
         """Without ZeRO the engine steps the torch optimizer and reports no norm: unscale and clip here."""
