@@ -12,7 +12,10 @@ installed package) and calls it on each of the job's ``srun`` tasks. The task:
    rank 0 requeues the job with ``scontrol requeue`` if the run's requeues so far (every job's, across
    resumes) are below ``max_requeues`` and the job is not being cancelled or requeued already; then
    every rank leaves with ``os._exit`` and no return value, so that submitit writes no result pickle
-   and does not take the attempt for a finished job.
+   and does not take the attempt for a finished job;
+5. when a collective fails because another rank died or hung past ``parallel.timeout_s``, notes that
+   in ``jobs.json`` and leaves with :data:`~launcher.recovery.EXIT_RANK_LOST`; the batch step then
+   requeues the job (:mod:`launcher.recovery`). Any other error is noted as permanent.
 
 Local runs (``launcher submit --local``) run the same class in N subprocesses:
 ``python -m launcher.entry RUN_DIR --name NAME`` with RANK/WORLD_SIZE/... set by :mod:`launcher.local`.
@@ -32,6 +35,7 @@ import threading
 import time
 from pathlib import Path
 
+from launcher.recovery import EXIT_RANK_LOST, collective_failure, describe_failure
 from lenstrain.preemption import EXIT_NONFINITE, EXIT_REQUEUE, PreemptionFlag
 
 # States in which the controller is already taking the job down (cancel, requeue, preemption):
@@ -118,6 +122,8 @@ class TrainTask:
 
         try:
             code = run_training(config, run_dir)
+        except Exception as exc:
+            code = self._failed(exc, rank, job_id, restart)
         finally:
             started.set()
 
@@ -132,10 +138,28 @@ class TrainTask:
             return {"run_dir": self.run_dir, "step": step, "exit": 0}
         if code == EXIT_REQUEUE:
             self._requeue_and_exit(rank, job_id, restart, slurm, step)
+        if code == EXIT_RANK_LOST:  # the launcher decides (locally) or the batch step (launcher.recovery)
+            _flush()
+            os._exit(EXIT_RANK_LOST)
+        why = "a non-finite loss" if code == EXIT_NONFINITE else f"exit status {code}"
+        runs.record_failure(run_dir, job_id, restart, rank=rank, exit=code, why=why)
         if rank == 0:
             runs.record_end(run_dir, job_id, state="FAILED", outcome="failed", exit=code, step=step)
-        why = "a non-finite loss" if code == EXIT_NONFINITE else f"exit status {code}"
         raise TrainingFailed(f"training stopped with {why} at step {step}; see the log above", code)
+
+    def _failed(self, exc: Exception, rank: int, job_id: str, restart: int) -> int:
+        """A collective that lost a peer returns :data:`EXIT_RANK_LOST` (noted as transient); any other
+        error is noted as permanent and raised again."""
+        from launcher import runs
+
+        why = describe_failure(exc)
+        if not collective_failure(exc):
+            runs.record_failure(Path(self.run_dir), job_id, restart, rank=rank, exit=1, why=why)
+            raise exc
+        _say(f"rank {rank}: a collective failed; another rank died or hung past parallel.timeout_s ({why})")
+        runs.record_failure(Path(self.run_dir), job_id, restart, rank=rank, exit=EXIT_RANK_LOST, why=why,
+                            transient=True)
+        return EXIT_RANK_LOST
 
     def _requeue_and_exit(self, rank: int, job_id: str, restart: int, slurm: bool, step) -> None:
         from launcher import runs

@@ -27,13 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher import runs
+from launcher.recovery import EXIT_RANK_LOST
 from launcher.spec import JobSpec
-from lenstrain.preemption import EXIT_NONFINITE, EXIT_REQUEUE
+from lenstrain.preemption import EXIT_CHECKPOINT_FAILED, EXIT_NONFINITE, EXIT_REQUEUE
 from lenstrain.rundir import RunDir
 
 STOP_GRACE_S = 3.0  # survivors of a dead rank get this long to leave on their own, then are killed
 POLL_S = 0.1
-EXIT_MEANINGS = {EXIT_NONFINITE: "a non-finite loss", 1: "an error; its traceback is above"}
+EXIT_MEANINGS = {EXIT_NONFINITE: "a non-finite loss", 1: "an error; its traceback is above",
+                 EXIT_CHECKPOINT_FAILED: "a checkpoint could not be written",
+                 EXIT_RANK_LOST: "a collective failed: another rank died or hung past parallel.timeout_s"}
 
 
 def local_devices() -> tuple[str, int]:

@@ -208,6 +208,17 @@ def record_end(run_dir: Path, job_id: str, *, state: str, outcome: str, **info: 
     update_jobs(run_dir, change)
 
 
+def record_failure(run_dir: Path, job_id: str, restart_count: int, *, rank: int, exit: int, why: str,
+                   transient: bool = False) -> None:
+    """Note why one rank of an attempt stopped (``transient``: a lost peer, the job may be requeued)."""
+    def change(data: dict) -> None:
+        _job(data, job_id).setdefault("failures", []).append(
+            {"restart_count": restart_count, "rank": rank, "exit": exit, "why": why, "transient": transient,
+             "time": time.time()})
+
+    update_jobs(run_dir, change)
+
+
 def set_requeues(run_dir: Path, job_id: str, count: int) -> None:
     def change(data: dict) -> None:
         job = _job(data, job_id)

@@ -2,10 +2,11 @@
 
 The sbatch script is rendered by submitit itself (``submitit.slurm.slurm._make_sbatch_string``, the
 function ``SlurmExecutor`` uses), so ``--dry-run`` prints exactly what ``submit`` sends. The job runs
-``nodes x tasks_per_node`` tasks with ``srun``; each loads the pickled :class:`launcher.entry.TrainTask`
-and trains. The preemption signal reaches the tasks (``--signal=USR2@N``, no ``B:``) and the job is
-``--requeue``-able: the entry requeues it itself after a collective checkpoint, so submitit's own
-timeout counting never decides anything.
+``nodes x tasks_per_node`` tasks with ``srun --kill-on-bad-exit=1``; each loads the pickled
+:class:`launcher.entry.TrainTask` and trains. The preemption signal reaches the tasks
+(``--signal=USR2@N``, no ``B:``) and the job is ``--requeue``-able: the entry requeues it itself after
+a collective checkpoint, so submitit's own timeout counting never decides anything. When a task dies
+or a collective fails, the batch script's teardown (:mod:`launcher.recovery`) requeues the job.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from launcher.spec import JobSpec
 from lenstrain.rundir import SUBMITIT_DIR
 
 SLURM_TIMEOUT_S = 20
+KILL_ON_BAD_EXIT = ["--kill-on-bad-exit=1"]
 
 
 def use_profile_slurm_conf(profile: ClusterProfile) -> None:
@@ -50,7 +52,15 @@ def slurm_problem() -> str | None:
     return None
 
 
-def executor_parameters(spec: JobSpec, profile: ClusterProfile, job_name: str) -> dict:
+def teardown_lines(run_dir: Path, job_name: str, max_requeues: int) -> list[str]:
+    """Batch-script lines after ``srun``: a failed step goes to :mod:`launcher.recovery`, which may requeue
+    the job; the script still exits with ``srun``'s status."""
+    recover = " ".join([python_command(), "-m launcher.recovery", shlex.quote(str(run_dir)), "--name",
+                        shlex.quote(job_name), "--max-requeues", str(max_requeues), '--status "$status"'])
+    return ["status=$?", f'[ "$status" -eq 0 ] || {recover}', 'exit "$status"']
+
+
+def executor_parameters(spec: JobSpec, profile: ClusterProfile, job_name: str, run_dir: Path) -> dict:
     """Parameters for ``SlurmExecutor.update_parameters`` (submitit's own names)."""
     res = spec.resources
     params: dict = {
@@ -76,8 +86,9 @@ def executor_parameters(spec: JobSpec, profile: ClusterProfile, job_name: str) -
     setup = list(dict.fromkeys([*profile.setup, *res.setup]))  # a line in both runs once
     if setup:
         params["setup"] = setup
-    if profile.srun_args:
-        params["srun_args"] = list(profile.srun_args)
+    # One dead task stops the step at once; the batch script then decides about a requeue.
+    params["srun_args"] = [*KILL_ON_BAD_EXIT, *profile.srun_args]
+    params["teardown"] = teardown_lines(run_dir, job_name, res.max_requeues)
     return params
 
 
@@ -94,7 +105,7 @@ def render_sbatch(spec: JobSpec, profile: ClusterProfile, run_dir: Path, job_nam
     from submitit.slurm.slurm import _make_sbatch_string
 
     folder = Path(run_dir) / SUBMITIT_DIR
-    params = executor_parameters(spec, profile, job_name)
+    params = executor_parameters(spec, profile, job_name, run_dir)
     return _make_sbatch_string(command=submitit_command(folder), folder=folder, **params)
 
 
@@ -106,7 +117,7 @@ def submit(spec: JobSpec, profile: ClusterProfile, run_dir: Path, job_name: str,
     executor = submitit.SlurmExecutor(
         folder=folder, max_num_timeout=spec.resources.max_requeues, python=python_command()
     )
-    executor.update_parameters(**executor_parameters(spec, profile, job_name))
+    executor.update_parameters(**executor_parameters(spec, profile, job_name, run_dir))
     job = executor.submit(task)
     return str(job.job_id)
 

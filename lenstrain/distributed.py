@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import socket
 import subprocess
@@ -18,6 +19,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    timeout_s: float = 600  # parallel.timeout_s: how long a collective waits for every rank
 
     @property
     def is_main(self) -> bool:
@@ -58,6 +60,27 @@ def env_from_slurm(environ: dict | None = None) -> dict[str, str]:
     return out
 
 
+def nccl_watchdog_env(timeout_s: float, trace_dir: str | os.PathLike | None, environ=None) -> dict[str, str]:
+    """The NCCL watchdog variables a GPU run gets, except those the user has set already.
+
+    A collective that waits longer than ``timeout_s`` (``parallel.timeout_s``) aborts the process
+    instead of hanging (async error handling); the heartbeat monitor also ends a rank whose watchdog
+    thread itself is stuck that long; on a timeout each rank dumps its recent collectives to
+    ``trace_dir/nccl_trace_rank_<rank>`` (the run's ``logs/``).
+    """
+    env = os.environ if environ is None else environ
+    wanted = {
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+        "TORCH_NCCL_ENABLE_MONITORING": "1",
+        "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": str(max(1, math.ceil(timeout_s))),
+        "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+        "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
+    }
+    if trace_dir is not None:
+        wanted["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] = os.path.join(os.fspath(trace_dir), "nccl_trace_rank_")
+    return {key: value for key, value in wanted.items() if key not in env}
+
+
 def _pick_device(local_rank: int) -> torch.device:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
@@ -65,11 +88,14 @@ def _pick_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(backend: str = "auto", timeout_s: float = 600) -> DistInfo:
+def init_distributed(backend: str = "auto", timeout_s: float = 600,
+                     trace_dir: str | os.PathLike | None = None) -> DistInfo:
     """Join the process group described by the environment; a lone process runs without one.
 
     Reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT, or SLURM's task variables when those
-    are absent. ``backend`` ``auto`` picks NCCL on GPU and gloo on CPU.
+    are absent. ``backend`` ``auto`` picks NCCL on GPU and gloo on CPU. A collective that waits
+    longer than ``timeout_s`` for a rank fails (gloo raises; NCCL's watchdog, see
+    :func:`nccl_watchdog_env`, aborts the process and dumps a trace into ``trace_dir``).
     """
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         os.environ.update(env_from_slurm())
@@ -80,6 +106,10 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600) -> DistInfo:
     if world > 1 and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
+        if backend == "nccl":
+            if trace_dir is not None:
+                os.makedirs(trace_dir, exist_ok=True)
+            os.environ.update(nccl_watchdog_env(timeout_s, trace_dir))
         dist.init_process_group(
             backend=backend,
             rank=rank,
@@ -87,7 +117,7 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600) -> DistInfo:
             timeout=datetime.timedelta(seconds=timeout_s),
             device_id=device if backend == "nccl" else None,
         )
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, timeout_s=timeout_s)
 
 
 def shutdown_distributed() -> None:

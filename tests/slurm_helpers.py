@@ -134,3 +134,22 @@ def scontrol_job(jobid: str) -> dict[str, str]:
 def scancel(*jobids: str) -> None:
     if jobids:
         slurm("scancel", *jobids, check=False)
+
+
+def task_pids(folder: str | Path, job_id: str) -> dict[int, int]:
+    """{SLURM_PROCID: pid} of the job's running submitit tasks (``python -m submitit.core._submit FOLDER``);
+    every node of the devcluster runs on this machine, so /proc shows them all."""
+    found: dict[int, int] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"submitit.core._submit" not in cmdline or str(folder).encode() not in cmdline:
+                continue
+            environ = dict(item.split(b"=", 1) for item in (proc / "environ").read_bytes().split(b"\0") if b"=" in item)
+        except OSError:
+            continue
+        if environ.get(b"SLURM_JOB_ID") == job_id.encode() and b"SLURM_PROCID" in environ:
+            found[int(environ[b"SLURM_PROCID"])] = int(proc.name)
+    return found

@@ -1,6 +1,6 @@
 """The launcher against the real devcluster: multi-node training, and every way a job is interrupted
 (partition preemption, time limit, ``scancel --signal=USR2``, external ``scontrol requeue``, cancel and
-resume) ends with weights bit-identical to one uninterrupted run.
+resume, a task killed, a rank hung) ends with weights bit-identical to one uninterrupted run.
 
 Each interrupted run checkpoints collectively, is requeued (by its rank 0, or by SLURM), resumes from
 its newest complete checkpoint and completes. Every wait is bounded. ``-s`` prints the timelines.
@@ -9,6 +9,8 @@ its newest complete checkpoint and completes. Every wait is bounded. ``-s`` prin
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -22,7 +24,16 @@ from launcher.slurm import render_sbatch
 from launcher.spec import load_job
 from lenstrain.checkpoint import COMPLETE, latest_complete, list_checkpoints, load_model_state, read_meta
 from tests.conftest import launcher_job_dict
-from tests.slurm_helpers import sacct_records, sacct_state, sbatch, scancel, slurm, squeue_jobs, wait_for
+from tests.slurm_helpers import (
+    sacct_records,
+    sacct_state,
+    sbatch,
+    scancel,
+    slurm,
+    squeue_jobs,
+    task_pids,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slurm
 
@@ -353,3 +364,38 @@ def test_max_requeues_is_honoured(cluster, base, runs_dir):
     assert [a["outcome"] for a in job["attempts"]] == ["requeue-limit"]
     assert "resources.max_requeues=0" in task_log(run_dir, job_id)
     assert signal_checkpoints(run_dir)  # it still saved before stopping
+
+
+def signal_task(run_dir: Path, job_id: str, procid: int, signum: int) -> float:
+    """Send ``signum`` to one task of the job (the rank with that SLURM_PROCID); returns when."""
+    pids = wait_for(lambda: task_pids(run_dir / "submitit", job_id), 30, what=f"the tasks of job {job_id}")
+    os.kill(pids[procid], signum)
+    return time.time()
+
+
+def test_a_killed_task_requeues_the_job_which_resumes_exactly(cluster, base, reference, runs_dir):
+    job_id, run_dir = submit(base, runs_dir, "killed")
+    wait_step(run_dir, job_id, 12)  # past the checkpoint at step 10
+    t_kill = signal_task(run_dir, job_id, 1, signal.SIGKILL)
+    first = wait_attempt_ended(run_dir, job_id)
+    assert first["outcome"] == "requeued", first
+    assert first["ended"] - t_kill < 30  # --kill-on-bad-exit stops rank 0 at once; the batch step requeues
+    job = assert_completed_after_requeue(run_dir, job_id, reference, outcome="requeued")
+    assert "a lost rank is transient; requeueing job" in task_log(run_dir, job_id)
+    assert not [f for f in job.get("failures", []) if not f["transient"]], job
+    assert signal_checkpoints(run_dir) == []  # no signal reached training: it resumed from a periodic checkpoint
+
+
+def test_a_hung_rank_ends_the_job_by_the_collective_timeout_and_it_is_requeued(cluster, base, reference, runs_dir):
+    job_id, run_dir = submit(base, runs_dir, "hung", "parallel.timeout_s=20")
+    wait_step(run_dir, job_id, 5)
+    t_stop = signal_task(run_dir, job_id, 1, signal.SIGSTOP)
+    first = wait_attempt_ended(run_dir, job_id, timeout=90)
+    waited = first["ended"] - t_stop
+    assert 15 < waited < 60, waited  # the 20 s timeout, far from the 10 min time limit
+    assert first["outcome"] == "requeued", first
+    job = runs.find_job(runs.read_jobs(run_dir), job_id)
+    # Rank 0 timed out; the stopped rank, woken by SLURM's SIGCONT, found its peer gone.
+    assert all(f["transient"] for f in job["failures"]), job["failures"]
+    assert any(f["rank"] == 0 and "Timed out" in f["why"] for f in job["failures"]), job["failures"]
+    assert_completed_after_requeue(run_dir, job_id, reference, outcome="requeued")

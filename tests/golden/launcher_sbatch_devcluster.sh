@@ -16,4 +16,10 @@
 
 # command
 export SUBMITIT_EXECUTOR=slurm
-srun --unbuffered --output <RUN>/submitit/%j_%t_log.out --error <RUN>/submitit/%j_%t_log.err <PYTHON> -u -m submitit.core._submit <RUN>/submitit
+srun --unbuffered --output <RUN>/submitit/%j_%t_log.out --error <RUN>/submitit/%j_%t_log.err --kill-on-bad-exit=1 <PYTHON> -u -m submitit.core._submit <RUN>/submitit
+
+
+# teardown
+status=$?
+[ "$status" -eq 0 ] || <PYTHON> -m launcher.recovery <RUN> --name golden --max-requeues 3 --status "$status"
+exit "$status"

@@ -1,0 +1,163 @@
+"""A lost rank on SLURM: the batch step decides whether the job is requeued.
+
+Every task runs under ``srun --kill-on-bad-exit=1``: when one task dies (a signal, an error) SLURM
+stops the others at once. A rank whose collective fails because a peer died or hung (gloo raises
+after ``parallel.timeout_s``, or at once on a closed connection; NCCL's watchdog aborts the process)
+exits :data:`EXIT_RANK_LOST` and notes why in ``jobs.json``. Any other error is noted as permanent.
+
+The decision cannot live in a task: the task that would make it may be the one that died. It lives
+in the batch script, after ``srun`` returns (submitit's ``teardown`` lines, see
+:func:`launcher.slurm.teardown_lines`), which runs ``python -m launcher.recovery`` when the step
+failed. That requeues the job (``scontrol requeue``), within the run's ``resources.max_requeues``,
+unless the attempt was already decided inside the job (a collective checkpoint after a signal: rank
+0 requeued it), a rank noted a permanent failure (an error, a non-finite loss, a checkpoint that
+could not be written), the job is being cancelled, or SLURM is taking it down itself. A lost batch
+node ends the job as NODE_FAIL, and SLURM requeues it by itself (the job is submitted ``--requeue``).
+The requeued job resumes from the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from launcher import runs
+
+EXIT_RANK_LOST = 45  # a collective failed: another rank died, hung past parallel.timeout_s, or was lost
+
+# Messages of gloo's transport when a peer is gone or silent (gloo raises a plain RuntimeError).
+_GLOO_PEER_LOST = ("/gloo/transport/", "Connection closed by peer", "Connection reset by peer",
+                   "Timed out waiting")
+
+
+_SOURCE_PREFIX = re.compile(r"^\[[^]]*\.(cc|cpp|h):\d+\]\s*")
+
+
+def collective_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another rank died or did not answer."""
+    import torch.distributed as dist
+
+    if isinstance(exc, dist.DistError):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _GLOO_PEER_LOST)
+
+
+def describe_failure(exc: BaseException) -> str:
+    """The exception's type and first line, without gloo's ``[/path/to/source.cc:78]`` prefix."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {_SOURCE_PREFIX.sub('', first)[:200]}"
+
+
+def attempt_of(job: dict, restart: int) -> dict | None:
+    return next((a for a in reversed(job.get("attempts", [])) if a.get("restart_count") == restart), None)
+
+
+def failures_of(job: dict, restart: int) -> list[dict]:
+    return [f for f in job.get("failures", []) if f.get("restart_count") == restart]
+
+
+def decision(job: dict, restart: int, state: str | None, max_requeues: int, requeues: int) -> str:
+    """What to do with a job whose step failed: ``decided`` (inside the job already), ``failed``
+    (a permanent failure), ``cancelled``, ``slurm`` (SLURM is taking it down or requeueing it),
+    ``requeue-limit`` or ``requeue``."""
+    attempt = attempt_of(job, restart)
+    if attempt is not None and "ended" in attempt:
+        return "decided"
+    if any(not f.get("transient") for f in failures_of(job, restart)):
+        return "failed"
+    if job.get("cancel_requested") or state == "CANCELLED":
+        return "cancelled"
+    if state != "RUNNING":
+        return "slurm"
+    return "requeue-limit" if requeues >= max_requeues else "requeue"
+
+
+def record_outcome(run_dir: Path, job_id: str, restart: int, state: str, outcome: str, **info) -> None:
+    """End the attempt ``restart`` of the job (created here when its rank 0 never started)."""
+    def change(data: dict) -> None:
+        job = runs.find_job(data, job_id)
+        if job is None:
+            job = {"job_id": job_id, "state": state, "requeues": 0, "attempts": [], "kind": "slurm"}
+            data["jobs"].append(job)
+        attempt = attempt_of(job, restart)
+        if attempt is None:
+            attempt = {"restart_count": restart, "started": None}
+            job["attempts"].append(attempt)
+        job["state"] = state
+        attempt.update({"ended": time.time(), "outcome": outcome, **info})
+        if outcome == "requeued":
+            job["requeues"] = max(job.get("requeues", 0), restart + 1)
+
+    runs.update_jobs(run_dir, change)
+
+
+_NOT_REQUEUED = {"failed": "a rank failed for good, see above", "cancelled": "the job is being cancelled", "slurm": ""}
+
+
+def _say(message: str) -> None:
+    print(f"[launcher] {time.strftime('%H:%M:%S')} {message}", flush=True)
+
+
+def _why(job: dict, restart: int, status: int) -> str:
+    notes = [f"rank {f['rank']}: {f['why']}" for f in failures_of(job, restart)]
+    return f"the job step ended with status {status}" + (f" ({'; '.join(notes)})" if notes else
+                                                           " (a task was killed or lost)")
+
+
+def recover(run_dir: Path, name: str, max_requeues: int, status: int) -> str:
+    """Decide about the current attempt of this SLURM job after its step failed; returns the decision."""
+    from launcher.slurm import squeue_state
+
+    job_id = os.environ["SLURM_JOB_ID"]
+    restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    data = runs.read_jobs(run_dir)
+    job = runs.find_job(data, job_id) or {}
+    state = (squeue_state(job_id) or "UNKNOWN").split()[0]
+    requeues = max(runs.run_requeues(data), restart)
+    what = decision(job, restart, state, max_requeues, requeues)
+    why = _why(job, restart, status)
+    newest = runs.newest_checkpoint(run_dir)
+    resumes = f"resumes from {newest.name}" if newest else "starts again from step 0 (no complete checkpoint)"
+    if what == "requeue-limit":
+        _say(f"{why}; run {name} has been requeued {requeues} times (resources.max_requeues={max_requeues}); not "
+             f"requeueing. Continue with `python -m launcher resume {name} --set resources.max_requeues="
+             f"{requeues + 1}`; it {resumes}")
+        record_outcome(run_dir, job_id, restart, "FAILED", "requeue-limit", exit=status)
+    elif what == "requeue":
+        _say(f"{why}: a lost rank is transient; requeueing job {job_id} (requeue {requeues + 1} of the run's at "
+             f"most {max_requeues}); it {resumes}")
+        record_outcome(run_dir, job_id, restart, "REQUEUED", "requeued", exit=status)
+        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            _say(f"scontrol requeue {job_id} failed: {(done.stderr or done.stdout).strip()}")
+            record_outcome(run_dir, job_id, restart, "FAILED", "requeue-failed", exit=status)
+            return "requeue-failed"
+    elif what in _NOT_REQUEUED:
+        _say(f"{why}; not requeueing ({_NOT_REQUEUED[what] or f'SLURM has the job {state}'})")
+    return what
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m launcher.recovery RUN_DIR --name NAME --max-requeues N --status S``, from the batch
+    script after a failed ``srun``; always exits 0 (the script exits with ``srun``'s status)."""
+    parser = argparse.ArgumentParser(prog="python -m launcher.recovery")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--max-requeues", type=int, required=True)
+    parser.add_argument("--status", type=int, required=True, help="srun's exit status")
+    args = parser.parse_args(argv)
+    try:
+        recover(args.run_dir, args.name, args.max_requeues, args.status)
+    except Exception as exc:  # noqa: BLE001 - the script still exits with srun's status
+        _say(f"could not decide about a requeue: {describe_failure(exc)}")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
