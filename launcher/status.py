@@ -117,6 +117,7 @@ def run_summary(run_dir: Path, data: dict) -> dict:
         or ",".join(j["job_id"] for j in jobs[-1:]) or "-",
         "step": f"{step}/{total}" if step is not None else "-",
         "loss": fmt_number(progress.get("loss")),
+        "tflops": fmt_number(progress.get("tflops")),  # per device, at the last log
         "best": f"{fmt_number(best)} ({progress.get('best_metric_name')})" if best is not None else "-",
         "requeues": requeue_count(run_dir, data),
         "elapsed": fmt_duration(elapsed if jobs else None),
@@ -125,13 +126,14 @@ def run_summary(run_dir: Path, data: dict) -> dict:
 
 
 COLUMNS = [("run", "RUN"), ("state", "STATE"), ("jobs", "SLURM JOBS"), ("step", "STEP"), ("loss", "LOSS"),
-           ("best", "BEST"), ("requeues", "REQUEUES"), ("elapsed", "ELAPSED"), ("eta", "ETA")]
+           ("tflops", "TFLOP/S"), ("best", "BEST"), ("requeues", "REQUEUES"), ("elapsed", "ELAPSED"), ("eta", "ETA")]
 
 
 def runs_table(rows: list[dict]) -> Table:
     table = Table(title="lenstrain runs", header_style="bold")
     for key, title in COLUMNS:
-        table.add_column(title, no_wrap=True, justify="right" if key in ("loss", "requeues", "elapsed", "eta") else "left")
+        table.add_column(title, no_wrap=True, justify="right" if key in ("loss", "tflops", "requeues", "elapsed", "eta")
+                         else "left")
     for row in rows:
         style = STATE_STYLES.get(row["state"], "")
         table.add_row(*[f"[{style}]{row[k]}[/]" if k == "state" and style else row[k] for k, _ in COLUMNS])

@@ -30,3 +30,19 @@ def test_the_nonfinite_exit_restores_handlers_and_closes_tensorboard(tmp_path, r
     logged = [e.step for e in events.Scalars("train/loss")]
     assert logged == list(range(1, progress["step"] + 1))  # every step taken, on disk: the writer was closed
     assert not run.config.exists()  # written at the edge (the CLI, the launcher), never by the loop
+
+
+def test_tflops_reach_tensorboard_and_progress_and_mfu_follows_the_peak_override(tmp_path, ring_shards):
+    cfg = load_config(config_dict(ring_shards, train={"max_steps": 4}, log={"every_steps": 2, "peak_tflops": 0.5},
+                                  checkpoint={"every_steps": 0}))
+    run = RunDir(tmp_path / "run")
+    assert run_training(cfg, run.root) == 0
+    events = EventAccumulator(str(run.tb))
+    events.Reload()
+    tflops = {e.step: e.value for e in events.Scalars("perf/tflops")}
+    mfu = {e.step: e.value for e in events.Scalars("perf/mfu")}
+    assert sorted(tflops) == sorted(mfu) == [2, 4]
+    assert all(value > 0 for value in tflops.values())
+    assert all(abs(mfu[step] - tflops[step] / 0.5) < 1e-6 * mfu[step] for step in mfu)
+    progress = json.loads(run.progress.read_text())
+    assert progress["state"] == "done" and progress["tflops"] == tflops[4]
