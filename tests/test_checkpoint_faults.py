@@ -39,7 +39,7 @@ from lenstrain.stateio import (
     set_rng_state,
     sha256_file,
 )
-from tests.factories import assert_same_weights, final_weights, make_ring_shards, write_config
+from tests.factories import assert_same_weights, final_weights, write_config
 from tests.train_helpers import ROOT, env, lenstrain, train_until_signalled
 
 # ------------------------------------------------------------------------------------ the best checkpoint
@@ -147,11 +147,6 @@ def test_checkpoint_estimate_matches_what_a_checkpoint_writes_and_warns_under_tw
 # ------------------------------------------------------------------------------------ a failed write mid-run
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return make_ring_shards(tmp_path_factory.mktemp("data") / "rings")
-
-
 def train_with_file_size_limit(config, run_dir, limit: int, nproc: int) -> subprocess.CompletedProcess:
     """``lenstrain train`` where no file may grow past ``limit`` bytes: writes beyond it fail with EFBIG."""
 
@@ -164,9 +159,9 @@ def train_with_file_size_limit(config, run_dir, limit: int, nproc: int) -> subpr
 
 
 @pytest.mark.parametrize("nproc", [1, 2], ids=["single", "ddp2"])
-def test_a_checkpoint_that_cannot_be_written_exits_cleanly_and_the_run_resumes_exactly(tmp_path, shards, nproc):
+def test_a_checkpoint_that_cannot_be_written_exits_cleanly_and_the_run_resumes_exactly(tmp_path, ring_shards, nproc):
     """Rank 0's model.pt passes the limit while rank 1's files do not: every rank must stop, with one line."""
-    config = write_config(tmp_path / "c.yaml", shards, checkpoint={"every_steps": 4, "keep": 3, "every_minutes": None})
+    config = write_config(tmp_path / "c.yaml", ring_shards, checkpoint={"every_steps": 4, "keep": 3, "every_minutes": None})
     straight = tmp_path / "straight"
     lenstrain("train", config, "--run-dir", straight, "--nproc", nproc, check=True)
 

@@ -13,7 +13,7 @@ import torch
 from lenstrain.checkpoint import latest_complete, list_checkpoints, load_model_state
 from lenstrain.models import create_model
 from lenstrain.preemption import EXIT_REQUEUE
-from tests.factories import assert_same_weights, make_ring_shards, write_config
+from tests.factories import assert_same_weights, write_config
 from tests.train_helpers import ROOT, env, lenstrain, train_until_signalled
 
 pytest.importorskip("deepspeed")
@@ -25,11 +25,6 @@ pytestmark = pytest.mark.slow
 def extensions_cache(monkeypatch):
     """DeepSpeed compiles its shared-memory op on first start (about 35 s); keep it across runs."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return make_ring_shards(tmp_path_factory.mktemp("data") / "rings")
 
 
 def ds_config(tmp_path, shards, stage: int, steps: int, every: int):
@@ -45,9 +40,9 @@ def assert_plain_state_dict(state: dict) -> None:
     assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
 
 
-def test_zero2_signal_and_resume_is_bit_identical(tmp_path, shards):
+def test_zero2_signal_and_resume_is_bit_identical(tmp_path, ring_shards):
     steps = 6
-    config = ds_config(tmp_path, shards, stage=2, steps=steps, every=2)
+    config = ds_config(tmp_path, ring_shards, stage=2, steps=steps, every=2)
     straight = tmp_path / "straight"
     lenstrain("train", config, "--run-dir", straight, "--nproc", 2, check=True)
 
@@ -67,9 +62,9 @@ def test_zero2_signal_and_resume_is_bit_identical(tmp_path, shards):
     assert_same_weights(final, load_model_state(latest_complete(resumed / "checkpoints")))
 
 
-def test_zero3_resume_from_a_partitioned_checkpoint_is_bit_identical(tmp_path, shards):
+def test_zero3_resume_from_a_partitioned_checkpoint_is_bit_identical(tmp_path, ring_shards):
     """Parameters partitioned too: resume from the straight run's mid-run checkpoint, in a new run."""
-    config = ds_config(tmp_path, shards, stage=3, steps=6, every=3)
+    config = ds_config(tmp_path, ring_shards, stage=3, steps=6, every=3)
     straight = tmp_path / "straight"
     lenstrain("train", config, "--run-dir", straight, "--nproc", 2, check=True)
     mid = straight / "checkpoints" / "step-00000003"

@@ -15,15 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from launcher import runs
 from launcher.__main__ import main
 from launcher.slurm import render_sbatch
 from launcher.spec import load_job
-from lenstrain.checkpoint import COMPLETE, latest_complete, list_checkpoints, load_model_state, read_meta
-from tests.conftest import launcher_job_dict
+from lenstrain.checkpoint import COMPLETE, latest_complete, list_checkpoints, read_meta
+from tests.factories import assert_same_weights, final_weights, launcher_job_dict
 from tests.slurm_helpers import (
     sacct_records,
     sacct_state,
@@ -93,16 +92,6 @@ def wait_attempt_ended(run_dir: Path, job_id: str, index: int = 0, timeout: floa
         return len(attempts) > index and "ended" in attempts[index] and attempts[index]
 
     return wait_for(ended, timeout, interval=0.1, what=f"attempt {index + 1} of job {job_id} to end")
-
-
-def final_weights(run_dir: Path) -> dict:
-    return load_model_state(latest_complete(run_dir / "checkpoints", log=lambda m: None))
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs"
 
 
 def signal_checkpoints(run_dir: Path) -> list[tuple[int, dict]]:

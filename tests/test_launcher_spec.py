@@ -17,7 +17,7 @@ import yaml
 from launcher import runs
 from launcher.__main__ import COMMANDS, main
 from launcher.spec import JobSpec, load_job, parse_time_minutes
-from tests.conftest import launcher_job_dict
+from tests.factories import launcher_job_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden"

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 from lenstrain.rundir import RunDir
-from tests.factories import make_ring_shards, write_config  # noqa: F401  (until every module imports factories)
 
 ROOT = Path(__file__).resolve().parents[1]
 
