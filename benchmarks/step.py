@@ -2,8 +2,9 @@
 
 Ours is the body of ``lenstrain.train.train_loop`` for one step with its data already in memory:
 ``backend.accumulating``/``backend.autocast`` around the forward and the loss (``make_loss``),
-``backend.backward``, ``float(loss)``, the per-step ``backend.any_flags`` (non-finite loss,
-preemption, checkpoint due), ``backend.step`` (unscale, clip, update, zero) and
+``backend.backward``, the step's flags (non-finite loss, preemption, checkpoint due) built and
+agreed on the device (``backend.reduce_flags``), the previous step's flags read on the host one step
+late, ``backend.step`` with its update masked on the device (unscale, clip, update, zero) and
 ``scheduler.step()``. The bare loop is ``model(x)``, ``F.mse_loss``, ``zero_grad``, ``backward``,
 ``clip_grad_norm_`` and ``optimizer.step()``. Both start from identical weights and AdamW.
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
 import platform
 import statistics
@@ -47,6 +47,8 @@ def make_ours(model, lr: float, clip: float, total_steps: int, precision: str):
     scheduler = build_scheduler(ScheduleConfig(), optimizer, total_steps)
     loss_fn = make_loss("mse", "regression", 0)
 
+    pending = []  # the last step's flags, read one step late as the loop does
+
     def step(micro_batches):
         loss_total = torch.zeros((), device=info.device)
         for k, batch in enumerate(micro_batches):
@@ -56,11 +58,16 @@ def make_ours(model, lr: float, clip: float, total_steps: int, precision: str):
                 loss = loss_fn(backend.train_module(x), y)
             backend.backward(loss / len(micro_batches))
             loss_total += loss.detach()
-        loss_value = float(loss_total) / len(micro_batches)
-        nonfinite, _stop, _due = backend.any_flags([not math.isfinite(loss_value), False, False])
-        backend.step(skip=nonfinite)
+        loss = loss_total / len(micro_batches)
+        flags = torch.zeros(3, device=info.device)
+        flags[0] = ~torch.isfinite(loss)
+        reduced = backend.reduce_flags(flags)
+        if pending:
+            backend.settle_skip(pending.pop().read()[0])
+        backend.step(skip=reduced.on_device[0] > 0)
+        pending.append(reduced)
         scheduler.step()
-        return loss_value
+        return loss
 
     return step
 

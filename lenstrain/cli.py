@@ -38,8 +38,6 @@ def _train(args) -> int:
     here, so they read it without checking or writing it again.
     """
     run = RunDir(args.run_dir)
-    if args.profile:
-        args.set = [*(args.set or []), "train.profile={}"]  # the window's defaults: steps 6-10
     config = load_config(args.config, args.set)
     own_config = not args.set and Path(args.config).resolve() == run.config.resolve()
     if not own_config:
@@ -67,7 +65,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", type=Path, required=True, help="where checkpoints, TensorBoard events and logs go")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=3e-4")
     p.add_argument("--nproc", type=int, default=1, help="local processes (gloo on CPU, NCCL on GPUs)")
-    p.add_argument("--profile", action="store_true",
+    p.add_argument("--profile", action="append_const", dest="set", const="train.profile={}",
                    help="trace steps 6-10 with torch.profiler into RUN/profile/ (train.profile sets the window)")
 
 
@@ -101,6 +99,15 @@ def _lr_find_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=100, help="steps of the exponential ramp (default: 100)")
 
 
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="run directory")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, help="the checkpoint of step N (default: the newest complete one)")
+    which.add_argument("--best", action="store_true", help="the best checkpoint by checkpoint.best_metric")
+    p.add_argument("--out", type=Path, required=True,
+                   help="model.safetensors or model.pt; its description (model.json) goes beside it")
+
+
 COMMANDS = (
     Command("train", "train from a config or job file (resumes from the newest checkpoint)", _train_args, _train),
     Command("eval", "metrics and plots of a run's model on a split", _eval_args,
@@ -109,6 +116,8 @@ COMMANDS = (
             _command("lenstrain.evaluate", "main_predict")),
     Command("lr-find", "LR range test: loss against learning rate, and a suggested lr", _lr_find_args,
             _command("lenstrain.lr_find", "main")),
+    Command("export", "write a run's model as one fp32 state dict (.safetensors or .pt) with model.json beside it",
+            _export_args, _command("lenstrain.export", "main")),
 )
 
 

@@ -126,20 +126,16 @@ class Backend:
 
 
 class StepFlags:
-    """A step's flags, agreed across ranks on the device, and a copy of them on its way to the host.
+    """A step's flags, agreed across ranks, and a copy of them on its way to the host.
 
-    ``on_device`` serves masks on the device. ``read()`` returns them as bools, waiting only for the
-    collective and the copy queued with them: read a step later, it does not wait for the step queued since.
+    ``on_device`` serves masks on the device. On a GPU, ``read()`` waits only for the copy queued with the
+    flags: read a step later, it does not wait for the step queued since.
     """
 
-    def __init__(self, on_device: torch.Tensor, work=None):
+    def __init__(self, on_device: torch.Tensor):
         self.on_device = on_device
-        self._work = work
         self._event = None
         if on_device.device.type == "cuda":
-            if work is not None:
-                work.wait()  # NCCL: the stream waits for the collective, the host does not
-                self._work = None
             self._host = torch.empty(on_device.shape, dtype=on_device.dtype, pin_memory=True)
             self._host.copy_(on_device, non_blocking=True)
             self._event = torch.cuda.Event()
@@ -148,8 +144,6 @@ class StepFlags:
             self._host = on_device
 
     def read(self) -> list[bool]:
-        if self._work is not None:
-            self._work.wait()
         if self._event is not None:
             self._event.synchronize()
         return [bool(v > 0) for v in self._host.numpy()]

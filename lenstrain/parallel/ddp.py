@@ -34,12 +34,13 @@ class DDPBackend(Backend):
         return self.info.world_size > 1 and dist.is_initialized()
 
     def reduce_flags(self, flags: torch.Tensor) -> StepFlags:
-        """One all-reduce (MAX), queued: on the device with NCCL; with gloo on a CPU copy."""
+        """One all-reduce (MAX): with NCCL on the device, where the host does not wait for it; with gloo on a
+        CPU copy, as the masks need the agreed flags."""
         if not self._distributed():
             return StepFlags(flags)
         flags = flags.to(self._comm_device())
-        work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True)
-        return StepFlags(flags, work)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return StepFlags(flags)
 
     def mean(self, value: float) -> float:
         if not self._distributed():
