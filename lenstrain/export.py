@@ -221,15 +221,7 @@ def predict(model: nn.Module, info: dict, images, rotations: int | None = None) 
 # ------------------------------------------------------------------------------------ command line
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("run", type=Path, help="run directory")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--step", type=int, help="the checkpoint of step N (default: the newest complete one)")
-    which.add_argument("--best", action="store_true", help="the best checkpoint by checkpoint.best_metric")
-    parser.add_argument("--out", type=Path, required=True,
-                        help="model.safetensors or model.pt; its description (model.json) goes beside it")
-
-
 def main(args) -> int:
+    """``lenstrain export`` (its arguments are in :mod:`lenstrain.cli`)."""
     export_run(args.run, args.out, step=args.step, best=args.best)
     return 0
