@@ -30,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "benchmarks" / "SCIENCE.md"
+sys.path.insert(0, str(ROOT))  # the small-CNN ladder reuses tests/test_learnability.py
 BEGIN, END = "<!-- science:begin -->", "<!-- science:end -->"
 
 
@@ -199,6 +200,53 @@ def oracle_ladder(per_class: int) -> list[dict]:
     return rows
 
 
+def small_cnn_ladder(n_train: int, n_test: int) -> list[dict]:
+    """Test AUC of the learnability test's small CNN (tests/test_learnability.py), trained per rung on
+    ``n_train`` images of no_sub and cdm (or vortex) in turn and tested on ``n_test`` new ones."""
+    import numpy as np
+    import torch
+
+    from shards.simulate import physics as P
+    from shards.simulate.cli import plan
+    from tests import test_learnability as T
+
+    torch.set_num_threads(1)
+    rows = []
+    for rung, (preset, knobs) in RUNGS.items():
+        config = plan("substructure", 3 * (n_train + n_test), preset=preset, physics=knobs, seed=0)
+        if preset in ("deeplense1", "deeplense3"):  # the ladder proper: deeplense2 down to euclid
+            continue
+        sim, row = P.Simulator(config), {"rung": rung, "n_train": n_train, "n_test": n_test}
+        for positive in ("cdm", "vortex"):
+            offset = config.classes.index(positive)
+            idx = [3 * (k // 2) + (0 if k % 2 == 0 else offset) for k in range(n_train + n_test)]
+            x = np.stack([sim(i)[0] for i in idx])
+            x /= x.max(axis=(1, 2, 3), keepdims=True)  # as per_image_max
+            y = np.asarray([k % 2 for k in range(len(idx))], dtype=np.float32)
+            torch.manual_seed(0)
+            model = T._small_cnn()
+            T._train(model, x[:n_train], y[:n_train], seed=0)
+            model.eval()
+            with torch.no_grad():
+                scores = model(torch.from_numpy(x[n_train:])).squeeze(1).numpy()
+            row[positive] = T._auc(scores, y[n_train:])
+            print(f"[science] small CNN, {rung}: {positive} vs no_sub AUC {row[positive]:.3f}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def render_small(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["### The difficulty ladder, learned: a small CNN (tests/test_learnability.py)", "",
+             f"Four conv blocks (16-64 channels, 68k parameters), AdamW 3e-3 one-cycle, {rows[0]['n_train']} "
+             f"training images (no_sub and the other class in turn), 8 epochs, tested on {rows[0]['n_test']} new "
+             "ones; images divided by their maximum.", "",
+             "| rung | cdm vs no_sub AUC | vortex vs no_sub AUC |", "|---|---|---|"]
+    lines += [f"| {r['rung']} | {r['cdm']:.3f} | {r['vortex']:.3f} |" for r in rows]
+    return [*lines, "", "Command: `python benchmarks/science.py --small-ladder`", ""]
+
+
 def render_oracle(rows: list[dict]) -> list[str]:
     if not rows:
         return []
@@ -239,8 +287,8 @@ DATA_LABEL = {
 }
 
 
-def render_report(results: list[dict], oracle: list[dict]) -> str:
-    lines = [BEGIN, "", *render_oracle(oracle)]
+def render_report(results: list[dict], oracle: list[dict], small: list[dict]) -> str:
+    lines = [BEGIN, "", *render_oracle(oracle), *render_small(small)]
     for table, title in TABLES.items():
         rows = [r for r in results if r["table"] == table]
         lines += [f"### {title}", ""]
@@ -261,11 +309,13 @@ def write_report(runs: Path) -> Path:
     results = [json.loads(p.read_text()) for p in runs.glob("*/science.json")]
     oracle_file = runs / "oracle.json"
     oracle = json.loads(oracle_file.read_text()) if oracle_file.is_file() else []
+    small_file = runs / "small_cnn_ladder.json"
+    small = json.loads(small_file.read_text()) if small_file.is_file() else []
     results.sort(key=lambda r: order.get(r["experiment"], len(order)))
     text = REPORT.read_text() if REPORT.is_file() else f"# Science results\n\n{BEGIN}\n{END}\n"
     head, rest = text.split(BEGIN, 1)
     tail = rest.split(END, 1)[1]
-    REPORT.write_text(head + render_report(results, oracle) + tail)
+    REPORT.write_text(head + render_report(results, oracle, small) + tail)
     return REPORT
 
 
@@ -280,8 +330,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", action="store_true", help="only rewrite SCIENCE.md from the results there")
     p.add_argument("--oracle", type=int, nargs="?", const=60, default=None, metavar="PER_CLASS",
                    help="only measure the oracle ladder (default 60 images per class), then rewrite SCIENCE.md")
+    p.add_argument("--small-ladder", action="store_true",
+                   help="only train the small CNN of the learnability test on each 64-pixel rung, then rewrite SCIENCE.md")
     args = p.parse_args(argv)
-    if args.oracle:
+    if args.small_ladder:
+        args.runs.mkdir(parents=True, exist_ok=True)
+        (args.runs / "small_cnn_ladder.json").write_text(json.dumps(small_cnn_ladder(1200, 300), indent=1) + "\n")
+    elif args.oracle:
         args.runs.mkdir(parents=True, exist_ok=True)
         (args.runs / "oracle.json").write_text(json.dumps(oracle_ladder(args.oracle), indent=1) + "\n")
     elif not args.report:

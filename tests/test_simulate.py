@@ -190,8 +190,10 @@ def _class_statistics(preset: str, per_class: int, seed: int) -> dict[str, dict[
     return {c: {k: np.asarray(v) for k, v in row.items()} for c, row in out.items()}
 
 
-# The weakest signal that must still show: DeepLense Model I's vortex at peak S/N ~25 moves chi^2 by ~3%.
-MIN_MEDIAN_CHI2 = {"deeplense1": 1.02}
+# The weakest signals that must still show: on the 150x150 grids the same substructure spreads over 5x the
+# pixels, so the realistic model1 cdm moves the median chi^2 by ~1.6% and DeepLense Model I's vortex (peak
+# S/N ~25) by ~3%.
+MIN_MEDIAN_CHI2 = {"model1": 1.01, "deeplense1": 1.02}
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
