@@ -200,9 +200,9 @@ def oracle_ladder(per_class: int) -> list[dict]:
     return rows
 
 
-def small_cnn_ladder(n_train: int, n_test: int) -> list[dict]:
+def small_cnn_ladder(n_train: int, n_test: int, positives: tuple[str, ...]) -> list[dict]:
     """Test AUC of the learnability test's small CNN (tests/test_learnability.py), trained per rung on
-    ``n_train`` images of no_sub and cdm (or vortex) in turn and tested on ``n_test`` new ones."""
+    ``n_train`` images of no_sub and each of ``positives`` in turn and tested on ``n_test`` new ones."""
     import numpy as np
     import torch
 
@@ -217,7 +217,7 @@ def small_cnn_ladder(n_train: int, n_test: int) -> list[dict]:
         if preset in ("deeplense1", "deeplense3"):  # the ladder proper: deeplense2 down to euclid
             continue
         sim, row = P.Simulator(config), {"rung": rung, "n_train": n_train, "n_test": n_test}
-        for positive in ("cdm", "vortex"):
+        for positive in positives:
             offset = config.classes.index(positive)
             idx = [3 * (k // 2) + (0 if k % 2 == 0 else offset) for k in range(n_train + n_test)]
             x = np.stack([sim(i)[0] for i in idx])
@@ -243,8 +243,28 @@ def render_small(rows: list[dict]) -> list[str]:
              f"training images (no_sub and the other class in turn), 8 epochs, tested on {rows[0]['n_test']} new "
              "ones; images divided by their maximum.", "",
              "| rung | cdm vs no_sub AUC | vortex vs no_sub AUC |", "|---|---|---|"]
-    lines += [f"| {r['rung']} | {r['cdm']:.3f} | {r['vortex']:.3f} |" for r in rows]
-    return [*lines, "", "Command: `python benchmarks/science.py --small-ladder`", ""]
+    cell = lambda r, c: f"{r[c]:.3f}" if c in r else "not run"  # noqa: E731
+    lines += [f"| {r['rung']} | {cell(r, 'cdm')} | {cell(r, 'vortex')} |" for r in rows]
+    return [*lines, "", "Command: `python benchmarks/science.py --small-ladder cdm vortex`", ""]
+
+
+def halo_ceiling(n: int = 5000) -> dict:
+    """Halo mass from the exact Einstein radius (a cubic in log theta_E fitted on the train split of the
+    realistic halo_mass task): the R^2 ceiling of a model that reads the ring size perfectly."""
+    import numpy as np
+
+    from shards.simulate import physics as P
+    from shards.simulate.cli import plan, split_plan
+
+    config = plan("halo_mass", n, preset="euclid", seed=3)
+    split = np.asarray(split_plan(config, n, val=0.1, test=0.1)[0])
+    params = [P.draw_params(config, i) for i in range(n)]
+    theta = np.asarray([p["einstein_radius"] for p in params])
+    mass = np.asarray([p["halo_mass"] for p in params])
+    train, held = split == "train", split != "train"
+    fit = np.polyval(np.polyfit(np.log(theta[train]), mass[train], 3), np.log(theta[held]))
+    return {"n": n, "corr2_train": float(np.corrcoef(theta[train], mass[train])[0, 1] ** 2),
+            "r2_ceiling": float(1 - np.mean((fit - mass[held]) ** 2) / np.var(mass[held]))}
 
 
 def render_oracle(rows: list[dict]) -> list[str]:
@@ -254,11 +274,19 @@ def render_oracle(rows: list[dict]) -> list[str]:
              f"AUC of the reduced chi^2 of each image against its own smooth lens (the true main lens and source, "
              f"no substructure), {rows[0]['per_class']} images per class, seed 7: what an ideal model could reach.",
              "", "| rung | cdm vs no_sub | vortex vs no_sub | median chi^2 no_sub / cdm / vortex |", "|---|---|---|---|"]
-    for r in rows:
+    for r in (r for r in rows if "rung" in r):
         m = r["median_chi2"]
         lines.append(f"| {r['rung']} | {r['cdm']:.3f} | {r['vortex']:.3f} | {m['no_sub']:.3f} / {m['cdm']:.3f} / "
                      f"{m['vortex']:.3f} |")
-    return [*lines, "", "Command: `python benchmarks/science.py --oracle`", ""]
+    lines += ["", "Command: `python benchmarks/science.py --oracle`", ""]
+    if "halo" in rows[-1]:
+        h = rows[-1]["halo"]
+        lines += ["### Halo mass is not a lookup (no training)", "",
+                  f"Realistic `halo_mass` task (`--preset euclid`, {h['n']} samples, seed 3): squared correlation of "
+                  f"`einstein_radius` with `halo_mass` in the train split {h['corr2_train']:.3f}; a model that reads "
+                  f"the Einstein radius exactly reaches at most R² {h['r2_ceiling']:.3f} on the held-out splits "
+                  "(cubic in log theta_E). Command: `python benchmarks/science.py --oracle`.", ""]
+    return lines
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -330,15 +358,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", action="store_true", help="only rewrite SCIENCE.md from the results there")
     p.add_argument("--oracle", type=int, nargs="?", const=60, default=None, metavar="PER_CLASS",
                    help="only measure the oracle ladder (default 60 images per class), then rewrite SCIENCE.md")
-    p.add_argument("--small-ladder", action="store_true",
-                   help="only train the small CNN of the learnability test on each 64-pixel rung, then rewrite SCIENCE.md")
+    p.add_argument("--small-ladder", nargs="*", choices=("cdm", "vortex"), default=None, metavar="CLASS",
+                   help="only train the small CNN of the learnability test on each rung, CLASS (cdm, vortex; "
+                        "default both) against no_sub, then rewrite SCIENCE.md")
     args = p.parse_args(argv)
-    if args.small_ladder:
+    if args.small_ladder is not None:
         args.runs.mkdir(parents=True, exist_ok=True)
-        (args.runs / "small_cnn_ladder.json").write_text(json.dumps(small_cnn_ladder(1200, 300), indent=1) + "\n")
+        rows = small_cnn_ladder(1200, 300, tuple(args.small_ladder) or ("cdm", "vortex"))
+        (args.runs / "small_cnn_ladder.json").write_text(json.dumps(rows, indent=1) + "\n")
     elif args.oracle:
         args.runs.mkdir(parents=True, exist_ok=True)
-        (args.runs / "oracle.json").write_text(json.dumps(oracle_ladder(args.oracle), indent=1) + "\n")
+        rows = [*oracle_ladder(args.oracle), {"halo": halo_ceiling()}]
+        (args.runs / "oracle.json").write_text(json.dumps(rows, indent=1) + "\n")
     elif not args.report:
         chosen = [e for e in EXPERIMENTS if (e.name in args.only if args.only else args.full or e.cpu)]
         for exp in chosen:

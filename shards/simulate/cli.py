@@ -175,8 +175,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--preset", default=None, choices=list(PRESETS),
                        help="scenario: deeplense1/2/3 reproduce the physics of DeepLense's Model I/II/III (fixed "
-                            "lens, magnitude-20 source, images divided by their maximum: substructure is easy to "
-                            "see); model1, euclid, hst are the realistic ones (everything drawn, faint sources, "
+                            "lens, magnitude-20 source, images divided by their maximum: CDM subhalos are plainly "
+                            "visible, the vortex subtly); model1, euclid, hst are the realistic ones (everything drawn, faint sources, "
                             "1-5%% substructure mass: hard). Default model1")
     which.add_argument("--instrument", default=None, choices=list(INSTRUMENTS),
                        help=f"the realistic preset of this instrument (same as --preset). {_instrument_help()}")
