@@ -10,9 +10,8 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lenstrain.cli import main
-from lenstrain.config import load_config
 from shards.pack import TargetSpec, pack_shard_set
-from tests.factories import RingSample, config_dict, write_config
+from tests.factories import RingSample, write_config
 from tests.train_helpers import lenstrain
 
 
@@ -32,7 +31,6 @@ from tests.train_helpers import lenstrain
         ("train.loss=ce", "train.loss: 'ce' does not fit a regression target"),
         ("data.batch_size=1000", "data.batch_size: a global batch of 1000 samples"),
         ("checkpoint.best_metric=val/auc", "checkpoint.best_metric: 'val/auc' is not measured for a regression"),
-        ("checkpoint.best_mode=max", "checkpoint.best_mode: 'max' contradicts checkpoint.best_metric 'val/loss'"),
     ],
 )
 def test_bad_configs_exit_2_naming_the_dotted_path(tmp_path, ring_shards, override, expected, capsys):
@@ -60,15 +58,6 @@ def test_bad_model_kwargs_name_the_key_and_the_valid_choices(tmp_path, ring_shar
     for part in named:
         assert part in line, f"{part!r} missing from {line!r}"
     assert not (tmp_path / "run").exists()
-
-
-@pytest.mark.parametrize(("metric", "mode"), [("val/loss", "min"), ("val/mse", "min"), ("val/mae", "min"),
-                                              ("val/r2", "max"), ("val/auc", "max"), ("val/accuracy", "max")])
-def test_modes_follow_the_metric_when_not_given(ring_shards, metric, mode):
-    cfg = load_config(config_dict(ring_shards, checkpoint={"best_metric": metric},
-                                  schedule={"name": "plateau", "metric": metric},
-                                  train={"early_stopping": {"metric": metric}}))
-    assert cfg.checkpoint.best_mode == cfg.schedule.mode == cfg.train.early_stopping.mode == mode
 
 
 def test_bad_config_exit_status_from_the_command_line(tmp_path, ring_shards):
