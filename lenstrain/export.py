@@ -70,7 +70,8 @@ def run_config(run_dir: Path):
         raise UsageError(f"{run_dir}: no such run directory")
     path = RunDir(run_dir).config
     if not path.is_file():
-        raise UsageError(f"{run_dir}: no {path.name}, so not a run directory (training writes it when it starts)")
+        raise UsageError(f"{run_dir}: no {path.name}, so not a run directory "
+                         f"(training writes it when it starts)")
     return load_config(path)
 
 
@@ -82,9 +83,9 @@ def run_task(cfg):
     try:
         manifest = load_manifest(cfg.data.shards)
     except ManifestError as exc:
-        raise UsageError(f"{exc}: the run's training shard set holds the statistics that normalise its images and "
-                         f"decode its predictions; restore it, or point the run's config.yaml data.shards at a copy"
-                         ) from None
+        raise UsageError(f"{exc}: the run's training shard set holds the statistics that normalise its "
+                         f"images and decode its predictions; restore it, or point the run's config.yaml "
+                         f"data.shards at a copy") from None
     try:
         return task_for(cfg, manifest)
     except ValueError as exc:
@@ -138,9 +139,11 @@ def model_info(cfg, task, run_dir: Path, step_dir: Path, why: str) -> dict:
 
 def plain_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """fp32 floating tensors, contiguous, on the CPU, each with its own storage (as safetensors asks)."""
-    return {key: value.detach().to(device="cpu", dtype=torch.float32 if value.is_floating_point() else value.dtype,
-                                   memory_format=torch.contiguous_format, copy=True)
-            for key, value in state.items()}
+    def plain(value: torch.Tensor) -> torch.Tensor:
+        dtype = torch.float32 if value.is_floating_point() else value.dtype
+        return value.detach().to(device="cpu", dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+
+    return {key: plain(value) for key, value in state.items()}
 
 
 def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:

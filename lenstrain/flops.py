@@ -38,13 +38,15 @@ class Peak:
 
 # NVIDIA's data sheets; the tensor-core figures there are "with sparsity", so halved here.
 # Most specific first: the first pattern that matches the device name wins.
+_HOPPER_SXM = Peak(bf16=989.5, fp16=989.5, tf32=494.5, fp32=67.0)
+_HOPPER_NVL = Peak(bf16=835.5, fp16=835.5, tf32=417.5, fp32=60.0)
 PEAKS: tuple[tuple[str, re.Pattern, Peak], ...] = (
-    ("H200 NVL", re.compile(r"\bH200\b.*\bNVL\b", re.I), Peak(bf16=835.5, fp16=835.5, tf32=417.5, fp32=60.0)),
-    ("H200 SXM", re.compile(r"\bH200\b", re.I), Peak(bf16=989.5, fp16=989.5, tf32=494.5, fp32=67.0)),
-    ("H100 NVL", re.compile(r"\bH100\b.*\bNVL\b", re.I), Peak(bf16=835.5, fp16=835.5, tf32=417.5, fp32=60.0)),
-    ("H100 PCIe", re.compile(r"\bH100\b.*\bPCIe\b", re.I), Peak(bf16=756.5, fp16=756.5, tf32=378.0, fp32=51.0)),
-    ("H100 SXM", re.compile(r"\bH100\b", re.I), Peak(bf16=989.5, fp16=989.5, tf32=494.5, fp32=67.0)),
-    ("A100", re.compile(r"\bA100\b", re.I), Peak(bf16=312.0, fp16=312.0, tf32=156.0, fp32=19.5)),  # SXM4, PCIe
+    ("H200 NVL", re.compile(r"\bH200\b.*\bNVL\b", re.I), _HOPPER_NVL),
+    ("H200 SXM", re.compile(r"\bH200\b", re.I), _HOPPER_SXM),
+    ("H100 NVL", re.compile(r"\bH100\b.*\bNVL\b", re.I), _HOPPER_NVL),
+    ("H100 PCIe", re.compile(r"\bH100\b.*\bPCIe\b", re.I), Peak(bf16=756.5, fp16=756.5, tf32=378, fp32=51)),
+    ("H100 SXM", re.compile(r"\bH100\b", re.I), _HOPPER_SXM),  # "H100 80GB HBM3", "H100 SXM5"
+    ("A100", re.compile(r"\bA100\b", re.I), Peak(bf16=312, fp16=312, tf32=156, fp32=19.5)),  # SXM4 and PCIe
 )
 
 

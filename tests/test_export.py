@@ -129,8 +129,9 @@ def test_model_json_holds_what_predicting_needs(tmp_path, single_run, ring_shard
     assert info["input"]["shape"] == [1, 32, 32] and info["input"]["normalize"] == "global"
     assert info["input"]["mean"] == manifest["image"]["stats"]["mean"]
     stats = manifest["targets"]["y"]["stats"]
-    assert (info["target"]["name"], info["target"]["kind"], info["target"]["loss"]) == ("y", "regression", "mse")
-    assert (info["target"]["shift"], info["target"]["scale"]) == (stats["mean"], stats["std"])
+    target = info["target"]
+    assert (target["name"], target["kind"], target["loss"]) == ("y", "regression", "mse")
+    assert (target["shift"], target["scale"]) == (stats["mean"], stats["std"])
 
 
 @pytest.mark.slow
