@@ -32,7 +32,7 @@ EXIT_RANK_LOST = 45  # a collective failed: another rank died, hung past paralle
 
 # Messages of gloo's transport when a peer is gone or silent (gloo raises a plain RuntimeError).
 _GLOO_PEER_LOST = ("/gloo/transport/", "Connection closed by peer", "Connection reset by peer",
-                   "Timed out waiting")
+                   "Timed out waiting", "Application timeout caused pair closure")
 
 
 _SOURCE_PREFIX = re.compile(r"^\[[^]]*\.(cc|cpp|h):\d+\]\s*")
@@ -48,8 +48,8 @@ def collective_failure(exc: BaseException) -> bool:
 
 
 def describe_failure(exc: BaseException) -> str:
-    """The exception's type and first line, without gloo's ``[/path/to/source.cc:78]`` prefix."""
-    first = (str(exc).strip().splitlines() or [""])[0]
+    """The exception's type and first sentence, without gloo's ``[/path/to/source.cc:78]`` prefix."""
+    first = (str(exc).strip().splitlines() or [""])[0].split(". ")[0]
     return f"{type(exc).__name__}: {_SOURCE_PREFIX.sub('', first)[:200]}"
 
 
@@ -139,6 +139,8 @@ def recover(run_dir: Path, name: str, max_requeues: int, status: int) -> str:
             return "requeue-failed"
     elif what in _NOT_REQUEUED:
         _say(f"{why}; not requeueing ({_NOT_REQUEUED[what] or f'SLURM has the job {state}'})")
+        if what in ("failed", "cancelled"):
+            record_outcome(run_dir, job_id, restart, what.upper(), what, exit=status)
     return what
 
 

@@ -57,6 +57,7 @@ def test_a_lost_peer_is_told_from_other_errors():
     gloo_timeout = "[/x/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 20000ms for recv operation"
     assert collective_failure(RuntimeError(gloo_timeout))
     assert collective_failure(RuntimeError("[/x/gloo/transport/tcp/pair.cc:561] Connection closed by peer [::1]:1"))
+    assert collective_failure(RuntimeError("Application timeout caused pair closure"))  # from DDP's broadcast
     assert collective_failure(dist.DistBackendError("NCCL communicator was aborted"))
     assert not collective_failure(RuntimeError("CUDA out of memory"))
     assert not collective_failure(ValueError("Timed out waiting"))  # not a collective's error type
