@@ -38,10 +38,12 @@ class TBLogger:
         hi = x.amax(dim=(1, 2, 3), keepdim=True)
         self.writer.add_images(tag, (x - lo) / (hi - lo).clamp_min(1e-8), step)
 
-    def hparams(self, hparams: dict, metrics: dict[str, float]) -> None:
+    def hparams(self, hparams: dict, metrics: dict[str, float], step: int) -> None:
+        """The run's hyperparameters with its final metrics (``hparam/<metric>``), recorded at ``step``."""
         if self.writer:
             clean = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in hparams.items()}
-            self.writer.add_hparams(clean, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+            self.writer.add_hparams(clean, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".",
+                                    global_step=step)
 
     def close(self) -> None:
         if self.writer:

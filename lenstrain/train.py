@@ -422,9 +422,9 @@ def finish(run: Run) -> None:
         run.log(f"nothing to do: the run already reached step {run.state.step} of {run.steps}")
     save(run, "final")
     write_progress(run, "done", float(carried.loss) if carried.loss is not None else carried.logged_loss)
-    run.tb.hparams({"model": cfg.model.name, "lr": cfg.optim.lr, "optim": cfg.optim.name,
-                    "batch": run.stream.global_batch,
-                    "precision": resolve_precision(cfg.train.precision, run.info.device)}, carried.metrics)
+    hparams = {"model": cfg.model.name, "lr": cfg.optim.lr, "optim": cfg.optim.name, "batch": run.stream.global_batch,
+               "precision": resolve_precision(cfg.train.precision, run.info.device)}
+    run.tb.hparams(hparams, carried.metrics, run.state.step)
 
 
 def write_progress(run: Run, state: str, loss: float | None = None, rate: float | None = None) -> None:
