@@ -33,6 +33,7 @@ from lenstrain.build import (
     total_steps,
 )
 from lenstrain.checkpoint import Checkpointer, CheckpointWriteError, read_meta
+from lenstrain.checkpoint_space import estimate_checkpoint_bytes, free_space_warning
 from lenstrain.config import LenstrainConfig
 from lenstrain.data import Cursor, TrainStream
 from lenstrain.distributed import DistInfo, init_distributed, shutdown_distributed
@@ -295,6 +296,9 @@ def announce(run: Run) -> None:
     if cfg.schedule.warmup_steps > run.steps:
         log(f"warning: schedule.warmup_steps ({cfg.schedule.warmup_steps}) exceeds the {run.steps} training steps: "
             f"the whole run warms up")
+    space = free_space_warning(run.paths.checkpoints, estimate_checkpoint_bytes(run.model, run.backend.optimizer))
+    if space:
+        log(space)
 
 
 # ------------------------------------------------------------------------------------ one step
