@@ -13,10 +13,9 @@ import os
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from lenstrain.config import ConfigError, format_validation_error
+from lenstrain.config import ConfigError, format_validation_error, read_yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLUSTERS_ENV = "LENSTRAIN_CLUSTERS_DIR"
@@ -73,12 +72,7 @@ def load_profile(name: str) -> ClusterProfile:
         raise ConfigError(
             f"unknown cluster profile {name!r}; valid choices: {', '.join(known) or '(none in ' + str(clusters_dir()) + ')'}"
         )
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a cluster profile must be a mapping")
+    data = read_yaml(path, not_a_mapping="a cluster profile must be a mapping")
     data.setdefault("name", name)
     try:
         return ClusterProfile.model_validate(data)

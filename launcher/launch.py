@@ -57,7 +57,24 @@ def plan(spec: JobSpec, profile: ClusterProfile | None, problems: list[Problem],
         if note:
             job.notes.append(note)
     job.problems += check_job(spec, profile, world_size=job.world_size)
+    if not job.problems:
+        note = disk_space_note(spec, run_dir)
+        if note:
+            job.notes.append(note)
     return job
+
+
+def disk_space_note(spec: JobSpec, run_dir: Path) -> str | None:
+    """A warning when the run directory has under about 2x one checkpoint's estimated size free."""
+    from lenstrain.checkpoint_space import estimate_job_checkpoint_bytes, free_space_warning
+    from shards.manifest import load_manifest
+
+    shape = tuple(load_manifest(spec.data.shards).image.shape)
+    try:
+        nbytes = estimate_job_checkpoint_bytes(spec.model.name, spec.model.kwargs, shape)
+    except Exception:  # a model that cannot be built on the meta device: no estimate, no warning
+        return None
+    return free_space_warning(run_dir, nbytes)
 
 
 def launch(job: Launch, dry_run: bool) -> int:
@@ -81,9 +98,9 @@ def print_dry_run(job: Launch, state: str) -> None:
     print(f"# resolved job -> {RunDir(job.run_dir).job} ({state} run)")
     print(job.spec.to_yaml().rstrip())
     print()
+    for note in job.notes:
+        print(f"# {note}")
     if job.local:
-        for note in job.notes:
-            print(f"# {note}")
         print(f"# local run: {job.nproc} process(es) of `python -m launcher.entry {job.run_dir}` "
               f"with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set")
     else:
@@ -169,4 +186,6 @@ def submit_slurm(job: Launch, state: str) -> int:
     print(f"  status:      python -m launcher status {job.name}")
     print(f"  logs:        python -m launcher logs {job.name} --follow")
     print(f"  tensorboard: tensorboard --logdir {rel}/{TB_DIR}")
+    for note in job.notes:
+        print(f"[launcher] {note}")
     return 0

@@ -23,6 +23,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from shards.manifest import fsync_dir as fsync_dir  # the one directory fsync, re-exported
+
 CONFIG_FILE = "config.yaml"
 JOB_FILE = "job.yaml"
 JOBS_FILE = "jobs.json"
@@ -83,14 +85,6 @@ class RunDir:
     @property
     def profile(self) -> Path:
         return self.root / PROFILE_DIR
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
