@@ -38,6 +38,8 @@ def submit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="run name (default: the job's name, else the file's stem)")
     p.add_argument("--run-dir", type=Path, default=None, help="the run's directory (default: RUNS_DIR/NAME)")
     add_job_args(p)
+    p.add_argument("--profile", action="append_const", dest="set", const="train.profile={}",
+                   help="trace steps 6-10 with torch.profiler into RUN/profile/ (train.profile)")
     add_runs_dir(p)
 
 
