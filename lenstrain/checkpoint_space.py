@@ -40,7 +40,7 @@ def estimate_checkpoint_bytes(model: nn.Module, optimizer: torch.optim.Optimizer
     size of each parameter (Adam's moments, the most that the usual optimizers keep).
     """
     model_bytes = _tensor_bytes(model.state_dict())
-    state = optimizer.state_dict()["state"]
+    state = list(optimizer.state.values())  # not state_dict(): a wrapping engine may have swapped the params
     if state:
         return model_bytes + _tensor_bytes(state)
     params = [p for group in optimizer.param_groups for p in group["params"]]
