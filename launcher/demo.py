@@ -24,7 +24,7 @@ RUN = RunDir(ROOT / "runs" / "smoke")
 
 
 def step(title: str, *cmd: str, check: bool = True, env: dict | None = None) -> int:
-    print(f"\n==> {title}\n$ {' '.join(cmd)}", flush=True)
+    print(f"\n==> {title}\n$ python {' '.join(cmd)}", flush=True)
     code = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env).returncode
     if check and code != 0:
         sys.exit(f"demo: step failed with exit status {code}: {title}")
