@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from shards.argtypes import positive_float, positive_int
+from shards.clikit import UsageError
 from shards.manifest import Manifest
 from shards.options import PackOptions, add_pack_options
 from shards.pack import OutputExistsError, PackResult, pack_shard_set
@@ -162,13 +162,6 @@ def description() -> str:
             f"any --workers. Tasks: {tasks}.")
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("simulate", help=HELP, description=description())
-    add_arguments(p)
-    p.set_defaults(func=run, _parser=p)
-    return p
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, choices=list(TASKS), help="what the primary target is (see above)")
     p.add_argument("--n", required=True, type=positive_int, help="number of images")
@@ -189,19 +182,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_physics_arguments(p)
 
 
-def _usage_error(args: argparse.Namespace, message: str) -> int:
-    parser = getattr(args, "_parser", None)
-    if parser is not None:
-        parser.error(message)  # exits 2
-    print(f"shards simulate: error: {message}", file=sys.stderr)
-    return 2
-
-
 def run(args: argparse.Namespace) -> int:
     if args.val + args.test >= 1.0:
-        return _usage_error(args, f"--val ({args.val}) plus --test ({args.test}) must be below 1")
+        raise UsageError(f"--val ({args.val}) plus --test ({args.test}) must be below 1")
     if args.out.exists() and not args.overwrite:
-        return _usage_error(args, f"{args.out} already exists; choose another --out or pass --overwrite")
+        raise UsageError(f"{args.out} already exists; choose another --out or pass --overwrite")
     try:
         packed = simulate(args.task, args.n, args.out, preset=args.preset or args.instrument or "model1",
                           physics=physics_overrides(args), size=args.size,
@@ -209,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
                           test=args.test, shard_size=args.shard_size, dtype=args.dtype,
                           overwrite=args.overwrite, result=True)
     except (SimulateError, OutputExistsError) as exc:
-        return _usage_error(args, str(exc))
+        raise UsageError(str(exc)) from None
     m = packed.manifest
     counts = ", ".join(f"{name} {split.count}" for name, split in m.splits.items())
     n_shards = sum(len(split.shards) for split in m.splits.values())
@@ -224,15 +209,3 @@ def run(args: argparse.Namespace) -> int:
                           next(iter(m.splits)))
         print(f"wrote {path}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the subcommand on its own (``python -m shards.simulate.cli ...``)."""
-    parser = argparse.ArgumentParser(prog="simulate")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["simulate", *(sys.argv[1:] if argv is None else argv)])
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
