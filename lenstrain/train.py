@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from lenstrain import hooks
 from lenstrain.build import (
     Task,
     build_loss,
@@ -203,6 +204,8 @@ def take_step(run: Run) -> int | None:
         log_step(run)
     if val_due:
         validate(run)
+        if report_validation(run):
+            return stop_pruned(run)
         if state.stopped_early:
             run.log(f"early stopping at step {state.step}: {cfg.train.early_stopping.metric} has not "
                     f"improved for {cfg.train.early_stopping.patience} validations")
@@ -402,6 +405,24 @@ def validate(run: Run) -> None:
             state.stopped_early = state.validations_without_improvement >= es.patience
 
 
+def report_validation(run: Run) -> bool:
+    """Hand this validation to the report hook (:mod:`lenstrain.hooks`, e.g. a sweep's pruner) on the main rank;
+    whether every rank stops here."""
+    prune = run.info.is_main and hooks.report(run.state.step, run.carried.metrics)
+    if run.info.world_size > 1:
+        prune = run.backend.mean(1.0 if prune else 0.0) > 0
+    return bool(prune) and run.state.step < run.steps  # a run at its end completes
+
+
+def stop_pruned(run: Run) -> int:
+    """The report hook asked to stop: checkpoint, record the hyperparameters, exit :data:`hooks.EXIT_PRUNED`."""
+    save(run, "pruned")
+    write_progress(run, "pruned", run.carried.logged_loss)
+    write_hparams(run)
+    run.log(f"pruned at step {run.state.step}; exit {hooks.EXIT_PRUNED}")
+    return hooks.EXIT_PRUNED
+
+
 # ------------------------------------------------------------------------------------ saving and reporting
 
 
@@ -421,14 +442,20 @@ def save(run: Run, reason: str) -> None:
 
 def finish(run: Run) -> None:
     """The final checkpoint, progress and hyperparameters of a run that reached its end (or stopped early)."""
-    carried, cfg = run.carried, run.cfg
+    carried = run.carried
     if carried.loss is None:
         run.log(f"nothing to do: the run already reached step {run.state.step} of {run.steps}")
     save(run, "final")
     write_progress(run, "done", float(carried.loss) if carried.loss is not None else carried.logged_loss)
+    write_hparams(run)
+
+
+def write_hparams(run: Run) -> None:
+    """TensorBoard hparams with the last validation's metrics (and those the report hook's installer adds)."""
+    cfg = run.cfg
     hparams = {"model": cfg.model.name, "lr": cfg.optim.lr, "optim": cfg.optim.name, "batch": run.stream.global_batch,
-               "precision": resolve_precision(cfg.train.precision, run.info.device)}
-    run.tb.hparams(hparams, carried.metrics, run.state.step)
+               "precision": resolve_precision(cfg.train.precision, run.info.device), **hooks.extra_hparams()}
+    run.tb.hparams(hparams, run.carried.metrics, run.state.step)
 
 
 def write_progress(run: Run, state: str, loss: float | None = None, rate: float | None = None) -> None:
