@@ -23,6 +23,8 @@ COMMANDS = {
         Command("cancel", "scancel a run's active jobs (or stop its --local ranks; they checkpoint first)",
                 cli.cancel_args, cli.cancel),
         Command("logs", "print (or --follow) a task's log", cli.logs_args, cli.logs),
+        Command("sweep", "run a hyperparameter sweep file as one SLURM job array (or --local); `sweep report SWEEP`",
+                cli.sweep_args, cli.sweep),
     )
 }
 

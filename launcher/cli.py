@@ -14,6 +14,9 @@ from pathlib import Path
 
 from launcher import runs
 from launcher.spec import read_job
+from launcher.sweep import cli as sweep_cli
+from launcher.sweep.cli import sweep, sweep_args  # noqa: F401 - rows of the COMMANDS table
+from launcher.sweep.paths import find_sweep
 from lenstrain.rundir import RunDir
 from shards.clikit import UsageError
 
@@ -86,6 +89,8 @@ def submit(args) -> int:
 def resume(args) -> int:
     from launcher.launch import launch, plan
 
+    if (sweep_dir := find_sweep(args.run, args.runs_dir)) is not None:
+        return sweep_cli.resume(sweep_dir, args)
     run_dir = runs.find_run(args.run, args.runs_dir)
     spec, profile, problems = read_job(runs.read_job_dict(run_dir), args.set)
     job = plan(spec, profile, problems, spec.name or run_dir.name, run_dir, args, job_ref=str(RunDir(run_dir).job))
@@ -95,6 +100,8 @@ def resume(args) -> int:
 def status(args) -> int:
     from launcher import status as status_mod
 
+    if args.run and (sweep_dir := find_sweep(args.run, args.runs_dir)) is not None:
+        return sweep_cli.status(sweep_dir)
     return status_mod.show(args.runs_dir, args.run)
 
 
@@ -102,6 +109,8 @@ def cancel(args) -> int:
     from launcher import local
     from launcher.status import refresh_states, use_run_cluster
 
+    if (sweep_dir := find_sweep(args.run, args.runs_dir)) is not None:
+        return sweep_cli.cancel(sweep_dir)
     run_dir = runs.find_run(args.run, args.runs_dir)
     use_run_cluster(run_dir)
     data, _ = refresh_states(run_dir)

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from launcher.recovery import EXIT_RANK_LOST, collective_failure, describe_failure
+from lenstrain.hooks import EXIT_PRUNED
 from lenstrain.preemption import EXIT_NONFINITE, EXIT_REQUEUE, PreemptionFlag
 
 # States in which the controller is already taking the job down (cancel, requeue, preemption):
@@ -136,6 +137,11 @@ class TrainTask:
             if slurm:
                 atexit.register(_exit_clean_after_result)
             return {"run_dir": self.run_dir, "step": step, "exit": 0}
+        if code == EXIT_PRUNED:  # a sweep's pruner stopped the run after a checkpoint (lenstrain.hooks)
+            if rank == 0:
+                runs.record_end(run_dir, job_id, state="PRUNED", outcome="pruned", exit=code, step=step)
+                _say(f"pruned at step {step}")
+            return {"run_dir": self.run_dir, "step": step, "exit": code}
         if code == EXIT_REQUEUE:
             self._requeue_and_exit(rank, job_id, restart, slurm, step)
         if code == EXIT_RANK_LOST:  # the launcher decides (locally) or the batch step (launcher.recovery)

@@ -1,0 +1,230 @@
+"""A sweep file: the base job, the metric, the sampler and pruner, the budget and the search space.
+
+Validated as strictly as a job (unknown keys rejected, every error names its dotted path). Each space key
+is checked as a ``--set`` of the base job would be, with each end of its range and each of its choices.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import optuna
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from launcher.spec import JobSpec, read_job_yaml
+from launcher.sweep.samplers import PRUNERS, SAMPLER_CLASSES, SAMPLERS, option_problems
+from lenstrain.config import ConfigError, apply_overrides, format_validation_error, read_yaml
+from lenstrain.metrics import mode_for
+from shards.clikit import Problem
+
+KINDS = ("log_uniform", "uniform", "int", "choice")
+
+
+class Distribution(BaseModel):
+    """One space key: exactly one of ``log_uniform: [lo, hi]``, ``uniform: [lo, hi]`` (optional ``step``),
+    ``int: [lo, hi]`` (optional ``step``, ``log``) or ``choice: [a, b, ...]``."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    log_uniform: tuple[float, float] | None = None
+    uniform: tuple[float, float] | None = None
+    int_range: tuple[int, int] | None = Field(None, alias="int")
+    choice: list[Any] | None = Field(None, min_length=1)
+    step: float | None = Field(None, gt=0)
+    log: bool = False
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in KINDS if getattr(self, "int_range" if k == "int" else k) is not None)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Distribution:
+        given = [k for k in KINDS if getattr(self, "int_range" if k == "int" else k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(KINDS)}" + (f" (got {', '.join(given)})" if given else ""))
+        kind = given[0]
+        if kind in ("log_uniform", "uniform", "int"):
+            lo, hi = getattr(self, "int_range" if kind == "int" else kind)
+            if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
+                raise ValueError(f"{kind}: [{lo}, {hi}] is not a range; give [low, high] with low < high")
+            if (kind == "log_uniform" or self.log) and lo <= 0:
+                raise ValueError(f"{kind}: a log scale needs low > 0 (got {lo})")
+        if self.step is not None and kind not in ("uniform", "int"):
+            raise ValueError(f"step applies to uniform and int ranges, not {kind}")
+        if self.log and kind != "int":
+            raise ValueError("log applies to int ranges (use log_uniform for floats)")
+        if kind == "choice" and len({yaml.safe_dump(c) for c in self.choice}) != len(self.choice):
+            raise ValueError("choice: the values must differ")
+        return self
+
+    def to_optuna(self) -> optuna.distributions.BaseDistribution:
+        kind = self.kind
+        if kind == "choice":
+            return optuna.distributions.CategoricalDistribution(self.choice)
+        if kind == "int":
+            return optuna.distributions.IntDistribution(*self.int_range, step=int(self.step or 1), log=self.log)
+        if kind == "log_uniform":
+            return optuna.distributions.FloatDistribution(*self.log_uniform, log=True)
+        return optuna.distributions.FloatDistribution(*self.uniform, step=self.step)
+
+    def examples(self) -> list[Any]:
+        """The values a ``--set`` check tries: each end of a range, each choice."""
+        if self.kind == "choice":
+            return list(self.choice)
+        return list(getattr(self, "int_range" if self.kind == "int" else self.kind))
+
+
+class SweepSpec(BaseModel):
+    """A whole sweep file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    base: Path = Field(description="a job file; its resources are each trial's")
+    overrides: list[str] = Field(default_factory=list, description="KEY=VALUE lines applied to the base job")
+    metric: str | None = Field(None, description="default: the base job's checkpoint.best_metric")
+    direction: Literal["minimize", "maximize"] | None = None
+    sampler: Literal[tuple(SAMPLERS)] = "tpe"
+    sampler_options: dict[str, Any] = Field(default_factory=dict)
+    pruner: Literal[tuple(PRUNERS)] = "median"
+    pruner_options: dict[str, Any] = Field(default_factory=dict)
+    trials: int | None = Field(None, ge=1, description="finished trials the study ends with; grid: every combination")
+    parallel: int = Field(1, ge=1, description="trials running at once (the array's %limit)")
+    seed: int = 0
+    retries: int = Field(2, ge=0, description="re-runs of a trial whose worker died")
+    space: dict[str, Distribution] = Field(min_length=1)
+
+    def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
+        return {key: dist.to_optuna() for key, dist in self.space.items()}
+
+    def grid(self) -> dict[str, list]:
+        return {key: list(dist.choice) for key, dist in self.space.items()}
+
+    def grid_points(self) -> list[dict[str, Any]]:
+        grid = self.grid()
+        return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+# ------------------------------------------------------------------------------------ the base job
+
+
+def set_dotted(data: dict, key: str, value: Any) -> None:
+    """``data[a][b][c] = value`` for ``a.b.c``, as ``--set a.b.c=...`` would (sections created as needed)."""
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(problems=[(key, f"{part!r} is not a section")])
+        node = child
+    node[parts[-1]] = value
+
+
+def with_params(job: dict, params: dict[str, Any]) -> dict:
+    """A copy of the job dict with each dotted parameter set."""
+    out = yaml.safe_load(yaml.safe_dump(job))
+    for key, value in params.items():
+        set_dotted(out, key, value)
+    return out
+
+
+def find_base(base: Path, sweep_file: Path | None) -> Path | None:
+    """The base job file: as given (relative to the current directory), else beside the sweep file."""
+    candidates = [base] if base.is_absolute() else [Path.cwd() / base] + ([sweep_file.parent / base] if sweep_file else [])
+    return next((p.resolve() for p in candidates if p.is_file()), None)
+
+
+def space_problems(spec: SweepSpec, job: dict) -> list[Problem]:
+    """Each space key checked with each of its example values, as a ``--set`` of the base job."""
+    problems: list[Problem] = []
+    for key, dist in spec.space.items():
+        for value in dist.examples():
+            try:
+                JobSpec.model_validate(with_params(job, {key: value}))
+            except ConfigError as exc:
+                problems += [(f"space.{path}", msg) for path, msg in exc.problems]
+                break
+            except ValidationError as exc:
+                lines = format_validation_error(exc, JobSpec).splitlines()[1:]
+                mine = [line.strip() for line in lines if line.strip().startswith(f"{key}:")] or [line.strip() for line in lines]
+                problems += [(f"space.{line.split(': ', 1)[0]}", f"{line.split(': ', 1)[-1]} (value {value!r})")
+                             for line in mine]
+                break
+        if spec.sampler == "grid" and dist.kind != "choice":
+            problems.append((f"space.{key}", f"grid takes choice lists only; this is a {dist.kind} range"))
+    return problems
+
+
+def option_checks(spec: SweepSpec) -> list[Problem]:
+    return (option_problems(SAMPLER_CLASSES[spec.sampler], spec.sampler_options, "sampler_options")
+            + option_problems(PRUNERS[spec.pruner], spec.pruner_options, "pruner_options"))
+
+
+def resolve_metric(spec: SweepSpec, job: JobSpec) -> list[Problem]:
+    """Fill in ``metric`` (the base job's checkpoint.best_metric) and ``direction`` (the metric's own)."""
+    if spec.metric is None:
+        spec.metric = job.checkpoint.best_metric
+    if spec.metric is None:
+        return [("metric", "required: the base job has no checkpoint.best_metric to default to")]
+    if spec.direction is None:
+        mode = (job.checkpoint.best_mode if spec.metric == job.checkpoint.best_metric else None) or mode_for(spec.metric)
+        if mode is None:
+            return [("direction", f"cannot tell the direction of {spec.metric!r}; set direction: minimize or maximize")]
+        spec.direction = "maximize" if mode == "max" else "minimize"
+    return []
+
+
+def budget_problems(spec: SweepSpec) -> list[Problem]:
+    if spec.sampler != "grid":
+        return [] if spec.trials is not None else [("trials", "required key is missing (the number of trials)")]
+    if any(d.kind != "choice" for d in spec.space.values()):
+        return []
+    points = len(spec.grid_points())
+    if spec.trials is None:
+        spec.trials = points
+    elif spec.trials > points:
+        return [("trials", f"{spec.trials} trials, but the grid has {points} combinations")]
+    return []
+
+
+# ------------------------------------------------------------------------------------ reading
+
+
+SWEEP_KEYS = tuple(SweepSpec.model_fields)
+
+
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """``--set`` items for the sweep file (its own keys, ``space.*``) and those for the base job."""
+    mine, base = [], []
+    for item in overrides:
+        (mine if item.split("=", 1)[0].split(".")[0] in SWEEP_KEYS else base).append(item)
+    return mine, base
+
+
+def read_sweep(path: Path, overrides: list[str] | None = None) -> tuple[SweepSpec, JobSpec, dict]:
+    """Read and validate a sweep file; returns the sweep, its base job (overrides applied) and the job as a dict.
+
+    Every problem found raises one :class:`ConfigError` (exit 2) naming its dotted path.
+    """
+    from launcher.spec import read_job
+
+    mine, base_sets = split_overrides(overrides or [])
+    data = apply_overrides(read_yaml(path, not_a_mapping="the top level must be a mapping"), mine)
+    try:
+        spec = SweepSpec.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, SweepSpec)) from None
+    base = find_base(spec.base, path)
+    if base is None:
+        raise ConfigError(problems=[("base", f"{spec.base}: no such job file")])
+    spec.base = base
+    job_spec, _, _ = read_job(read_job_yaml(base), [*spec.overrides, *base_sets])
+    job = job_spec.to_dict()
+    problems = budget_problems(spec) + option_checks(spec) + resolve_metric(spec, job_spec) + space_problems(spec, job)
+    if problems:
+        raise ConfigError(problems=problems)
+    return spec, job_spec, job

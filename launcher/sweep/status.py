@@ -1,0 +1,90 @@
+"""``launcher status SWEEP``: the array jobs, a table of trials (number, state, parameters, metric, step, where
+it was pruned) and the best trial so far. Reaps first: a trial whose worker is gone does not stay RUNNING."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from optuna.trial import FrozenTrial, TrialState
+from rich.table import Table
+
+from launcher import runs
+from launcher.sweep.spec import SweepSpec
+from launcher.sweep.study import SweepDir, ask_lock, counts, open_study, read_sweep_dir, reap
+
+TRIAL_STYLES = {"COMPLETE": "bold green", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "green", "WAITING": "dim"}
+
+
+def fmt_value(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def trial_row(root: Path, trial: FrozenTrial, spec: SweepSpec) -> list[str]:
+    progress = runs.read_progress(SweepDir(root).trial(trial.number)) or {}
+    step = f"{progress['step']}/{progress.get('total_steps')}" if "step" in progress else "-"
+    pruned = max(trial.intermediate_values) if trial.state == TrialState.PRUNED and trial.intermediate_values else None
+    note = trial.user_attrs.get("fail_reason", "")
+    if trial.user_attrs.get("retry"):
+        note = f"retry {trial.user_attrs['retry']} of trial {trial.user_attrs.get('retry_of')}" + (f"; {note}" if note else "")
+    if trial.user_attrs.get("orphaned"):
+        note = "waiting for a worker to resume it"
+    return [str(trial.number), trial.state.name, *[fmt_value(trial.params.get(k)) for k in spec.space],
+            fmt_value(trial.value), step, fmt_value(pruned), note[:60]]
+
+
+def trials_table(root: Path, study, spec: SweepSpec) -> Table:
+    table = Table(title=f"trials of sweep {root.name} ({spec.direction} {spec.metric})", header_style="bold")
+    for title in ("#", "STATE", *spec.space, spec.metric, "STEP", "PRUNED AT", "NOTE"):
+        table.add_column(title, no_wrap=True)
+    for trial in study.get_trials(deepcopy=False):
+        row = trial_row(root, trial, spec)
+        style = TRIAL_STYLES.get(row[1])
+        row[1] = f"[{style}]{row[1]}[/]" if style else row[1]
+        table.add_row(*row)
+    return table
+
+
+def best_line(study, spec: SweepSpec) -> str:
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if not complete:
+        return "best: no complete trial yet"
+    best = study.best_trial
+    params = ", ".join(f"{k}={v!r}" for k, v in best.params.items())
+    return f"best: trial {best.number}, {spec.metric} {best.value:.6g} ({params})"
+
+
+def show(root: Path, out) -> int:
+    from launcher.status import jobs_table, refresh_states, use_run_cluster
+
+    spec, job = read_sweep_dir(root)
+    _use_cluster(job, use_run_cluster, root)
+    data, _ = refresh_states(root)
+    study = open_study(root, spec)
+    with ask_lock(root):
+        said = reap(root, study, spec)
+    for line in said:
+        out.print(f"[launcher] {line}", highlight=False)
+    out.print(jobs_table(root, data, True))
+    out.print(trials_table(root, study, spec))
+    count = counts(study)
+    states = {s.name: sum(t.state == s for t in study.get_trials(deepcopy=False)) for s in TrialState}
+    summary = ", ".join(f"{n} {s}" for s, n in states.items() if n)
+    out.print(f"{count['done']}/{spec.trials} trials done ({summary or 'none yet'})", highlight=False)
+    out.print(best_line(study, spec), highlight=False)
+    out.print(f"sweep dir: {root}", highlight=False)
+    out.print(f"report: python -m launcher sweep report {runs.run_ref(root)}", highlight=False)
+    out.print(f"TensorBoard: tensorboard --logdir {root}", highlight=False)
+    return 0
+
+
+def _use_cluster(job: dict, use_run_cluster, root: Path) -> None:
+    """Talk to the base job's cluster (its profile's slurm.conf) unless SLURM_CONF says otherwise."""
+    import contextlib
+
+    from launcher.clusters import load_profile
+    from launcher.slurm import use_profile_slurm_conf
+
+    with contextlib.suppress(Exception):
+        use_profile_slurm_conf(load_profile(job["resources"]["cluster"]))

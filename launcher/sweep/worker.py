@@ -1,0 +1,197 @@
+"""One sweep worker (a SLURM array task, or a local process): claim a trial, train it as an ordinary run in
+``runs/SWEEP/trial-NNNN/``, tell the study how it ended, claim the next, until the study has its ``trials``.
+
+A trial trains through :class:`launcher.entry.TrainTask`, exactly as a submitted run does: a preemption
+or time limit checkpoints and requeues this array task, which on restart adopts the same trial (its
+owner is this job id) and resumes it from its run directory. Each validation reaches the trial through
+:mod:`lenstrain.hooks`: the value is reported at its step (a step already reported by an earlier attempt
+is not reported again) and the study's pruner decides whether the run stops there (exit 46: PRUNED).
+
+``python -m launcher.sweep.worker SWEEP_DIR --index K`` is one local worker (``sweep --local``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from launcher import runs
+from launcher.sweep.spec import SweepSpec, with_params
+from launcher.sweep.study import DONE, WAIT, SweepDir, claim, open_study, read_sweep_dir, this_owner
+from lenstrain import hooks
+from lenstrain.checkpoint import read_meta
+from lenstrain.preemption import EXIT_REQUEUE, PreemptionFlag
+from lenstrain.rundir import JOB_FILE
+
+POLL_S = 2.0  # how often a worker with nothing to claim looks again (others' trials may fail and come back)
+
+
+def _say(message: str) -> None:
+    print(f"[sweep] {time.strftime('%H:%M:%S')} {message}", flush=True)
+
+
+class Reporter:
+    """The report hook of one trial: report each validation's metric at its step, and ask the pruner."""
+
+    def __init__(self, study: optuna.Study, trial: FrozenTrial, metric: str):
+        self.trial = optuna.trial.Trial(study, trial._trial_id)
+        self.metric = metric
+        self.reported = set(trial.intermediate_values)  # by an earlier attempt of this trial
+        self.pruned_at: int | None = None
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> bool:
+        value = metrics.get(self.metric)
+        if value is None:
+            return False
+        if not math.isfinite(value):  # diverged: no value to report, and nothing to wait for
+            self.pruned_at = step
+            return True
+        if step not in self.reported:
+            self.trial.report(value, step)
+            self.reported.add(step)
+        if self.trial.should_prune():
+            self.pruned_at = step
+            return True
+        return False
+
+
+def trial_job(sweep_root: Path, job: dict, trial: FrozenTrial):
+    """The trial's job: the base job with the trial's parameters, named after the sweep and trial."""
+    from launcher.spec import read_job
+
+    spec, _, _ = read_job(with_params(job, trial.params))
+    spec.name = f"{sweep_root.name}-trial-{trial.number:04d}"
+    return spec
+
+
+def prepare_run(sweep_root: Path, job: dict, trial: FrozenTrial, owner: dict) -> Path:
+    """The trial's run directory (written once) with this worker's job recorded in its ``jobs.json``."""
+    run_dir = SweepDir(sweep_root).trial(trial.number)
+    if not (run_dir / JOB_FILE).is_file():
+        runs.write_run(run_dir, trial_job(sweep_root, job, trial))
+    job_id = owner.get("job") or os.environ.setdefault("LENSTRAIN_JOB_ID", f"local-{owner['host']}-{owner['pid']}")
+    if runs.find_job(runs.read_jobs(run_dir), job_id) is None:
+        info = {"array": owner.get("array")} if owner["kind"] == "slurm" else {"host": owner["host"], "pid": owner["pid"]}
+        runs.add_job(run_dir, job_id, kind=owner["kind"], state="RUNNING", sweep_worker=owner.get("worker"), **info)
+    return run_dir
+
+
+def final_value(run_dir: Path, metric: str) -> float | None:
+    """The metric at the run's final checkpoint (measured at its last validation)."""
+    newest = runs.newest_checkpoint(run_dir)
+    if newest is None:
+        return None
+    meta = read_meta(newest)
+    value = (meta.get("metrics") or {}).get(metric, (meta.get("last_metrics") or {}).get(metric))
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def tell(study: optuna.Study, number: int, state: TrialState, value: float | None = None, why: str = "") -> None:
+    try:
+        if state == TrialState.FAIL:
+            study._storage.set_trial_user_attr(study.get_trials(deepcopy=False)[number]._trial_id, "fail_reason", why)
+            study._storage.set_trial_user_attr(study.get_trials(deepcopy=False)[number]._trial_id, "final", True)
+        study.tell(number, value if state == TrialState.COMPLETE else None, state=state)
+    except (ValueError, RuntimeError) as exc:  # reaped meanwhile by someone who took this worker for dead
+        _say(f"trial {number}: could not tell {state.name}: {exc}")
+
+
+def run_trial(sweep_root: Path, study: optuna.Study, spec: SweepSpec, job: dict, trial: FrozenTrial,
+              owner: dict) -> TrialState:
+    """Train one trial (resuming its run if it has one) and tell the study how it ended."""
+    from launcher.entry import TrainingFailed, TrainTask
+
+    run_dir = prepare_run(sweep_root, job, trial, owner)
+    again = " (resuming)" if runs.newest_checkpoint(run_dir) else ""
+    _say(f"trial {trial.number}{again}: {', '.join(f'{k}={v!r}' for k, v in trial.params.items())} in {run_dir}")
+    reporter = Reporter(study, trial, spec.metric)
+    hooks.install(reporter, hparams={**trial.params, "trial": trial.number})
+    task = TrainTask(run_dir, max_requeues=job["resources"]["max_requeues"], name=run_dir.name)
+    try:
+        code = task()["exit"]
+    except TrainingFailed as exc:
+        tell(study, trial.number, TrialState.FAIL, why=str(exc))
+        return TrialState.FAIL
+    except Exception as exc:  # noqa: BLE001 - a trial's error ends the trial, not the sweep
+        tell(study, trial.number, TrialState.FAIL, why=f"{type(exc).__name__}: {exc}")
+        return TrialState.FAIL
+    finally:
+        hooks.uninstall()
+    if code == hooks.EXIT_PRUNED:
+        tell(study, trial.number, TrialState.PRUNED)
+        _say(f"trial {trial.number} PRUNED at step {reporter.pruned_at}")
+        return TrialState.PRUNED
+    value = final_value(run_dir, spec.metric)
+    if value is None:
+        tell(study, trial.number, TrialState.FAIL, why=f"no finite {spec.metric} at the final checkpoint")
+        return TrialState.FAIL
+    tell(study, trial.number, TrialState.COMPLETE, value)
+    _say(f"trial {trial.number} COMPLETE: {spec.metric} {value:.6g}")
+    return TrialState.COMPLETE
+
+
+def stop_between_trials(flag: PreemptionFlag) -> None:
+    """A signal while no trial trains: requeue this array task (SLURM) and leave, as a run would."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        subprocess.run(["scontrol", "requeue", job], capture_output=True, timeout=60)
+    _say(f"signal {flag.signum} between trials; {'requeued job ' + job if job else 'stopping'}")
+    sys.stdout.flush()
+    os._exit(EXIT_REQUEUE)
+
+
+class SweepWorker:
+    """The picklable callable of each array task: ``SweepWorker(SWEEP_DIR)(index)``."""
+
+    def __init__(self, sweep_dir: str | Path) -> None:
+        self.sweep_dir = str(sweep_dir)
+
+    def __call__(self, index: int = 0) -> dict[str, Any]:
+        root = Path(self.sweep_dir)
+        spec, job = read_sweep_dir(root)
+        restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        study = open_study(root, spec, seed_offset=1000 * index + restart)
+        owner = this_owner(index)
+        _say(f"worker {index} of sweep {root.name} ({spec.sampler}, pruner {spec.pruner}) started")
+        ended: dict[str, int] = {}
+        flag = PreemptionFlag().install()  # training installs its own while a trial runs
+        while True:
+            trial, said = claim(root, study, spec, owner)
+            for line in said:
+                _say(line)
+            if flag.set:
+                stop_between_trials(flag)
+            if trial == DONE:
+                break
+            if trial == WAIT:
+                time.sleep(POLL_S)
+                continue
+            flag.restore()
+            state = run_trial(root, study, spec, job, trial, owner)
+            flag.install()
+            ended[state.name] = ended.get(state.name, 0) + 1
+        _say(f"worker {index}: the study has its {spec.trials} trials; this worker ran {ended or 'none'}")
+        return {"sweep": self.sweep_dir, "ran": ended}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launcher.sweep.worker")
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("--index", type=int, default=0)
+    args = parser.parse_args(argv)
+    SweepWorker(args.sweep_dir)(args.index)
+    sys.stdout.flush()
+    os._exit(0)  # gloo may abort at interpreter exit (see launcher.entry)
+
+
+if __name__ == "__main__":
+    main()
