@@ -18,13 +18,19 @@ def sweep_args(p: argparse.ArgumentParser) -> None:
     from launcher.cli import add_job_args, add_runs_dir
 
     p.add_argument("file", help="a sweep YAML (e.g. jobs/sweeps/NAME.yaml); or `report` followed by SWEEP")
-    p.add_argument("sweep", nargs="?", help="with `report`: the sweep (its name under runs/, or its directory)")
+    p.add_argument(
+        "sweep", nargs="?", help="with `report`: the sweep (its name under runs/, or its directory)"
+    )
     p.add_argument("--name", help="the sweep's name (default: the file's name:, else its stem)")
-    p.add_argument("--run-dir", type=Path, default=None, help="the sweep's directory (default: RUNS_DIR/NAME)")
+    p.add_argument(
+        "--run-dir", type=Path, default=None, help="the sweep's directory (default: RUNS_DIR/NAME)"
+    )
     add_job_args(p)
     for action in p._actions:
         if action.dest == "set":
-            action.help = "override a sweep key (trials=6, space.optim.lr=...) or a base job key (train.max_steps=100)"
+            action.help = (
+                "override a sweep key (trials=6, space.optim.lr=...) or a base job key (train.max_steps=100)"
+            )
     add_runs_dir(p)
 
 
@@ -33,7 +39,9 @@ def find(ref: str, runs_dir: Path | None) -> Path:
 
     root = find_sweep(ref, runs_dir)
     if root is None:
-        raise UsageError(f"no sweep {ref!r} (looked for {Path(runs_dir or runs.DEFAULT_RUNS_DIR) / ref}/sweep.yaml)")
+        raise UsageError(
+            f"no sweep {ref!r} (looked for {Path(runs_dir or runs.DEFAULT_RUNS_DIR) / ref}/sweep.yaml)"
+        )
     return root
 
 
@@ -44,7 +52,9 @@ def sweep(args) -> int:
 
     if str(args.file) == "report":
         if not args.sweep:
-            raise UsageError("sweep report: name the sweep, e.g. python -m launcher sweep report lr_and_optimizer")
+            raise UsageError(
+                "sweep report: name the sweep, e.g. python -m launcher sweep report lr_and_optimizer"
+            )
         return report(find(args.sweep, args.runs_dir))
     if args.sweep:
         raise UsageError(f"sweep: unexpected argument {args.sweep!r} (only `sweep report SWEEP` takes two)")
@@ -68,11 +78,15 @@ def resume(root: Path, args) -> int:
     from launcher.sweep.submit import start
 
     spec, job = read_sweep_dir(root)
-    spec.parallel = next((int(s.split("=", 1)[1]) for s in args.set if s.startswith("parallel=")), spec.parallel)
+    spec.parallel = next(
+        (int(s.split("=", 1)[1]) for s in args.set if s.startswith("parallel=")), spec.parallel
+    )
     sets = [s for s in args.set if not s.startswith("parallel=")]
     bad = [s for s in sets if not s.startswith("resources.")]
     if bad:
-        raise UsageError(f"resume {root.name}: only resources.* and parallel may change; not {', '.join(bad)}")
+        raise UsageError(
+            f"resume {root.name}: only resources.* and parallel may change; not {', '.join(bad)}"
+        )
     job = read_job(job, sets)[0].to_dict()
     study = open_study(root, spec)
     with ask_lock(root):
@@ -102,8 +116,12 @@ def cancel(root: Path) -> int:
         job_id = owner.get("job") or f"local-{owner.get('host')}-{owner.get('pid')}"
         run_dir = SweepDir(root).trial(trial.number)
         if (run_dir / "jobs.json").is_file():
-            runs.update_jobs(run_dir, lambda d, j=job_id: [x.update(cancel_requested=time.time())
-                                                           for x in d["jobs"] if x["job_id"] == j])
+            runs.update_jobs(
+                run_dir,
+                lambda d, j=job_id: [
+                    x.update(cancel_requested=time.time()) for x in d["jobs"] if x["job_id"] == j
+                ],
+            )
     if active and not slurm.scancel(active):
         raise UsageError(f"scancel {' '.join(active)} failed; is SLURM reachable (SLURM_CONF)?")
     runs.set_states(root, dict.fromkeys(active, "CANCELLED"))
@@ -111,6 +129,8 @@ def cancel(root: Path) -> int:
         for pid in job.get("worker_pids", []):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-    print(f"cancelled sweep {root.name} ({', '.join(active + [j['job_id'] for j in here])}); running trials "
-          f"checkpoint if the grace time allows. Continue with: python -m launcher resume {root.name}")
+    print(
+        f"cancelled sweep {root.name} ({', '.join(active + [j['job_id'] for j in here])}); running trials "
+        f"checkpoint if the grace time allows. Continue with: python -m launcher resume {root.name}"
+    )
     return 0

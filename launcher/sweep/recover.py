@@ -37,8 +37,11 @@ def recover(root: Path, status: int) -> str:
     spec, job = read_sweep_dir(root)
     study = open_study(root, spec)
     with ask_lock(root):
-        mine = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                if (t.user_attrs.get("owner") or {}).get("job") == job_id]
+        mine = [
+            t
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if (t.user_attrs.get("owner") or {}).get("job") == job_id
+        ]
         for trial in mine:
             if attempt_ended(SweepDir(root).trial(trial.number), job_id):
                 return "decided"
@@ -48,7 +51,11 @@ def recover(root: Path, status: int) -> str:
     if not short or restart >= job["resources"]["max_requeues"]:
         return "failed"
     done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
-    _say(f"requeued worker job {job_id}" if done.returncode == 0 else f"scontrol requeue failed: {done.stderr.strip()}")
+    _say(
+        f"requeued worker job {job_id}"
+        if done.returncode == 0
+        else f"scontrol requeue failed: {done.stderr.strip()}"
+    )
     return "requeued"
 
 

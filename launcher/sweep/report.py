@@ -32,9 +32,11 @@ def write_best(root: Path, study, job: dict, spec) -> Path | None:
     best = study.best_trial
     retrain = with_params(job, best.params)
     retrain["name"] = f"{root.name}-best"
-    header = (f"# The best trial of sweep {root.name}: trial {best.number}, {spec.metric} {best.value:.6g}\n"
-              f"# ({', '.join(f'{k}={v!r}' for k, v in best.params.items())}). Retrain it with:\n"
-              f"#   python -m launcher submit {runs.display_path(SweepDir(root).report / 'best.yaml')}\n")
+    header = (
+        f"# The best trial of sweep {root.name}: trial {best.number}, {spec.metric} {best.value:.6g}\n"
+        f"# ({', '.join(f'{k}={v!r}' for k, v in best.params.items())}). Retrain it with:\n"
+        f"#   python -m launcher submit {runs.display_path(SweepDir(root).report / 'best.yaml')}\n"
+    )
     path = SweepDir(root).report / "best.yaml"
     write_atomic(path, header + yaml.safe_dump(retrain, sort_keys=False))
     return path
@@ -45,13 +47,28 @@ def write_csv(root: Path, study, spec) -> Path:
     keys = list(spec.space)
     with open(path, "w", newline="") as fh:
         out = csv.writer(fh)
-        out.writerow(["number", "state", *keys, spec.metric, "last_step", "pruned_at", "duration_s", "run_dir"])
+        out.writerow(
+            ["number", "state", *keys, spec.metric, "last_step", "pruned_at", "duration_s", "run_dir"]
+        )
         for t in study.get_trials(deepcopy=False):
             last = max(t.intermediate_values) if t.intermediate_values else ""
-            took = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else ""
-            out.writerow([t.number, t.state.name, *[t.params.get(k, "") for k in keys],
-                          "" if t.value is None else t.value, last, last if t.state == TrialState.PRUNED else "",
-                          took, runs.display_path(SweepDir(root).trial(t.number))])
+            took = (
+                (t.datetime_complete - t.datetime_start).total_seconds()
+                if t.datetime_complete and t.datetime_start
+                else ""
+            )
+            out.writerow(
+                [
+                    t.number,
+                    t.state.name,
+                    *[t.params.get(k, "") for k in keys],
+                    "" if t.value is None else t.value,
+                    last,
+                    last if t.state == TrialState.PRUNED else "",
+                    took,
+                    runs.display_path(SweepDir(root).trial(t.number)),
+                ]
+            )
     return path
 
 
@@ -92,7 +109,9 @@ def report(root: Path) -> int:
     plots, skipped = write_plots(root, study)
     where = runs.display_path(SweepDir(root).report)
     print(f"report of sweep {root.name} in {where}/")
-    print(f"  best.yaml   {'a job retraining trial ' + str(study.best_trial.number) if best else '(no complete trial yet)'}")
+    print(
+        f"  best.yaml   {'a job retraining trial ' + str(study.best_trial.number) if best else '(no complete trial yet)'}"
+    )
     print(f"  trials.csv  {len(study.get_trials(deepcopy=False))} trials")
     for path in plots:
         print(f"  {path.name}")

@@ -45,7 +45,9 @@ class Distribution(BaseModel):
     def _one_kind(self) -> Distribution:
         given = [k for k in KINDS if getattr(self, "int_range" if k == "int" else k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of {', '.join(KINDS)}" + (f" (got {', '.join(given)})" if given else ""))
+            raise ValueError(
+                f"give exactly one of {', '.join(KINDS)}" + (f" (got {', '.join(given)})" if given else "")
+            )
         kind = given[0]
         if kind in ("log_uniform", "uniform", "int"):
             lo, hi = getattr(self, "int_range" if kind == "int" else kind)
@@ -66,7 +68,9 @@ class Distribution(BaseModel):
         if kind == "choice":
             return optuna.distributions.CategoricalDistribution(self.choice)
         if kind == "int":
-            return optuna.distributions.IntDistribution(*self.int_range, step=int(self.step or 1), log=self.log)
+            return optuna.distributions.IntDistribution(
+                *self.int_range, step=int(self.step or 1), log=self.log
+            )
         if kind == "log_uniform":
             return optuna.distributions.FloatDistribution(*self.log_uniform, log=True)
         return optuna.distributions.FloatDistribution(*self.uniform, step=self.step)
@@ -92,7 +96,9 @@ class SweepSpec(BaseModel):
     sampler_options: dict[str, Any] = Field(default_factory=dict)
     pruner: Literal[tuple(PRUNERS)] = "median"
     pruner_options: dict[str, Any] = Field(default_factory=dict)
-    trials: int | None = Field(None, ge=1, description="finished trials the study ends with; grid: every combination")
+    trials: int | None = Field(
+        None, ge=1, description="finished trials the study ends with; grid: every combination"
+    )
     parallel: int = Field(1, ge=1, description="trials running at once (the array's %limit)")
     seed: int = 0
     retries: int = Field(2, ge=0, description="re-runs of a trial whose worker died")
@@ -134,7 +140,11 @@ def with_params(job: dict, params: dict[str, Any]) -> dict:
 
 def find_base(base: Path, sweep_file: Path | None) -> Path | None:
     """The base job file: as given (relative to the current directory), else beside the sweep file."""
-    candidates = [base] if base.is_absolute() else [Path.cwd() / base] + ([sweep_file.parent / base] if sweep_file else [])
+    candidates = (
+        [base]
+        if base.is_absolute()
+        else [Path.cwd() / base] + ([sweep_file.parent / base] if sweep_file else [])
+    )
     return next((p.resolve() for p in candidates if p.is_file()), None)
 
 
@@ -150,9 +160,13 @@ def space_problems(spec: SweepSpec, job: dict) -> list[Problem]:
                 break
             except ValidationError as exc:
                 lines = format_validation_error(exc, JobSpec).splitlines()[1:]
-                mine = [line.strip() for line in lines if line.strip().startswith(f"{key}:")] or [line.strip() for line in lines]
-                problems += [(f"space.{line.split(': ', 1)[0]}", f"{line.split(': ', 1)[-1]} (value {value!r})")
-                             for line in mine]
+                mine = [line.strip() for line in lines if line.strip().startswith(f"{key}:")] or [
+                    line.strip() for line in lines
+                ]
+                problems += [
+                    (f"space.{line.split(': ', 1)[0]}", f"{line.split(': ', 1)[-1]} (value {value!r})")
+                    for line in mine
+                ]
                 break
         if spec.sampler == "grid" and dist.kind != "choice":
             problems.append((f"space.{key}", f"grid takes choice lists only; this is a {dist.kind} range"))
@@ -160,8 +174,9 @@ def space_problems(spec: SweepSpec, job: dict) -> list[Problem]:
 
 
 def option_checks(spec: SweepSpec) -> list[Problem]:
-    return (option_problems(SAMPLER_CLASSES[spec.sampler], spec.sampler_options, "sampler_options")
-            + option_problems(PRUNERS[spec.pruner], spec.pruner_options, "pruner_options"))
+    return option_problems(
+        SAMPLER_CLASSES[spec.sampler], spec.sampler_options, "sampler_options"
+    ) + option_problems(PRUNERS[spec.pruner], spec.pruner_options, "pruner_options")
 
 
 def resolve_metric(spec: SweepSpec, job: JobSpec) -> list[Problem]:
@@ -171,16 +186,25 @@ def resolve_metric(spec: SweepSpec, job: JobSpec) -> list[Problem]:
     if spec.metric is None:
         return [("metric", "required: the base job has no checkpoint.best_metric to default to")]
     if spec.direction is None:
-        mode = (job.checkpoint.best_mode if spec.metric == job.checkpoint.best_metric else None) or mode_for(spec.metric)
+        mode = (job.checkpoint.best_mode if spec.metric == job.checkpoint.best_metric else None) or mode_for(
+            spec.metric
+        )
         if mode is None:
-            return [("direction", f"cannot tell the direction of {spec.metric!r}; set direction: minimize or maximize")]
+            return [
+                (
+                    "direction",
+                    f"cannot tell the direction of {spec.metric!r}; set direction: minimize or maximize",
+                )
+            ]
         spec.direction = "maximize" if mode == "max" else "minimize"
     return []
 
 
 def budget_problems(spec: SweepSpec) -> list[Problem]:
     if spec.sampler != "grid":
-        return [] if spec.trials is not None else [("trials", "required key is missing (the number of trials)")]
+        return (
+            [] if spec.trials is not None else [("trials", "required key is missing (the number of trials)")]
+        )
     if any(d.kind != "choice" for d in spec.space.values()):
         return []
     points = len(spec.grid_points())
@@ -224,7 +248,12 @@ def read_sweep(path: Path, overrides: list[str] | None = None) -> tuple[SweepSpe
     spec.base = base
     job_spec, _, _ = read_job(read_job_yaml(base), [*spec.overrides, *base_sets])
     job = job_spec.to_dict()
-    problems = budget_problems(spec) + option_checks(spec) + resolve_metric(spec, job_spec) + space_problems(spec, job)
+    problems = (
+        budget_problems(spec)
+        + option_checks(spec)
+        + resolve_metric(spec, job_spec)
+        + space_problems(spec, job)
+    )
     if problems:
         raise ConfigError(problems=problems)
     return spec, job_spec, job

@@ -12,7 +12,13 @@ from launcher import runs
 from launcher.sweep.spec import SweepSpec
 from launcher.sweep.study import SweepDir, ask_lock, counts, open_study, read_sweep_dir, reap
 
-TRIAL_STYLES = {"COMPLETE": "bold green", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "green", "WAITING": "dim"}
+TRIAL_STYLES = {
+    "COMPLETE": "bold green",
+    "PRUNED": "yellow",
+    "FAIL": "red",
+    "RUNNING": "green",
+    "WAITING": "dim",
+}
 
 
 def fmt_value(value) -> str:
@@ -24,14 +30,27 @@ def fmt_value(value) -> str:
 def trial_row(root: Path, trial: FrozenTrial, spec: SweepSpec) -> list[str]:
     progress = runs.read_progress(SweepDir(root).trial(trial.number)) or {}
     step = f"{progress['step']}/{progress.get('total_steps')}" if "step" in progress else "-"
-    pruned = max(trial.intermediate_values) if trial.state == TrialState.PRUNED and trial.intermediate_values else None
+    pruned = (
+        max(trial.intermediate_values)
+        if trial.state == TrialState.PRUNED and trial.intermediate_values
+        else None
+    )
     note = trial.user_attrs.get("fail_reason", "")
     if trial.user_attrs.get("retry"):
-        note = f"retry {trial.user_attrs['retry']} of trial {trial.user_attrs.get('retry_of')}" + (f"; {note}" if note else "")
+        note = f"retry {trial.user_attrs['retry']} of trial {trial.user_attrs.get('retry_of')}" + (
+            f"; {note}" if note else ""
+        )
     if trial.user_attrs.get("orphaned"):
         note = "waiting for a worker to resume it"
-    return [str(trial.number), trial.state.name, *[fmt_value(trial.params.get(k)) for k in spec.space],
-            fmt_value(trial.value), step, fmt_value(pruned), note[:60]]
+    return [
+        str(trial.number),
+        trial.state.name,
+        *[fmt_value(trial.params.get(k)) for k in spec.space],
+        fmt_value(trial.value),
+        step,
+        fmt_value(pruned),
+        note[:60],
+    ]
 
 
 def trials_table(root: Path, study, spec: SweepSpec) -> Table:

@@ -29,7 +29,9 @@ from launcher.sweep.samplers import make_pruner, make_sampler
 from launcher.sweep.spec import SweepSpec
 from lenstrain.rundir import JOB_FILE, write_atomic
 
-ORPHAN_GRACE_S = 120  # a RUNNING trial with no owner yet (its worker died while claiming it) is dead after this
+ORPHAN_GRACE_S = (
+    120  # a RUNNING trial with no owner yet (its worker died while claiming it) is dead after this
+)
 STOPPED_OUTCOMES = {"cancelled", "stopped", "requeued", "requeued-by-slurm", "requeue-limit"}
 DONE, WAIT = "done", "wait"
 
@@ -61,11 +63,20 @@ def storage_for(root: Path) -> optuna.storages.JournalStorage:
 
 def open_study(root: Path, spec: SweepSpec, seed_offset: int = 0) -> optuna.Study:
     """The sweep's study (created on first use), with this process's sampler and the sweep's pruner."""
-    sampler = make_sampler(spec.sampler, spec.seed + seed_offset, spec.sampler_options,
-                           spec.grid() if spec.sampler == "grid" else None)
-    return optuna.create_study(storage=storage_for(root), study_name=spec.name, direction=spec.direction,
-                               sampler=sampler, pruner=make_pruner(spec.pruner, spec.pruner_options),
-                               load_if_exists=True)
+    sampler = make_sampler(
+        spec.sampler,
+        spec.seed + seed_offset,
+        spec.sampler_options,
+        spec.grid() if spec.sampler == "grid" else None,
+    )
+    return optuna.create_study(
+        storage=storage_for(root),
+        study_name=spec.name,
+        direction=spec.direction,
+        sampler=sampler,
+        pruner=make_pruner(spec.pruner, spec.pruner_options),
+        load_if_exists=True,
+    )
 
 
 def create_study(root: Path, spec: SweepSpec) -> optuna.Study:
@@ -111,8 +122,11 @@ def this_owner(index: int = 0) -> dict[str, Any]:
     """Who runs a trial: this SLURM array task (its own job id survives requeues), or this host and pid."""
     owner: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(), "worker": index}
     if "SLURM_JOB_ID" in os.environ:
-        owner.update(kind="slurm", job=os.environ["SLURM_JOB_ID"],
-                     array=f"{os.environ.get('SLURM_ARRAY_JOB_ID', '')}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}")
+        owner.update(
+            kind="slurm",
+            job=os.environ["SLURM_JOB_ID"],
+            array=f"{os.environ.get('SLURM_ARRAY_JOB_ID', '')}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}",
+        )
     else:
         owner["kind"] = "local"
     return owner

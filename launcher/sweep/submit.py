@@ -46,9 +46,14 @@ def trial_problems(job: JobSpec, profile: ClusterProfile | None, here: bool) -> 
     if here:
         problems += local.check_local(job, 1)
     elif job.resources.world_size > 1:
-        problems.append(("base.resources", f"{job.resources.nodes} node(s) x {job.resources.ntasks_per_node} task(s): "
-                                           "a sweep's trial runs as one task; set resources.nodes=1 and "
-                                           "resources.tasks_per_node=1 (one GPU per trial)"))
+        problems.append(
+            (
+                "base.resources",
+                f"{job.resources.nodes} node(s) x {job.resources.ntasks_per_node} task(s): "
+                "a sweep's trial runs as one task; set resources.nodes=1 and "
+                "resources.tasks_per_node=1 (one GPU per trial)",
+            )
+        )
     return problems
 
 
@@ -56,15 +61,19 @@ def check_sweep_dir(root: Path, spec: SweepSpec, job: dict) -> str:
     """``new`` or ``continue`` (the same sweep again: it goes on to its count); a different sweep is refused."""
     if is_sweep(root):
         old_spec, old_job = read_sweep_dir(root)
-        same = (old_spec.model_dump(exclude={"parallel"}) == spec.model_dump(exclude={"parallel"})
-                and {k: v for k, v in old_job.items() if k != "resources"} == {k: v for k, v in job.items()
-                                                                             if k != "resources"})
+        same = old_spec.model_dump(exclude={"parallel"}) == spec.model_dump(exclude={"parallel"}) and {
+            k: v for k, v in old_job.items() if k != "resources"
+        } == {k: v for k, v in job.items() if k != "resources"}
         if not same:
-            raise runs.RunConflict(f"{root} holds a different sweep; choose another --name, or continue that one "
-                                   f"with `python -m launcher resume {root.name}`")
+            raise runs.RunConflict(
+                f"{root} holds a different sweep; choose another --name, or continue that one "
+                f"with `python -m launcher resume {root.name}`"
+            )
         return "continue"
     if root.exists() and any(not p.name.startswith(".") for p in root.iterdir()):
-        raise runs.RunConflict(f"{root} exists and is not a sweep directory; choose another --name or --run-dir")
+        raise runs.RunConflict(
+            f"{root} exists and is not a sweep directory; choose another --name or --run-dir"
+        )
     return "new"
 
 
@@ -85,8 +94,12 @@ def render_array(job: JobSpec, profile: ClusterProfile, root: Path, spec: SweepS
     from launcher.slurm import submitit_command
 
     folder = root / SUBMITIT_DIR
-    return _make_sbatch_string(command=submitit_command(folder), folder=folder, map_count=workers(spec),
-                               **array_parameters(job, profile, root, spec))
+    return _make_sbatch_string(
+        command=submitit_command(folder),
+        folder=folder,
+        map_count=workers(spec),
+        **array_parameters(job, profile, root, spec),
+    )
 
 
 def preview_trials(spec: SweepSpec, n: int) -> list[dict]:
@@ -95,18 +108,25 @@ def preview_trials(spec: SweepSpec, n: int) -> list[dict]:
 
     from launcher.sweep.samplers import make_pruner, make_sampler
 
-    sampler = make_sampler(spec.sampler, spec.seed, spec.sampler_options, spec.grid() if spec.sampler == "grid" else None)
-    study = optuna.create_study(direction=spec.direction, sampler=sampler,
-                                pruner=make_pruner(spec.pruner, spec.pruner_options))
+    sampler = make_sampler(
+        spec.sampler, spec.seed, spec.sampler_options, spec.grid() if spec.sampler == "grid" else None
+    )
+    study = optuna.create_study(
+        direction=spec.direction, sampler=sampler, pruner=make_pruner(spec.pruner, spec.pruner_options)
+    )
     if spec.sampler == "grid":
         for params in spec.grid_points()[:n]:
             study.enqueue_trial(params)
     return [study.ask(spec.distributions()).params for _ in range(n)]
 
 
-def print_dry_run(root: Path, spec: SweepSpec, job: JobSpec, profile, here: bool, problems, state: str) -> None:
-    print(f"# sweep {spec.name} -> {root} ({state}): {spec.trials} trials, {spec.parallel} at once, sampler "
-          f"{spec.sampler}, pruner {spec.pruner}, {spec.direction} {spec.metric}")
+def print_dry_run(
+    root: Path, spec: SweepSpec, job: JobSpec, profile, here: bool, problems, state: str
+) -> None:
+    print(
+        f"# sweep {spec.name} -> {root} ({state}): {spec.trials} trials, {spec.parallel} at once, sampler "
+        f"{spec.sampler}, pruner {spec.pruner}, {spec.direction} {spec.metric}"
+    )
     if here:
         print(f"# local: {workers(spec)} worker process(es) of `python -m launcher.sweep.worker {root}`")
     elif profile is not None:
@@ -159,15 +179,22 @@ def refuse_active(root: Path) -> None:
     data, _ = refresh_states(root)
     active = [j["job_id"] for j in runs.active_jobs(data)] + [j["job_id"] for j in live_local(data)]
     if active:
-        raise UsageError(f"sweep {root.name} is active already (job {', '.join(active)}); watch it with "
-                         f"`python -m launcher status {root.name}`, stop it with `python -m launcher cancel {root.name}`")
+        raise UsageError(
+            f"sweep {root.name} is active already (job {', '.join(active)}); watch it with "
+            f"`python -m launcher status {root.name}`, stop it with `python -m launcher cancel {root.name}`"
+        )
 
 
 def live_local(data: dict) -> list[dict]:
     from launcher.sweep.study import local_worker_alive
 
-    return [j for j in data["jobs"] if j.get("kind") == "local" and j.get("host") == socket.gethostname()
-            and any(local_worker_alive(pid) for pid in j.get("worker_pids", []))]
+    return [
+        j
+        for j in data["jobs"]
+        if j.get("kind") == "local"
+        and j.get("host") == socket.gethostname()
+        and any(local_worker_alive(pid) for pid in j.get("worker_pids", []))
+    ]
 
 
 # ------------------------------------------------------------------------------------ SLURM
@@ -182,18 +209,30 @@ def submit_array(root: Path, spec: SweepSpec, job: JobSpec, profile: ClusterProf
     slurm.use_profile_slurm_conf(profile)
     problem = slurm.slurm_problem()
     if problem:
-        raise UsageError(f"no SLURM cluster reachable: {problem}.\n  Run the sweep on this machine: add --local")
-    executor = submitit.SlurmExecutor(folder=root / SUBMITIT_DIR, max_num_timeout=job.resources.max_requeues,
-                                      python=slurm.python_command())
+        raise UsageError(
+            f"no SLURM cluster reachable: {problem}.\n  Run the sweep on this machine: add --local"
+        )
+    executor = submitit.SlurmExecutor(
+        folder=root / SUBMITIT_DIR, max_num_timeout=job.resources.max_requeues, python=slurm.python_command()
+    )
     executor.update_parameters(**array_parameters(job, profile, root, spec))
     jobs = executor.map_array(SweepWorker(root), range(workers(spec)))
     array_id = str(jobs[0].job_id).split("_")[0]
     partition = job.resources.partition or profile.partition
-    runs.add_job(root, array_id, kind="slurm", array=f"0-{workers(spec) - 1}%{spec.parallel}", cluster=profile.name,
-                 partition=partition, time_min=job.resources.time_minutes)
+    runs.add_job(
+        root,
+        array_id,
+        kind="slurm",
+        array=f"0-{workers(spec) - 1}%{spec.parallel}",
+        cluster=profile.name,
+        partition=partition,
+        time_min=job.resources.time_minutes,
+    )
     rel = runs.display_path(root)
-    print(f"submitted sweep {spec.name} as SLURM job array {array_id} (--array=0-{workers(spec) - 1}%{spec.parallel}): "
-          f"{spec.trials} trials of 1 task each, partition {partition or '(default)'}, cluster {profile.name}")
+    print(
+        f"submitted sweep {spec.name} as SLURM job array {array_id} (--array=0-{workers(spec) - 1}%{spec.parallel}): "
+        f"{spec.trials} trials of 1 task each, partition {partition or '(default)'}, cluster {profile.name}"
+    )
     print(f"  sweep dir:   {rel}")
     print(f"  status:      python -m launcher status {spec.name}")
     print(f"  report:      python -m launcher sweep report {spec.name}")
@@ -209,11 +248,19 @@ def start_worker(root: Path, index: int, env: dict, ranks: local.Ranks) -> None:
     log_dir.mkdir(exist_ok=True)
     log = open(log_dir / f"worker-{index}.log", "a")  # noqa: SIM115 - closed by Ranks.close
     ranks.logs.append(log)
-    child = subprocess.Popen([sys.executable, "-u", "-m", "launcher.sweep.worker", str(root), "--index", str(index)],
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    child = subprocess.Popen(
+        [sys.executable, "-u", "-m", "launcher.sweep.worker", str(root), "--index", str(index)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     ranks.children.append(child)
-    pump = threading.Thread(target=local._pump, args=(child.stdout, [(sys.stdout, True), (log, False)],
-                                                      f"[worker {index}] "), daemon=True)
+    pump = threading.Thread(
+        target=local._pump,
+        args=(child.stdout, [(sys.stdout, True), (log, False)], f"[worker {index}] "),
+        daemon=True,
+    )
     pump.start()
     ranks.pumps.append(pump)
 
@@ -225,15 +272,25 @@ def run_local_workers(root: Path, spec: SweepSpec) -> int:
 
     n = workers(spec)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n))))
+    env.update(
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n))),
+    )
     job_id = f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    runs.add_job(root, job_id, kind="local", state="RUNNING", host=socket.gethostname(), pid=os.getpid(), workers=n)
-    print(f"[launcher] sweep {spec.name}: {n} local worker(s), {spec.trials} trials; logs in {root / LOGS_DIR}",
-          flush=True)
+    runs.add_job(
+        root, job_id, kind="local", state="RUNNING", host=socket.gethostname(), pid=os.getpid(), workers=n
+    )
+    print(
+        f"[launcher] sweep {spec.name}: {n} local worker(s), {spec.trials} trials; logs in {root / LOGS_DIR}",
+        flush=True,
+    )
     ranks = local.Ranks()
     for index in range(n):
         start_worker(root, index, env, ranks)
-    previous = {sig: signal.signal(sig, local._forwarder(ranks)) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
+    previous = {
+        sig: signal.signal(sig, local._forwarder(ranks))
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+    }
     try:
         code = supervise(root, spec, env, ranks, job_id)
     finally:
@@ -241,10 +298,17 @@ def run_local_workers(root: Path, spec: SweepSpec) -> int:
             signal.signal(sig, handler)
         ranks.close()
     done = counts(open_study(root, spec))["done"] >= spec.trials
-    runs.record_end(root, job_id, state="COMPLETED" if done else "STOPPED", outcome="done" if done else "stopped")
-    runs.update_jobs(root, lambda d: runs.find_job(d, job_id).update(state="COMPLETED" if done else "STOPPED"))
-    print(f"[launcher] sweep {spec.name}: {'done' if done else 'stopped'}; see `python -m launcher status "
-          f"{runs.run_ref(root)}`", flush=True)
+    runs.record_end(
+        root, job_id, state="COMPLETED" if done else "STOPPED", outcome="done" if done else "stopped"
+    )
+    runs.update_jobs(
+        root, lambda d: runs.find_job(d, job_id).update(state="COMPLETED" if done else "STOPPED")
+    )
+    print(
+        f"[launcher] sweep {spec.name}: {'done' if done else 'stopped'}; see `python -m launcher status "
+        f"{runs.run_ref(root)}`",
+        flush=True,
+    )
     return 0 if done else (code or EXIT_REQUEUE)
 
 
@@ -256,7 +320,9 @@ def supervise(root: Path, spec: SweepSpec, env: dict, ranks: local.Ranks, job_id
     seen: set[int] = set()
     first_bad, replaced = 0, 0
     while True:
-        runs.update_jobs(root, lambda d: runs.find_job(d, job_id).update(worker_pids=[c.pid for c in ranks.children]))
+        runs.update_jobs(
+            root, lambda d: runs.find_job(d, job_id).update(worker_pids=[c.pid for c in ranks.children])
+        )
         for i, child in enumerate(ranks.children):
             code = child.poll()
             if code is None or i in seen:
@@ -271,7 +337,11 @@ def supervise(root: Path, spec: SweepSpec, env: dict, ranks: local.Ranks, job_id
                 for line in reap(root, study, spec, slurm_ok=False):
                     print(f"[launcher] {line}", flush=True)
             first_bad = first_bad or code
-            if replaced < spec.retries * workers(spec) and counts(study)["done"] < spec.trials and not stopping(ranks):
+            if (
+                replaced < spec.retries * workers(spec)
+                and counts(study)["done"] < spec.trials
+                and not stopping(ranks)
+            ):
                 replaced += 1
                 start_worker(root, len(ranks.children), env, ranks)
         if all(c.poll() is not None for c in ranks.children) and len(seen) == len(ranks.children):

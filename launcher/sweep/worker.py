@@ -78,10 +78,18 @@ def prepare_run(sweep_root: Path, job: dict, trial: FrozenTrial, owner: dict) ->
     run_dir = SweepDir(sweep_root).trial(trial.number)
     if not (run_dir / JOB_FILE).is_file():
         runs.write_run(run_dir, trial_job(sweep_root, job, trial))
-    job_id = owner.get("job") or os.environ.setdefault("LENSTRAIN_JOB_ID", f"local-{owner['host']}-{owner['pid']}")
+    job_id = owner.get("job") or os.environ.setdefault(
+        "LENSTRAIN_JOB_ID", f"local-{owner['host']}-{owner['pid']}"
+    )
     if runs.find_job(runs.read_jobs(run_dir), job_id) is None:
-        info = {"array": owner.get("array")} if owner["kind"] == "slurm" else {"host": owner["host"], "pid": owner["pid"]}
-        runs.add_job(run_dir, job_id, kind=owner["kind"], state="RUNNING", sweep_worker=owner.get("worker"), **info)
+        info = (
+            {"array": owner.get("array")}
+            if owner["kind"] == "slurm"
+            else {"host": owner["host"], "pid": owner["pid"]}
+        )
+        runs.add_job(
+            run_dir, job_id, kind=owner["kind"], state="RUNNING", sweep_worker=owner.get("worker"), **info
+        )
     return run_dir
 
 
@@ -95,24 +103,33 @@ def final_value(run_dir: Path, metric: str) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None
 
 
-def tell(study: optuna.Study, number: int, state: TrialState, value: float | None = None, why: str = "") -> None:
+def tell(
+    study: optuna.Study, number: int, state: TrialState, value: float | None = None, why: str = ""
+) -> None:
     try:
         if state == TrialState.FAIL:
-            study._storage.set_trial_user_attr(study.get_trials(deepcopy=False)[number]._trial_id, "fail_reason", why)
-            study._storage.set_trial_user_attr(study.get_trials(deepcopy=False)[number]._trial_id, "final", True)
+            study._storage.set_trial_user_attr(
+                study.get_trials(deepcopy=False)[number]._trial_id, "fail_reason", why
+            )
+            study._storage.set_trial_user_attr(
+                study.get_trials(deepcopy=False)[number]._trial_id, "final", True
+            )
         study.tell(number, value if state == TrialState.COMPLETE else None, state=state)
     except (ValueError, RuntimeError) as exc:  # reaped meanwhile by someone who took this worker for dead
         _say(f"trial {number}: could not tell {state.name}: {exc}")
 
 
-def run_trial(sweep_root: Path, study: optuna.Study, spec: SweepSpec, job: dict, trial: FrozenTrial,
-              owner: dict) -> TrialState:
+def run_trial(
+    sweep_root: Path, study: optuna.Study, spec: SweepSpec, job: dict, trial: FrozenTrial, owner: dict
+) -> TrialState:
     """Train one trial (resuming its run if it has one) and tell the study how it ended."""
     from launcher.entry import TrainingFailed, TrainTask
 
     run_dir = prepare_run(sweep_root, job, trial, owner)
     again = " (resuming)" if runs.newest_checkpoint(run_dir) else ""
-    _say(f"trial {trial.number}{again}: {', '.join(f'{k}={v!r}' for k, v in trial.params.items())} in {run_dir}")
+    _say(
+        f"trial {trial.number}{again}: {', '.join(f'{k}={v!r}' for k, v in trial.params.items())} in {run_dir}"
+    )
     reporter = Reporter(study, trial, spec.metric)
     hooks.install(reporter, hparams={**trial.params, "trial": trial.number})
     task = TrainTask(run_dir, max_requeues=job["resources"]["max_requeues"], name=run_dir.name)
