@@ -193,6 +193,10 @@ def record_start(run_dir: Path, job_id: str, *, restart_count: int, **info: Any)
         job = _job(data, job_id)
         job["state"] = "RUNNING"
         job["requeues"] = max(job.get("requeues", 0), restart_count)
+        if job["attempts"] and "outcome" not in job["attempts"][-1]:
+            # The attempt before ended without a word (its node failed, or it was killed outright), and
+            # SLURM requeued the job.
+            job["attempts"][-1]["outcome"] = "lost"
         job["attempts"].append({"restart_count": restart_count, "started": time.time(), **info})
 
     update_jobs(run_dir, change)

@@ -1,6 +1,6 @@
 """The launcher against the real devcluster: multi-node training, and every way a job is interrupted
 (partition preemption, time limit, ``scancel --signal=USR2``, external ``scontrol requeue``, cancel and
-resume, a task killed, a rank hung) ends with weights bit-identical to one uninterrupted run.
+resume, a task killed, a rank hung, a node lost) ends with weights bit-identical to one uninterrupted run.
 
 Each interrupted run checkpoints collectively, is requeued (by its rank 0, or by SLURM), resumes from
 its newest complete checkpoint and completes. Every wait is bounded. ``-s`` prints the timelines.
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -24,10 +26,12 @@ from launcher.spec import load_job
 from lenstrain.checkpoint import COMPLETE, latest_complete, list_checkpoints, read_meta
 from tests.factories import assert_same_weights, final_weights, launcher_job_dict
 from tests.slurm_helpers import (
+    DEVCLUSTER,
     sacct_records,
     sacct_state,
     sbatch,
     scancel,
+    scontrol_job,
     slurm,
     squeue_jobs,
     task_pids,
@@ -397,5 +401,28 @@ def test_a_hung_rank_ends_the_job_by_the_collective_timeout_and_it_is_requeued(c
     job = runs.find_job(runs.read_jobs(run_dir), job_id)
     # Rank 0 timed out; the stopped rank, woken by SLURM's SIGCONT, found its peer gone.
     assert all(f["transient"] for f in job["failures"]), job["failures"]
-    assert any(f["rank"] == 0 and "Timed out" in f["why"] for f in job["failures"]), job["failures"]
+    timed_out = re.compile(r"time(d)?\s?out", re.IGNORECASE)  # gloo has several wordings
+    assert any(f["rank"] == 0 and timed_out.search(f["why"]) for f in job["failures"]), job["failures"]
     assert_completed_after_requeue(run_dir, job_id, reference, outcome="requeued")
+
+
+def devcluster_node(command: str, node: str) -> None:
+    proc = subprocess.run([str(DEVCLUSTER), command, node], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_lost_node_fails_the_job_which_slurm_requeues_and_it_completes_when_the_node_returns(
+        cluster, base, reference, runs_dir):
+    job_id, run_dir = submit(base, runs_dir, "node-lost")
+    wait_step(run_dir, job_id, 12)  # past the checkpoint at step 10
+    devcluster_node("crash", "n2")  # slurmd and the job's processes on n2 stop answering
+    try:
+        # No collective timeout (the default 10 min) is involved: SLURM's SlurmdTimeout ends the job.
+        wait_for(lambda: any(r["state"] == "NODE_FAIL" for r in sacct_records(job_id)), 90,
+                 what=f"job {job_id} to fail with its node")
+        assert scontrol_job(job_id).get("Requeue") == "1"  # SLURM requeues it, nobody else
+    finally:
+        devcluster_node("reboot", "n2")
+    wait_for(lambda: len(sacct_records(job_id)) >= 2, 120, what=f"SLURM to requeue job {job_id}")
+    job = assert_completed_after_requeue(run_dir, job_id, reference, outcome="lost")
+    assert job["attempts"][0]["restart_count"] == 0 and job["attempts"][-1]["restart_count"] >= 1, job
