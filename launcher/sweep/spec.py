@@ -237,7 +237,11 @@ def read_sweep(path: Path, overrides: list[str] | None = None) -> tuple[SweepSpe
     from launcher.spec import read_job
 
     mine, base_sets = split_overrides(overrides or [])
-    data = apply_overrides(read_yaml(path, not_a_mapping="the top level must be a mapping"), mine)
+    data = read_yaml(path, not_a_mapping="the top level must be a mapping")
+    data = apply_overrides(data, [item for item in mine if not item.startswith("space.")])
+    for item in (item for item in mine if item.startswith("space.")):  # space keys are dotted themselves
+        key, _, raw = item.partition("=")
+        data.setdefault("space", {})[key.removeprefix("space.")] = yaml.safe_load(raw)
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as exc:

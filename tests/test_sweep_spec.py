@@ -1,0 +1,114 @@
+"""Sweep files are validated as strictly as jobs: a bad one exits 2 naming the dotted path and submits
+nothing; every ready sweep in jobs/sweeps/ validates; --dry-run prints the array script and first trials."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from launcher.__main__ import main
+from launcher.sweep.spec import read_sweep
+from tests.sweep_helpers import write_base, write_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEPS = sorted((ROOT / "jobs" / "sweeps").glob("*.yaml"))
+
+
+@pytest.fixture
+def base(tmp_path, ring_shards) -> Path:
+    return write_base(tmp_path, ring_shards)
+
+
+BAD = [
+    (
+        {"space": {"optim.lrr": {"log_uniform": [1e-4, 1e-2]}}},
+        "space.optim.lrr: unknown key; valid keys: name, lr",
+    ),
+    (
+        {"space": {"optim.lr": {"log_uniform": [-1e-3, 1e-2]}}},
+        "space.optim.lr: log_uniform: a log scale needs low > 0",
+    ),
+    (
+        {"space": {"optim.lr": {"uniform": [1e-2, 1e-4]}}},
+        "space.optim.lr: uniform: [0.01, 0.0001] is not a range",
+    ),
+    (
+        {"space": {"optim.lr": {"uniform": [-1e-3, 1e-2]}}},
+        "space.optim.lr: Input should be greater than 0 (value -0.001)",
+    ),
+    ({"space": {"optim.lr": {"gaussian": [0, 1]}}}, "space.optim.lr.gaussian: unknown key"),
+    ({"sampler": "grid"}, "space.optim.lr: grid takes choice lists only; this is a log_uniform range"),
+    ({"sampler": "bayes"}, "sampler: Input should be 'tpe', 'cmaes', 'nsga2', 'random', 'grid' or 'qmc'"),
+    (
+        {"pruner": "asha", "pruner_options": {"patience": 2}},
+        "pruner_options.patience: unknown option; valid keys: min_resource",
+    ),
+    ({"base": "no/such/job.yaml"}, "base: no/such/job.yaml: no such job file"),
+    ({"trails": 3}, "trails: unknown key; valid keys: name, base"),
+    (
+        {"space": {"schedule.name": {"choice": ["cosine", "linear_warmup"]}}},
+        "space.schedule.name: Input should be",
+    ),
+]
+
+
+@pytest.mark.parametrize(("keys", "expected"), BAD, ids=[e.split(":")[0] for _, e in BAD])
+def test_bad_sweep_files_exit_2_naming_the_key(tmp_path, base, capsys, keys, expected):
+    sweep = write_sweep(tmp_path, base, **keys)
+    assert main(["sweep", str(sweep), "--runs-dir", str(tmp_path / "runs"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert expected in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_set_overrides_reach_the_sweep_and_the_base_job(tmp_path, base):
+    sweep = write_sweep(tmp_path, base)
+    spec, job, _ = read_sweep(
+        sweep, ["trials=5", "train.max_steps=7", "space.optim.name={choice: [adam, lion]}"]
+    )
+    assert (
+        spec.trials == 5 and job.train.max_steps == 7 and spec.space["optim.name"].choice == ["adam", "lion"]
+    )
+    assert spec.metric == "val/loss" and spec.direction == "minimize"  # from the base job's best_metric
+
+
+def test_grid_trials_default_to_every_combination(tmp_path, base):
+    sweep = write_sweep(
+        tmp_path,
+        base,
+        sampler="grid",
+        trials=None,
+        space={"optim.name": {"choice": ["adam", "adamw"]}, "optim.lr": {"choice": [1e-3, 1e-2, 0.1]}},
+    )
+    spec, _, _ = read_sweep(sweep)
+    assert spec.trials == 6 and len(spec.grid_points()) == 6
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
+def test_ready_sweeps_validate(path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    spec, job, _ = read_sweep(path)
+    assert spec.name == path.stem and spec.trials and spec.metric and spec.direction
+    assert job.resources.world_size == 1  # a trial is one task
+
+
+def test_three_ready_sweeps(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    samplers = {read_sweep(p)[0].sampler for p in SWEEPS}
+    assert len(SWEEPS) >= 3 and {"tpe", "grid"} <= samplers
+
+
+def test_dry_run_prints_the_array_script_and_first_trials(tmp_path, base, capsys):
+    sweep = write_sweep(
+        tmp_path,
+        base,
+        trials=6,
+        parallel=2,
+        space={"optim.lr": {"log_uniform": [1e-4, 1e-2]}, "optim.name": {"choice": ["adam", "adamw"]}},
+    )
+    assert main(["sweep", str(sweep), "--runs-dir", str(tmp_path / "runs"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --array=0-1%2" in out and "launcher.sweep.recover" in out
+    assert "#   trial 0: optim.lr=" in out and "#   trial 3: " in out
+    assert "dry run: nothing submitted" in out and not (tmp_path / "runs").exists()
