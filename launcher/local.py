@@ -265,6 +265,23 @@ def rank_alive(pid: int) -> bool:
         return False
 
 
+def launcher_alive(pid: int | None) -> bool:
+    """Whether ``pid`` is a live ``python -m launcher`` process on this machine."""
+    try:
+        return pid is not None and b"launcher" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def lost_jobs(data: dict) -> list[str]:
+    """Ids of the run's local jobs still marked active although neither their launcher nor any rank runs
+    on this machine any more (the launcher was killed outright, or the machine rebooted)."""
+    return [job["job_id"] for job in data["jobs"]
+            if job.get("kind") == "local" and job.get("state") in runs.ACTIVE_STATES
+            and job.get("host") == socket.gethostname() and not launcher_alive(job.get("pid"))
+            and not any(rank_alive(pid) for pid in job.get("rank_pids", []))]
+
+
 def live_jobs(data: dict) -> list[dict]:
     """The run's local jobs whose ranks still run on this machine."""
     return [job for job in data["jobs"]

@@ -12,11 +12,13 @@ from rich.console import Console
 from rich.table import Table
 
 from launcher import runs
+from launcher.local import lost_jobs
 from launcher.slurm import sacct_attempts, sacct_jobs, squeue_state, use_profile_slurm_conf
 from lenstrain.rundir import RunDir
 
 STATE_STYLES = {"RUNNING": "green", "COMPLETED": "bold green", "PENDING": "yellow", "REQUEUED": "yellow",
-                "FAILED": "red", "CANCELLED": "magenta", "STOPPED": "magenta", "TIMEOUT": "red", "PREEMPTED": "yellow"}
+                "FAILED": "red", "CANCELLED": "magenta", "STOPPED": "magenta", "TIMEOUT": "red", "PREEMPTED": "yellow",
+                "LOST": "red"}
 
 
 def console() -> Console:
@@ -25,8 +27,13 @@ def console() -> Console:
 
 
 def refresh_states(run_dir: Path) -> tuple[dict, bool]:
-    """jobs.json with the SLURM jobs' states refreshed from sacct; also whether sacct answered."""
+    """jobs.json with the SLURM jobs' states refreshed from sacct, and local jobs whose processes are all
+    gone marked LOST; also whether sacct answered."""
     data = runs.read_jobs(run_dir)
+    lost = lost_jobs(data)
+    if lost:
+        runs.set_states(run_dir, dict.fromkeys(lost, "LOST"))
+        data = runs.read_jobs(run_dir)
     ids = [j["job_id"] for j in data["jobs"] if j.get("kind", "slurm") == "slurm"]
     if not ids:
         return data, False

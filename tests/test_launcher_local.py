@@ -171,3 +171,27 @@ def test_a_killed_rank_stops_the_others_and_the_printed_resume_finishes_exactly(
     assert code == 0, out + err
     assert f"resumes from {newest.name}" in out
     assert_same_weights(reference, final_weights(run_dir))
+
+
+def test_a_local_job_whose_processes_are_all_gone_shows_as_lost(tmp_path):
+    import socket
+
+    from launcher.status import refresh_states
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no process holds any more
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "launcher"])
+    try:
+        run_dir = tmp_path / "run"
+        run_dir.mkdir()
+        for job_id, pid in (("local-dead", gone.pid), ("local-alive", live.pid)):
+            runs.add_job(run_dir, job_id, kind="local", state="RUNNING", host=socket.gethostname(), pid=pid,
+                         rank_pids=[gone.pid])
+        data, _ = refresh_states(run_dir)
+        states = {job["job_id"]: job["state"] for job in data["jobs"]}
+        # The launcher of "local-alive" still runs (its command line names the launcher): not lost.
+        assert states == {"local-dead": "LOST", "local-alive": "RUNNING"}
+        assert runs.read_jobs(run_dir)["jobs"][0]["state"] == "LOST"
+    finally:
+        live.kill()
+        live.wait()
