@@ -4,9 +4,11 @@ Ours is the body of ``lenstrain.train.train_loop`` for one step with its data al
 ``backend.accumulating``/``backend.autocast`` around the forward and the loss (``make_loss``),
 ``backend.backward``, the step's flags (non-finite loss, preemption, checkpoint due) built and
 agreed on the device (``backend.reduce_flags``), the previous step's flags read on the host one step
-late, ``backend.step`` with its update masked on the device (unscale, clip, update, zero) and
+late, ``backend.step`` with its update skippable on the device (unscale, clip, update, zero) and
 ``scheduler.step()``. The bare loop is ``model(x)``, ``F.mse_loss``, ``zero_grad``, ``backward``,
-``clip_grad_norm_`` and ``optimizer.step()``. Both start from identical weights and AdamW.
+``clip_grad_norm_`` and ``optimizer.step()``. Both start from identical weights and the same optimizer,
+built by ``lenstrain.optim.build_optimizer`` (``--optim``; AdamW, fused, by default): the comparison is of
+the step around it.
 
 Blocks of steps alternate between the two (which goes first alternates too). Each side reports its
 median ms/step over the blocks, and the overhead is the median of the per-round ratios, with their
@@ -32,16 +34,16 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lenstrain.config import ScheduleConfig  # noqa: E402
+from lenstrain.config import OptimConfig, ScheduleConfig  # noqa: E402
 from lenstrain.distributed import DistInfo  # noqa: E402
 from lenstrain.losses import make_loss  # noqa: E402
 from lenstrain.models import create_model  # noqa: E402
-from lenstrain.optim import build_scheduler  # noqa: E402
+from lenstrain.optim import OPTIMIZERS, build_optimizer, build_scheduler  # noqa: E402
 from lenstrain.parallel import build_backend  # noqa: E402
 
 
-def make_ours(model, lr: float, clip: float, total_steps: int, precision: str):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+def make_ours(model, optim: OptimConfig, clip: float, total_steps: int, precision: str):
+    optimizer = build_optimizer(optim, model)
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=next(model.parameters()).device)
     backend = build_backend("single", model, optimizer, info, precision=precision, grad_clip=clip)
     scheduler = build_scheduler(ScheduleConfig(), optimizer, total_steps)
@@ -72,8 +74,8 @@ def make_ours(model, lr: float, clip: float, total_steps: int, precision: str):
     return step
 
 
-def make_bare(model, lr: float, clip: float):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+def make_bare(model, optim: OptimConfig, clip: float):
+    optimizer = build_optimizer(optim, model)
 
     def step(micro_batches):
         (batch,) = micro_batches
@@ -87,14 +89,18 @@ def make_bare(model, lr: float, clip: float):
     return step
 
 
-def bench_model(name: str, size: int, batch: int, rounds: int, steps: int, warmup: int) -> dict:
+def bench_model(
+    name: str, optim: OptimConfig, size: int, batch: int, rounds: int, steps: int, warmup: int
+) -> dict:
     torch.manual_seed(0)
     base = create_model(name, in_channels=1, num_outputs=1, image_size=size)
     data = [{"image": torch.randn(batch, 1, size, size), "target": torch.rand(batch)}]
     models = {"bare": copy.deepcopy(base).train(), "lenstrain": copy.deepcopy(base).train()}
     total = warmup + rounds * steps
-    runs = {"bare": make_bare(models["bare"], 1e-3, 1.0),
-            "lenstrain": make_ours(models["lenstrain"], 1e-3, 1.0, total, "fp32")}
+    runs = {
+        "bare": make_bare(models["bare"], optim, 1.0),
+        "lenstrain": make_ours(models["lenstrain"], optim, 1.0, total, "fp32"),
+    }
     for fn in runs.values():
         for _ in range(warmup):
             fn(data)
@@ -112,14 +118,22 @@ def bench_model(name: str, size: int, batch: int, rounds: int, steps: int, warmu
     ratios = sorted(o / b for o, b in zip(per_step["lenstrain"], per_step["bare"], strict=True))
     quartiles = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else [ratios[0], 0, ratios[-1]]
     params = sum(p.numel() for p in base.parameters())
-    return {"model": name, "params": params, "size": size, "batch": batch, "bare_ms": bare, "ours_ms": ours,
-            "overhead_pct": 100 * (statistics.median(ratios) - 1),
-            "overhead_iqr": (100 * (quartiles[0] - 1), 100 * (quartiles[2] - 1))}
+    return {
+        "model": name,
+        "params": params,
+        "size": size,
+        "batch": batch,
+        "bare_ms": bare,
+        "ours_ms": ours,
+        "overhead_pct": 100 * (statistics.median(ratios) - 1),
+        "overhead_iqr": (100 * (quartiles[0] - 1), 100 * (quartiles[2] - 1)),
+    }
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["alternet_tiny", "resnet18"])
+    parser.add_argument("--optim", choices=list(OPTIMIZERS), default="adamw")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=20, help="blocks per side, alternating")
@@ -129,17 +143,33 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} torch thread(s); "
-          f"fp32, batch {args.batch} at 1x{args.size}x{args.size}; median of {args.rounds} blocks of {args.steps} steps")
-    head = (f"{'model':>14} | {'params':>10} | {'bare (ms/step)':>14} | {'lenstrain (ms/step)':>19} | "
-            f"{'overhead':>8} | {'overhead IQR':>15}")
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} torch thread(s); "
+        f"{args.optim}, fp32, batch {args.batch} at 1x{args.size}x{args.size}; median of {args.rounds} blocks of "
+        f"{args.steps} steps"
+    )
+    head = (
+        f"{'model':>14} | {'params':>10} | {'bare (ms/step)':>14} | {'lenstrain (ms/step)':>19} | "
+        f"{'overhead':>8} | {'overhead IQR':>15}"
+    )
     print(head)
     print("-" * len(head))
     for name in args.models:
-        r = bench_model(name, args.size, args.batch, args.rounds, args.steps, args.warmup)
+        r = bench_model(
+            name,
+            OptimConfig(name=args.optim, lr=1e-3),
+            args.size,
+            args.batch,
+            args.rounds,
+            args.steps,
+            args.warmup,
+        )
         lo, hi = r["overhead_iqr"]
-        print(f"{name:>14} | {r['params']:>10,} | {r['bare_ms']:>14.1f} | {r['ours_ms']:>19.1f} | "
-              f"{r['overhead_pct']:>+7.1f}% | {lo:>+6.1f}%..{hi:>+5.1f}%", flush=True)
+        print(
+            f"{name:>14} | {r['params']:>10,} | {r['bare_ms']:>14.1f} | {r['ours_ms']:>19.1f} | "
+            f"{r['overhead_pct']:>+7.1f}% | {lo:>+6.1f}%..{hi:>+5.1f}%",
+            flush=True,
+        )
     return 0
 
 

@@ -12,8 +12,9 @@ import torch
 
 import lenstrain
 import lenstrain.train as train_module
-from lenstrain.config import load_config
+from lenstrain.config import OptimConfig, load_config
 from lenstrain.distributed import DistInfo
+from lenstrain.optim import OPTIMIZERS, build_optimizer
 from lenstrain.parallel import build_backend
 from lenstrain.preemption import EXIT_NONFINITE
 from lenstrain.rundir import RunDir
@@ -68,25 +69,43 @@ def host_reads(monkeypatch):
 
 
 def test_steps_between_host_steps_read_nothing_on_the_host(tmp_path, ring_shards, host_reads):
-    cfg = load_config(config_dict(ring_shards, train={"max_steps": 16}, log={"every_steps": 4},
-                                  checkpoint={"every_steps": 8, "every_minutes": None}))
+    cfg = load_config(
+        config_dict(
+            ring_shards,
+            train={"max_steps": 16},
+            log={"every_steps": 4},
+            checkpoint={"every_steps": 8, "every_minutes": None},
+        )
+    )
     assert run_training(cfg, tmp_path / "run") == 0
     host_steps = {4, 8, 12, 16}
     assert all(host_reads[step] > 0 for step in host_steps)  # the counter sees the logging's reads
     assert {step: host_reads[step] for step in range(1, 17) if step not in host_steps} == {
-        step: 0 for step in range(1, 17) if step not in host_steps}
+        step: 0 for step in range(1, 17) if step not in host_steps
+    }
 
 
-def backend_and_params(seed: int = 0):
+SKIP_KINDS = {
+    "adam": "found_inf",
+    "adamw": "found_inf",
+    "sgd": "found_inf",
+    "radam": "masked",
+    "lion": "masked",
+}
+
+
+def backend_and_params(name: str = "adamw", precision: str = "fp32", seed: int = 0):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    optimizer = build_optimizer(OptimConfig(name=name, lr=1e-2, weight_decay=0.1), model)
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    return build_backend("single", model, optimizer, info, precision="fp32", grad_clip=1.0), model
+    return build_backend("single", model, optimizer, info, precision=precision, grad_clip=1.0), model
 
 
 def one_step(backend, model, x, skip):
-    backend.backward(model(x).pow(2).mean())
+    with backend.autocast():
+        loss = model(x).float().pow(2).mean()
+    backend.backward(loss)
     backend.step(skip=skip)
 
 
@@ -95,38 +114,70 @@ def snapshot(backend, model) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()] + state
 
 
-def test_a_masked_skip_leaves_weights_and_optimizer_state_bit_identical():
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_every_optimizer_has_its_skip_and_adam_adamw_sgd_skip_without_a_copy():
+    assert set(SKIP_KINDS) == set(OPTIMIZERS)
+    for name, kind in SKIP_KINDS.items():
+        backend, _ = backend_and_params(name)
+        assert backend.skippable.kind == kind, name
+        assert (backend.skippable.masked is None) == (kind == "found_inf")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("name", list(SKIP_KINDS))
+def test_a_skipped_step_leaves_weights_and_optimizer_state_bit_identical(name, precision):
     x = torch.randn(16, 4)
-    plain, plain_model = backend_and_params()
-    masked, masked_model = backend_and_params()
-    for _ in range(3):  # unmasked masked steps update exactly as plain ones
+    plain, plain_model = backend_and_params(name, precision)
+    skipping, skipping_model = backend_and_params(name, precision)
+    for _ in range(3):  # steps not skipped update exactly as plain ones
         one_step(plain, plain_model, x, skip=False)
-        one_step(masked, masked_model, x, skip=torch.tensor(False))
-    assert all(torch.equal(a, b) for a, b in zip(snapshot(plain, plain_model), snapshot(masked, masked_model),
-                                                 strict=True))
-    before = snapshot(masked, masked_model)
-    one_step(masked, masked_model, x * float("nan"), skip=torch.tensor(True))
-    masked.settle_skip(True)
-    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(masked, masked_model), strict=True))
+        one_step(skipping, skipping_model, x, skip=torch.tensor(False))
+    assert same(snapshot(plain, plain_model), snapshot(skipping, skipping_model))
+    before = snapshot(skipping, skipping_model)
+    one_step(skipping, skipping_model, x * float("nan"), skip=torch.tensor(True))
+    skipping.settle_skip(True)
+    assert same(before, snapshot(skipping, skipping_model))
 
 
-def test_a_masked_first_step_leaves_state_that_steps_as_fresh():
+@pytest.mark.parametrize("name", list(SKIP_KINDS))
+def test_a_skipped_first_step_leaves_state_that_steps_as_fresh(name):
     x = torch.randn(16, 4)
-    plain, plain_model = backend_and_params()
-    masked, masked_model = backend_and_params()
-    one_step(masked, masked_model, x * float("nan"), skip=torch.tensor(True))
-    masked.settle_skip(True)
+    plain, plain_model = backend_and_params(name)
+    skipping, skipping_model = backend_and_params(name)
+    one_step(skipping, skipping_model, x * float("nan"), skip=torch.tensor(True))
+    skipping.settle_skip(True)
     for _ in range(2):
         one_step(plain, plain_model, x, skip=False)
-        one_step(masked, masked_model, x, skip=torch.tensor(False))
-    assert all(torch.equal(a, b) for a, b in zip(plain_model.parameters(), masked_model.parameters(), strict=True))
+        one_step(skipping, skipping_model, x, skip=torch.tensor(False))
+    assert same(list(plain_model.parameters()), list(skipping_model.parameters()))
+
+
+def test_a_loss_made_non_finite_without_non_finite_gradients_is_still_skipped():
+    """The skip follows the flag, not the gradients: finite gradients of a step flagged non-finite are not applied."""
+    x = torch.randn(16, 4)
+    for name in SKIP_KINDS:
+        for precision in ("fp32", "fp16"):
+            backend, model = backend_and_params(name, precision)
+            one_step(backend, model, x, skip=False)
+            before = snapshot(backend, model)
+            one_step(backend, model, x, skip=torch.tensor(True))
+            backend.settle_skip(True)
+            assert same(before, snapshot(backend, model)), (name, precision)
 
 
 def test_nan_policy_skip_skips_then_stops_past_max_skipped_steps(tmp_path, ring_shards, capsys):
-    cfg = load_config(config_dict(ring_shards, optim={"name": "sgd", "lr": 1e12},
-                                  train={"max_steps": 30, "grad_clip": None, "nan_policy": "skip",
-                                         "max_skipped_steps": 2},
-                                  log={"every_steps": 5}, checkpoint={"every_steps": 0, "every_minutes": None}))
+    cfg = load_config(
+        config_dict(
+            ring_shards,
+            optim={"name": "sgd", "lr": 1e12},
+            train={"max_steps": 30, "grad_clip": None, "nan_policy": "skip", "max_skipped_steps": 2},
+            log={"every_steps": 5},
+            checkpoint={"every_steps": 0, "every_minutes": None},
+        )
+    )
     run = RunDir(tmp_path / "run")
     assert run_training(cfg, run.root) == EXIT_NONFINITE
     out = capsys.readouterr().out

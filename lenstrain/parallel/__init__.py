@@ -16,8 +16,9 @@ BACKENDS: dict[str, type[Backend]] = {"single": Backend, "ddp": DDPBackend, "dee
 __all__ = ["BACKENDS", "Backend", "DDPBackend", "DeepSpeedBackend", "build_backend"]
 
 
-def build_backend(strategy: str, model, optimizer, info: DistInfo, *, precision: str, grad_clip,
-                  **options) -> Backend:
+def build_backend(
+    strategy: str, model, optimizer, info: DistInfo, *, precision: str, grad_clip, **options
+) -> Backend:
     """The backend named ``strategy``, given the ``options`` it declares (those of the others are ignored)."""
     cls = BACKENDS.get(strategy)
     if cls is None:

@@ -6,8 +6,8 @@ reaches a checkpoint. The loop calls ``accumulating(last)`` around each micro-st
 ``gather_objects``/``barrier`` for the few collectives it needs.
 
 Nothing on a step's path reads the device: ``reduce_flags`` leaves the agreed flags on the device
-(with a copy on its way to the host, read a step later), ``step(skip=tensor)`` masks the update on
-the device and returns the gradient norm as a device tensor. The checkpointer calls
+(with a copy on its way to the host, read a step later), ``step(skip=tensor)`` skips the update on
+the device (:mod:`lenstrain.parallel.skip`) and returns the gradient norm as a device tensor. The checkpointer calls
 ``save_state``/``load_state`` on every rank. Evaluation reads the unwrapped ``model``.
 """
 
@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from lenstrain.distributed import DistInfo
+from lenstrain.parallel.skip import SkippableStep, fill_momentum_buffers, poison_gradients
 from lenstrain.stateio import load_state_file, save_state_file
 
 
@@ -31,8 +32,15 @@ class Backend:
     multi_rank = False  # whether it runs on several ranks
     options: tuple[str, ...] = ()  # keyword options of its constructor beyond precision and grad_clip
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo, *,
-                 precision: str, grad_clip: float | None):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        info: DistInfo,
+        *,
+        precision: str,
+        grad_clip: float | None,
+    ):
         self.model = model  # unwrapped: what checkpoints and evaluation use
         self.optimizer = optimizer
         self.info = info
@@ -58,33 +66,41 @@ class Backend:
         """Unscale, clip, apply the update (unless ``skip``) and zero the gradients; return the grad norm
         (a 0-dim tensor on the device).
 
-        ``skip`` as a 0-dim bool tensor on the device masks the update there, without reading it: see
-        :class:`MaskedUpdate`. (fp16's GradScaler reads its own inf check on the host.)
+        ``skip`` as a 0-dim bool tensor on the device skips the update there, exactly, without reading
+        it: see :mod:`lenstrain.parallel.skip`. With fp16 it makes the gradients non-finite, and
+        GradScaler skips the step as on an overflow (reading its check on the host unless the optimizer
+        is fused).
         """
+        if torch.is_tensor(skip) and self.scaler.is_enabled():
+            poison_gradients(self.optimizer, skip)
+            skip = False
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.grad_clip if self.grad_clip is not None else math.inf
-        norm = (torch.nn.utils.clip_grad_norm_(params, max_norm) if params
-                else torch.zeros((), device=self.info.device))
+        norm = (
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+            if params
+            else torch.zeros((), device=self.info.device)
+        )
         if torch.is_tensor(skip):
-            with self.masked_update.masking(skip):
-                self.scaler.step(self.optimizer)
+            self.skippable.step(skip)
         elif not skip:
+            fill_momentum_buffers(self.optimizer)
             self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return norm.detach()
 
     @property
-    def masked_update(self) -> MaskedUpdate:
-        if getattr(self, "_masked_update", None) is None:
-            self._masked_update = MaskedUpdate(self.optimizer)
-        return self._masked_update
+    def skippable(self) -> SkippableStep:
+        if getattr(self, "_skippable", None) is None:
+            self._skippable = SkippableStep(self.optimizer)
+        return self._skippable
 
     def settle_skip(self, skipped: bool) -> None:
-        """The host's reading of the last masked step's ``skip`` (before the next update)."""
-        if getattr(self, "_masked_update", None) is not None:
-            self._masked_update.settle(skipped)
+        """The host's reading of the last skippable step's ``skip`` (before the next update)."""
+        if getattr(self, "_skippable", None) is not None:
+            self._skippable.settle(skipped)
 
     # --- collectives ---------------------------------------------------------------------------
     def reduce_flags(self, flags: torch.Tensor) -> StepFlags:
@@ -147,54 +163,3 @@ class StepFlags:
         if self._event is not None:
             self._event.synchronize()
         return [bool(v > 0) for v in self._host.numpy()]
-
-
-class MaskedUpdate:
-    """An optimizer step that a bool tensor on the device can undo, without the host reading it.
-
-    Before the step the parameters and the optimizer state are copied (into buffers kept from step to
-    step, one batched copy); after it, each tensor on the mask's device takes back its copy where the
-    mask is true (``torch.where``, exact). State the optimizer keeps elsewhere (Adam's step counts on
-    the CPU beside GPU parameters) is put back by ``settle(True)`` once the host has read the mask,
-    which the loop does before the next update. The cost: one copy of the parameters and the
-    optimizer state per step, in memory and in time.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer):
-        self.optimizer = optimizer
-        self._buffers: list[torch.Tensor] = []
-        self._host_saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def _tensors(self) -> list[torch.Tensor]:
-        out = []
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                out.append(p.data)
-                out.extend(v for v in self.optimizer.state.get(p, {}).values() if torch.is_tensor(v))
-        return out
-
-    @contextlib.contextmanager
-    def masking(self, skip: torch.Tensor):
-        tensors = self._tensors()
-        known = {t.data_ptr() for t in tensors}
-        on_device = [t for t in tensors if t.device == skip.device]
-        self._host_saved = [(t, t.clone()) for t in tensors if t.device != skip.device]
-        if [(b.shape, b.dtype) for b in self._buffers] != [(t.shape, t.dtype) for t in on_device]:
-            self._buffers = [torch.empty_like(t) for t in on_device]  # the first step, or new state
-        if on_device:
-            torch._foreach_copy_(self._buffers, on_device)
-        yield
-        for before, tensor in zip(self._buffers, on_device, strict=True):
-            torch.where(skip, before, tensor, out=tensor)
-        # State the step created (its first) goes back to zeros, which the optimizers read as fresh.
-        for tensor in (t for t in self._tensors() if t.data_ptr() not in known):
-            if tensor.device == skip.device:
-                tensor.masked_fill_(skip, 0)
-            else:
-                self._host_saved.append((tensor, torch.zeros_like(tensor)))
-
-    def settle(self, skipped: bool) -> None:
-        if skipped:
-            for tensor, before in self._host_saved:
-                tensor.copy_(before)
-        self._host_saved = []

@@ -22,8 +22,9 @@ class DDPBackend(Backend):
         super().__init__(model, optimizer, info, precision=precision, grad_clip=grad_clip)
         if info.world_size > 1:
             device_ids = [info.device.index] if info.device.type == "cuda" else None
-            self.train_module = DistributedDataParallel(model, device_ids=device_ids,
-                                                        find_unused_parameters=find_unused_parameters)
+            self.train_module = DistributedDataParallel(
+                model, device_ids=device_ids, find_unused_parameters=find_unused_parameters
+            )
 
     def accumulating(self, last: bool):
         if isinstance(self.train_module, DistributedDataParallel) and not last:

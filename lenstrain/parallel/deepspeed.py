@@ -49,16 +49,24 @@ def ensure_process_group(info: DistInfo) -> str:
     A multi-rank run already has its group (``init_distributed``); a lone process gets a group of
     one, so DeepSpeed never falls back to MPI discovery. Returns the backend name.
     """
-    defaults = {"RANK": str(info.rank), "WORLD_SIZE": str(info.world_size), "LOCAL_RANK": str(info.local_rank),
-                "MASTER_ADDR": "127.0.0.1"}
+    defaults = {
+        "RANK": str(info.rank),
+        "WORLD_SIZE": str(info.world_size),
+        "LOCAL_RANK": str(info.local_rank),
+        "MASTER_ADDR": "127.0.0.1",
+    }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(free_port())
     if not dist.is_initialized():
         backend = "nccl" if info.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size,
-                                timeout=datetime.timedelta(seconds=info.timeout_s))
+        dist.init_process_group(
+            backend=backend,
+            rank=info.rank,
+            world_size=info.world_size,
+            timeout=datetime.timedelta(seconds=info.timeout_s),
+        )
     return dist.get_backend()
 
 
@@ -68,12 +76,22 @@ def clone_world_group(info: DistInfo) -> None:
     from deepspeed.utils import groups
 
     if groups._WORLD_GROUP is None:
-        groups._WORLD_GROUP = dist.new_group(ranks=range(info.world_size),
-                                             timeout=datetime.timedelta(seconds=info.timeout_s))
+        groups._WORLD_GROUP = dist.new_group(
+            ranks=range(info.world_size), timeout=datetime.timedelta(seconds=info.timeout_s)
+        )
 
 
-def deepspeed_config(*, precision: str, grad_clip: float | None, zero_stage: int, offload_optimizer: bool,
-                     world_size: int, on_gpu: bool, num_params: int, clip_in_engine: bool = True) -> dict:
+def deepspeed_config(
+    *,
+    precision: str,
+    grad_clip: float | None,
+    zero_stage: int,
+    offload_optimizer: bool,
+    world_size: int,
+    on_gpu: bool,
+    num_params: int,
+    clip_in_engine: bool = True,
+) -> dict:
     """The DeepSpeed config for one lenstrain run (the batch fields only satisfy DeepSpeed's checks).
 
     bf16 and fp16 use DeepSpeed's ``torch_autocast`` mode rather than its bf16/fp16 modes: weights,
@@ -106,7 +124,10 @@ def deepspeed_config(*, precision: str, grad_clip: float | None, zero_stage: int
         "wall_clock_breakdown": False,
     }
     if precision in ("bf16", "fp16"):  # torch autocast inside the engine (and a GradScaler for fp16)
-        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16" if precision == "bf16" else "float16"}
+        config["torch_autocast"] = {
+            "enabled": True,
+            "dtype": "bfloat16" if precision == "bf16" else "float16",
+        }
     elif precision != "fp32":
         raise ValueError(f"unknown precision {precision!r}; valid: fp32, bf16, fp16")
     return config
@@ -118,8 +139,17 @@ class DeepSpeedBackend(DDPBackend):
     name = "deepspeed"
     options = ("zero_stage", "offload_optimizer")
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo, *, precision: str,
-                 grad_clip: float | None, zero_stage: int = 1, offload_optimizer: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        info: DistInfo,
+        *,
+        precision: str,
+        grad_clip: float | None,
+        zero_stage: int = 1,
+        offload_optimizer: bool = False,
+    ):
         Backend.__init__(self, model, optimizer, info, precision="fp32", grad_clip=grad_clip)  # no GradScaler
         self.precision = precision
         self.zero_stage = zero_stage
@@ -131,14 +161,25 @@ class DeepSpeedBackend(DDPBackend):
         from lenstrain.parallel.deepspeed_files import ListedFilesCheckpointEngine
 
         ds_logger.setLevel(logging.WARNING)
-        deepspeed.init_distributed(dist_backend=comm_backend, auto_mpi_discovery=False,
-                                   timeout=datetime.timedelta(seconds=info.timeout_s))
+        deepspeed.init_distributed(
+            dist_backend=comm_backend,
+            auto_mpi_discovery=False,
+            timeout=datetime.timedelta(seconds=info.timeout_s),
+        )
         clone_world_group(info)
-        config = deepspeed_config(precision=precision, grad_clip=grad_clip, zero_stage=zero_stage,
-                                  offload_optimizer=offload_optimizer, world_size=info.world_size,
-                                  on_gpu=info.device.type == "cuda", clip_in_engine=zero_stage > 0,
-                                  num_params=sum(p.numel() for p in model.parameters()))
-        self.engine, self.ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        config = deepspeed_config(
+            precision=precision,
+            grad_clip=grad_clip,
+            zero_stage=zero_stage,
+            offload_optimizer=offload_optimizer,
+            world_size=info.world_size,
+            on_gpu=info.device.type == "cuda",
+            clip_in_engine=zero_stage > 0,
+            num_params=sum(p.numel() for p in model.parameters()),
+        )
+        self.engine, self.ds_optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=config
+        )
         self.engine.checkpoint_engine = ListedFilesCheckpointEngine(self.engine._config)
         self.train_module = self.engine
         self._buffers_synced = False
@@ -223,8 +264,13 @@ class DeepSpeedBackend(DDPBackend):
 
     def load_state(self, directory: Path, objects: dict[str, object]) -> None:
         """Collective: every rank restores the weights and its optimizer partition, then ``objects``."""
-        path, _ = self.engine.load_checkpoint(str(directory), tag=DEEPSPEED_DIR, load_module_strict=True,
-                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        path, _ = self.engine.load_checkpoint(
+            str(directory),
+            tag=DEEPSPEED_DIR,
+            load_module_strict=True,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {Path(directory) / DEEPSPEED_DIR}")
         super().load_state(directory, objects)
