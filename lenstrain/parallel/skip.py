@@ -26,8 +26,9 @@ def skip_kind(optimizer: torch.optim.Optimizer) -> str:
     if not getattr(optimizer, "_step_supports_amp_scaling", False):
         return "masked"
     # see fill_momentum_buffers: a zero buffer stands for a fresh one only without dampening
-    dampened = any(g["momentum"] and g["dampening"] for g in optimizer.param_groups)
-    return "masked" if isinstance(optimizer, torch.optim.SGD) and dampened else "found_inf"
+    sgd = isinstance(optimizer, torch.optim.SGD)
+    dampened = sgd and any(g["momentum"] and g["dampening"] for g in optimizer.param_groups)
+    return "masked" if dampened else "found_inf"
 
 
 def fill_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:
