@@ -98,13 +98,24 @@ def local_info() -> DistInfo:
 # ------------------------------------------------------------------------------------ data
 
 
-def build_builder(cfg: LenstrainConfig, task: Task, split: str, augment: bool) -> tuple[BatchBuilder, int]:
+def augment_place(cfg: LenstrainConfig, device: torch.device) -> str:
+    """Where training batches are augmented (``data.augment.device``): ``cpu`` (the loader workers) or
+    ``device`` (the training process, on ``device``); ``auto`` is ``device`` on a GPU."""
+    place = cfg.data.augment.device
+    if place == "auto":
+        return "device" if device.type == "cuda" else "cpu"
+    return place
+
+
+def build_builder(cfg: LenstrainConfig, task: Task, split: str, augment: bool,
+                  augment_device: str = "cpu") -> tuple[BatchBuilder, int]:
     """The batch builder of one split (normalised as ``data.normalize`` says) and the split's size."""
     reader = ShardReader(cfg.data.shards, split, manifest=task.manifest)
     stats = task.manifest.image.stats
     builder = BatchBuilder(reader, task.target, seed=cfg.seed, normalize=cfg.data.normalize,
                            mean=stats.mean if stats else 0.0, std=stats.std if stats else 1.0,
-                           rotate=augment and cfg.data.augment.rotate, flip=augment and cfg.data.augment.flip)
+                           rotate=augment and cfg.data.augment.rotate, flip=augment and cfg.data.augment.flip,
+                           augment_device=augment_device)
     return builder, len(reader)
 
 
@@ -116,11 +127,12 @@ def build_eval_batches(cfg: LenstrainConfig, task: Task, split: str, info: DistI
     if optional_labels:
         builder.target = OptionalLabels(task.target)
     return eval_batches(builder, n, rank=info.rank, world=info.world_size,
-                        batch=cfg.data.val_batch_size or cfg.data.batch_size, workers=min(cfg.data.workers, 2))
+                        batch=cfg.data.val_batch_size or cfg.data.batch_size, workers=min(cfg.data.workers, 2),
+                        worker_kind=cfg.data.worker_kind)
 
 
 def build_train_stream(cfg: LenstrainConfig, task: Task, info: DistInfo, cursor: Cursor | None, log) -> TrainStream:
-    builder, n = build_builder(cfg, task, "train", augment=True)
+    builder, n = build_builder(cfg, task, "train", augment=True, augment_device=augment_place(cfg, info.device))
     batch = cfg.data.batch_size
     per_step = info.world_size * cfg.train.grad_accum
     if cursor is not None and cursor.global_batch and cursor.global_batch != batch * per_step:
@@ -132,7 +144,8 @@ def build_train_stream(cfg: LenstrainConfig, task: Task, info: DistInfo, cursor:
             log(f"global batch changes from {cursor.global_batch} to {batch * per_step}; "
                 f"continuing the same sample order from sample {cursor.offset} of epoch {cursor.epoch}")
     return TrainStream(builder, n=n, seed=cfg.seed, rank=info.rank, world=info.world_size, batch=batch,
-                       accum=cfg.train.grad_accum, workers=cfg.data.workers, prefetch=cfg.data.prefetch, cursor=cursor)
+                       accum=cfg.train.grad_accum, workers=cfg.data.workers, prefetch=cfg.data.prefetch, cursor=cursor,
+                       worker_kind=cfg.data.worker_kind, device=info.device)
 
 
 def total_steps(cfg: LenstrainConfig, stream: TrainStream) -> int:

@@ -47,12 +47,19 @@ MODE_HELP = "min or max; default: the metric's own direction (min for loss, mse,
 class AugmentConfig(Section):
     rotate: bool = True  # any angle: lensing labels are rotation invariant
     flip: bool = True
+    device: Literal["auto", "cpu", "device"] = Field("auto", description=(
+        "where rotations and flips run: cpu: in the loader workers; device: in the training process, batched on "
+        "its device (the CPU on a CPU run), the workers only gathering bytes; auto: device when training on a "
+        "GPU, else cpu. The per-sample draws are the same either way"))
 
 
 class DataConfig(Section):
     shards: Path
     batch_size: int = Field(32, ge=1, description="per rank, per micro-step")
     workers: int = Field(2, ge=0)
+    worker_kind: Literal["thread", "process"] = Field("thread", description=(
+        "thread: loader workers are threads of the training process (no copy between processes); "
+        "process: DataLoader worker processes, each batch handed over in shared memory"))
     prefetch: int = Field(2, ge=1)
     target: str | None = None  # default: the shard set's primary target
     target_scaling: Literal["standard", "minmax", "none"] = "standard"

@@ -9,27 +9,32 @@ globally, never per rank. Hence
 - every rank takes the same number of steps (the tail that cannot fill a global batch is dropped);
 - a resume with another world size continues the same global order from the same sample count.
 
-Samples are read by index through the member offsets in the manifest (one ``pread`` each), so the
-permutation costs nothing in locality, and worker processes build whole batches.
+Samples are read by index: images are copied out of the memory-mapped shards at the member offsets the
+manifest records (one copy per sample, no parsing), targets come from the manifest's label table, and
+workers (threads or processes, ``data.worker_kind``) build whole batches. Augmentation runs in the worker
+or, with ``data.augment.device: device``, on the training process's device, from the same per-sample draws.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import mmap
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from lenstrain.augment import Augment
+from lenstrain.augment import rotation_grid as augment_rotation_grid
+from lenstrain.batches import Batches, run_batches
 from lenstrain.normalize import NORMALIZERS
 from shards.manifest import Manifest
+from shards.mapped import MappedImages
 from shards.reader import ShardReader
 
 CURSOR_VERSION = 1
+AUGMENT_PLACES = ("cpu", "device")  # where a training batch is augmented: its worker, or its consumer's device
 
 
 @dataclass
@@ -92,6 +97,16 @@ class TargetTransform:
             return float(value)
         return (float(value) - self.shift) / self.scale
 
+    def encode_values(self, values: np.ndarray, where: Callable[[int], str]) -> np.ndarray:
+        """:meth:`encode` over a label-table column (NaN where a sample has no value); ``where(k)`` names the
+        sample at position ``k`` in an error."""
+        missing = np.flatnonzero(np.isnan(values))
+        if len(missing):
+            raise ValueError(f"{where(int(missing[0]))}: label {self.name!r} is null or missing")
+        if self.kind == "classification":
+            return values
+        return (values - self.shift) / self.scale
+
     def decode(self, values: torch.Tensor) -> torch.Tensor:
         return values if self.kind == "classification" else values * self.scale + self.shift
 
@@ -108,63 +123,10 @@ class OptionalLabels:
             return math.nan if self.kind == "regression" else -1.0
         return self.target.encode(labels)
 
-
-class MappedSamples:
-    """Copies a sample's array bytes straight into a batch, with no ``.npy`` parsing per sample.
-
-    Each shard is memory-mapped once per process. Every image of a shard set has the manifest's
-    shape and dtype, so every ``.npy`` header is the same bytes: the first sample is decoded by
-    ``np.load`` (through the reader), its header is kept, and a later sample whose header bytes match
-    is the array that follows them. Anything else (another header, a truncated shard) goes through the
-    reader, which decodes it or names the damaged member. The values are those ``np.load`` gives.
-    """
-
-    def __init__(self, reader: ShardReader):
-        image = reader.manifest.image
-        self.shape, self.dtype = tuple(image.shape), np.dtype(image.dtype)
-        self.count = math.prod(self.shape)
-        self.nbytes = self.count * self.dtype.itemsize
-        shards = reader.manifest.split(reader.split).shards
-        self.paths = [str(reader.directory / shard.name) for shard in shards]
-        rows = [(si, m.image_offset, m.image_size, m.json_offset, m.json_size)
-                for si, shard in enumerate(shards) for m in shard.members]
-        self.table = np.array(rows, dtype=np.int64).reshape(-1, 5)  # one row per sample, in reader order
-        self.header: bytes | None = None
-        self._maps: dict[int, mmap.mmap] = {}
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_maps"] = {}
-        return state
-
-    def _map(self, shard: int) -> mmap.mmap:
-        mm = self._maps.get(shard)
-        if mm is None:
-            with open(self.paths[shard], "rb") as fh:
-                mm = self._maps[shard] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        return mm
-
-    def read_into(self, reader: ShardReader, index: int, out: np.ndarray) -> dict:
-        """Write sample ``index``'s image into ``out`` (the manifest's shape) and return its labels."""
-        shard, image_offset, image_size, json_offset, json_size = (int(v) for v in self.table[index])
-        mm = self._map(shard)
-        start = image_offset + image_size - self.nbytes  # where the array follows its header
-        if self.header is not None and json_offset + json_size <= len(mm) and \
-                mm[image_offset:start] == self.header:
-            out[...] = np.frombuffer(mm, self.dtype, self.count, start).reshape(self.shape)
-            try:
-                return json.loads(mm[json_offset : json_offset + json_size])
-            except ValueError:
-                pass  # the reader names the member in its error
-        image, labels = reader.read(index)
-        if image.shape != self.shape:
-            raise ValueError(f"{reader.where(index)}: image shape {image.shape} is not the manifest's {self.shape}")
-        out[...] = image
-        header = mm[image_offset:start] if json_offset + json_size <= len(mm) else b""
-        if (self.header is None and image.dtype == self.dtype and image.flags.c_contiguous
-                and b"'fortran_order': False" in header):
-            self.header = header
-        return labels
+    def encode_values(self, values: np.ndarray, where: Callable[[int], str]) -> np.ndarray:  # noqa: ARG002
+        missing = np.isnan(values)
+        encoded = self.target.encode_values(np.where(missing, 0.0, values), where)
+        return np.where(missing, math.nan if self.kind == "regression" else -1.0, encoded)
 
 
 def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
@@ -177,65 +139,70 @@ def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
 
 
 class BatchBuilder:
-    """Reads and prepares whole batches; picklable, so DataLoader workers run it.
+    """Reads and prepares whole batches; picklable, so worker processes run it.
 
     ``normalize`` names an entry of :data:`~lenstrain.normalize.NORMALIZERS`; ``mean`` and ``std`` are the
-    train split's pixel statistics, which ``global`` and ``asinh`` use.
+    train split's pixel statistics, which ``global`` and ``asinh`` use. The images are copied from the
+    memory-mapped shards (:class:`~shards.mapped.MappedImages`), the targets looked up in the manifest's label
+    table (or read from the JSON members of a shard set packed before it existed).
+
+    With ``augment_device="device"``, a training batch (one with an epoch) leaves the worker as gathered: its
+    consumer moves it to its device and calls :meth:`finish` there. Evaluation batches are always finished here.
     """
 
     def __init__(self, reader: ShardReader, target: TargetTransform, *, seed: int, normalize: str,
-                 mean: float, std: float, rotate: bool, flip: bool):
+                 mean: float, std: float, rotate: bool, flip: bool, augment_device: str = "cpu"):
+        if augment_device not in AUGMENT_PLACES:
+            raise ValueError(f"augment_device {augment_device!r}; valid: {', '.join(AUGMENT_PLACES)}")
         self.reader = reader
         self.target = target
         self.seed = seed
         self.normalize = normalize
         self.mean, self.std = mean, std or 1.0
-        self.rotate, self.flip = rotate, flip
-        self.samples = MappedSamples(reader)
+        self.augment = Augment(seed, rotate, flip)
+        self.defers = augment_device == "device"
+        self.images = MappedImages(reader)
+        self._columns: dict[str, np.ndarray | None] = {}
+
+    @property
+    def rotate(self) -> bool:
+        return self.augment.rotate
+
+    @property
+    def flip(self) -> bool:
+        return self.augment.flip
 
     def __call__(self, indices: np.ndarray, epoch: int | None) -> dict[str, torch.Tensor]:
-        x = _batch_buffer((len(indices), *self.samples.shape))
-        images = x.numpy()
-        targets = []
-        for k, i in enumerate(indices):
-            labels = self.samples.read_into(self.reader, int(i), images[k])
-            targets.append(self.target.encode(labels))
-        if epoch is not None and (self.rotate or self.flip):
-            x = self._augment(x, indices, epoch)
-        x = NORMALIZERS[self.normalize](x, self.mean, self.std)
-        y = torch.tensor(targets, dtype=torch.float32)
+        indices = np.asarray(indices, dtype=np.int64)
+        x = _batch_buffer((len(indices), *self.images.shape))
+        self.images.gather(indices, x.numpy())
+        y = torch.from_numpy(self._targets(indices).astype(np.float32))
         if self.target.kind == "classification":
             y = y.long()
-        return {"image": x, "target": y, "index": torch.from_numpy(np.asarray(indices, dtype=np.int64))}
+        if epoch is None or not self.defers:
+            x = self.finish(x, indices, epoch)
+        return {"image": x, "target": y, "index": torch.from_numpy(indices)}
 
-    def _augment(self, x: torch.Tensor, indices: np.ndarray, epoch: int) -> torch.Tensor:
-        """Rotate by any angle and flip, each drawn from (seed, epoch, sample): labels are unchanged."""
-        n = len(indices)
-        angles = np.zeros(n)
-        flips = np.zeros(n, dtype=bool)
-        for k, i in enumerate(indices):
-            rng = np.random.default_rng([self.seed, epoch, int(i), 0xA46])
-            angles[k] = rng.uniform(0, 2 * math.pi) if self.rotate else 0.0
-            flips[k] = bool(rng.integers(2)) if self.flip else False
-        if flips.any():
-            x[torch.from_numpy(flips)] = x[torch.from_numpy(flips)].flip(-1)
-        if self.rotate:
-            cos, sin = torch.from_numpy(np.cos(angles)).float(), torch.from_numpy(np.sin(angles)).float()
-            x = F.grid_sample(x, rotation_grid(cos, sin, x.shape[-2], x.shape[-1]), mode="bilinear",
-                              padding_mode="zeros", align_corners=False)
-        return x
+    def finish(self, x: torch.Tensor, indices, epoch: int | None) -> torch.Tensor:
+        """Augment a gathered batch (training batches only: those with an epoch), then normalise it, on ``x``'s
+        device. The worker path and the device path call this same function on the same draws."""
+        if epoch is not None:
+            x = self.augment(x, indices, epoch)
+        return NORMALIZERS[self.normalize](x, self.mean, self.std)
+
+    def _targets(self, indices: np.ndarray) -> np.ndarray:
+        name = self.target.name
+        if name not in self._columns:
+            self._columns[name] = self.reader.label_column(name)
+        column = self._columns[name]
+        if column is None:  # no label table: the JSON members
+            return np.array([self.target.encode(self.reader.labels(int(i))) for i in indices], dtype=np.float64)
+        return self.target.encode_values(column[indices], lambda k: self.reader.where(int(indices[k])))
 
 
 def rotation_grid(cos: torch.Tensor, sin: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """``F.affine_grid`` for pure rotations (align_corners=False), built by broadcasting: the same
-    sampling points to float rounding, at a fraction of the cost of its batched matrix product on CPU."""
-    xs = (torch.linspace(-1, 1, w) * (w - 1) / w).view(1, 1, w)
-    ys = (torch.linspace(-1, 1, h) * (h - 1) / h).view(1, h, 1)
-    c, s = cos.view(-1, 1, 1), sin.view(-1, 1, 1)
-    grid = torch.empty(len(cos), h, w, 2)
-    torch.sub(c * xs, s * ys, out=grid[..., 0])
-    torch.add(s * xs, c * ys, out=grid[..., 1])
-    return grid
+    """Kept importable from here; see :func:`lenstrain.augment.rotation_grid`."""
+    return augment_rotation_grid(cos, sin, h, w)
 
 
 class _PlannedBatches(Dataset):
@@ -251,40 +218,23 @@ class _PlannedBatches(Dataset):
         return self.builder(self.plan[k], self.epoch)
 
 
-_INLINE_BYTES = 1 << 16
-
-
-def _pack(batch: dict[str, torch.Tensor]) -> dict:
-    """Small tensors (targets, indices) as numpy arrays: they travel from a worker inside the pickle,
-    where each tensor would cost a shared-memory segment and a file-descriptor round trip."""
-    return {k: v.numpy() if v.numel() * v.element_size() <= _INLINE_BYTES else v for k, v in batch.items()}
-
-
-def _unpack(batch: dict) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
-
-
-class _PackedBatches(_PlannedBatches):
-    def __getitem__(self, k: int):
-        return _pack(super().__getitem__(k))
-
-
-def _as_is(item):
-    return item
-
-
 class TrainStream:
     """The resumable stream of global batches for one rank.
 
     ``next_step()`` returns this rank's ``accum`` micro-batches of the next global batch and
-    advances the cursor. The cursor is the only state; restoring it restores the stream.
+    advances the cursor. The cursor is the only state; restoring it restores the stream. With a ``device``,
+    the batches are moved there, and a builder that defers augmentation has it done there.
     """
 
     def __init__(self, builder: BatchBuilder, *, n: int, seed: int, rank: int, world: int, batch: int,
-                 accum: int, workers: int, prefetch: int, cursor: Cursor | None = None):
+                 accum: int, workers: int, prefetch: int, cursor: Cursor | None = None,
+                 worker_kind: str = "process", device: torch.device | str | None = None):
         self.builder, self.n, self.seed = builder, n, seed
         self.rank, self.world, self.batch, self.accum = rank, world, batch, accum
-        self.workers, self.prefetch = workers, prefetch
+        self.workers, self.prefetch, self.worker_kind = workers, prefetch, worker_kind
+        if device is None and builder.defers:
+            device = "cpu"
+        self.device = torch.device(device) if device is not None else None
         self.cursor = cursor or Cursor()
         self.cursor.global_batch = self.global_batch
         if self.global_batch > n:
@@ -312,11 +262,10 @@ class TrainStream:
     def _open_epoch(self):
         steps = self._plan(self.cursor.epoch, self.cursor.offset)
         flat = [mb for step in steps for mb in step]
-        dataset = (_PackedBatches if self.workers else _PlannedBatches)(self.builder, flat, self.cursor.epoch)
-        loader = DataLoader(dataset, batch_size=None, shuffle=False, collate_fn=_as_is,
-                            num_workers=self.workers, prefetch_factor=self.prefetch if self.workers else None,
-                            persistent_workers=False, pin_memory=torch.cuda.is_available())
-        return iter(loader), len(steps)
+        pin = torch.cuda.is_available() and (self.device is None or self.device.type == "cuda")
+        batches = run_batches(_PlannedBatches(self.builder, flat, self.cursor.epoch), workers=self.workers,
+                              kind=self.worker_kind, prefetch=self.prefetch, pin=pin)
+        return batches, len(steps)
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
         if self._iter is None:
@@ -324,7 +273,7 @@ class TrainStream:
             if self._left == 0:  # the cursor sat on a dropped tail: start the next epoch
                 self.cursor.epoch, self.cursor.offset = self.cursor.epoch + 1, 0
                 self._iter, self._left = self._open_epoch()
-        micro = [_unpack(next(self._iter)) for _ in range(self.accum)]
+        micro = [self._place(next(self._iter), self.cursor.epoch) for _ in range(self.accum)]
         self._left -= 1
         self.cursor.offset += self.global_batch
         self.cursor.samples_seen += self.global_batch
@@ -333,12 +282,22 @@ class TrainStream:
             self._iter = None
         return micro
 
+    def _place(self, batch: dict[str, torch.Tensor], epoch: int) -> dict[str, torch.Tensor]:
+        """The batch on the stream's device (where one is set), augmented and normalised there if deferred."""
+        if self.device is None:
+            return batch
+        image = batch["image"].to(self.device, non_blocking=True)
+        if self.builder.defers:
+            image = self.builder.finish(image, batch["index"], epoch)
+        return {**batch, "image": image, "target": batch["target"].to(self.device, non_blocking=True)}
+
     def close(self) -> None:
         self._iter = None
 
 
-def eval_batches(builder: BatchBuilder, n: int, *, rank: int, world: int, batch: int, workers: int):
+def eval_batches(builder: BatchBuilder, n: int, *, rank: int, world: int, batch: int, workers: int,
+                 worker_kind: str = "process") -> Batches:
     """This rank's share of an evaluation split (strided, unaugmented, every sample exactly once)."""
     mine = np.arange(rank, n, world)
     plan = [mine[i : i + batch] for i in range(0, len(mine), batch)]
-    return DataLoader(_PlannedBatches(builder, plan, None), batch_size=None, shuffle=False, num_workers=workers)
+    return Batches(_PlannedBatches(builder, plan, None), workers=workers, kind=worker_kind)

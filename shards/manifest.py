@@ -2,7 +2,9 @@
 
 A shard set is a directory holding ``manifest.json`` and ``{split}-{i:06d}.tar``. Each sample in a tar is
 ``KEY.image.npy`` (a float16/float32 ``(C,H,W)`` array saved without pickle) and ``KEY.json`` (labels and
-parameters). The manifest also records each member's byte offset, so readers can seek instead of scanning.
+parameters). The manifest also records each member's byte offset, so readers can seek instead of scanning,
+and, since 2026-12, each split's label table: every target's value per sample, so that training reads no
+JSON member. Both additions are optional fields: shard sets written before them stay readable.
 """
 
 from __future__ import annotations
@@ -69,6 +71,10 @@ class Shard(_Strict):
 class Split(_Strict):
     count: int = 0
     shards: list[Shard] = Field(default_factory=list)
+    # The label table: for a target, its value for every sample of the split, in the shards' member order
+    # (null where a sample has none). A target whose labels are not all numbers or null has no column; a
+    # shard set packed before the table existed has none at all (readers then read the JSON members).
+    labels: dict[str, list[float | None]] | None = None
 
 
 class Manifest(_Strict):

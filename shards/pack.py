@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shards.labeltable import LabelTableWriter
 from shards.manifest import MANIFEST_NAME, SPLITS, ImageInfo, Manifest, fsync_dir, save_manifest
 from shards.moments import Moments
 from shards.options import PackOptions
@@ -187,6 +188,7 @@ class _Packer:
         self.split_of, self.options, self.key_of, self.describe = split_of, options, key_of, describe
         self.shards = SplitShards(staging, options.shard_size, present)
         self.stats = PackStatistics(targets, present)
+        self.tables = {s: LabelTableWriter([t.name for t in targets]) for s in present}
         self.skipped: list[str] = []
         self.shape: tuple[int, ...] | None = None
 
@@ -200,6 +202,7 @@ class _Packer:
         split = self.split_of[result.index]
         self.shards.add(split, self.key_of(result.index), result.image_bytes, result.json_bytes, result.crcs)
         self.stats.add(split, result.labels, result.pixels)
+        self.tables[split].add(result.labels)
 
     def _reject(self, index: int, reason: str) -> None:
         message = f"{self.describe(index)}: {reason}"
@@ -211,6 +214,8 @@ class _Packer:
         splits = self.shards.close()
         if self.shape is None:
             raise BadSample("no sample could be packed")
+        for name, split in splits.items():
+            split.labels = self.tables[name].table()
         pixels = ImageInfo(shape=self.shape, dtype=self.options.dtype, stats=self.stats.pixels.stats())
         return Manifest(image=pixels, primary_target=primary_target, targets=self.stats.manifest_targets(),
                         splits=splits, source={**source, "skipped": len(self.skipped)})

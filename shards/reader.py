@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.manifest import Manifest, load_manifest
+from shards.labeltable import label_column
+from shards.manifest import Manifest, Member, load_manifest
 
 
 class CorruptSampleError(ValueError):
@@ -53,6 +54,25 @@ class ShardReader:
 
     def __len__(self) -> int:
         return len(self._members)
+
+    @property
+    def members(self) -> list[Member]:
+        """Every sample's member record, in reader order."""
+        return self._members
+
+    @property
+    def shard_paths(self) -> list[Path]:
+        return self._paths
+
+    @property
+    def shard_of(self) -> list[int]:
+        """The shard (an index into :attr:`shard_paths`) of every sample."""
+        return self._shard_of
+
+    def label_column(self, name: str) -> np.ndarray | None:
+        """Target ``name`` for every sample from the manifest's label table (NaN where a sample has none), or
+        ``None`` when the table has no such column: then :meth:`labels` reads it from the JSON member."""
+        return label_column(self.manifest.split(self.split), name)
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -3,7 +3,8 @@
 For every shard: the file is present, its size and sha256 match, ``tarfile`` lists exactly the members
 the manifest records (same names, same order, same data offsets and sizes), and every member decodes at
 its recorded offset, matches its CRC-32, and holds an image of the manifest's shape and dtype with finite
-values. Counts, class counts and the train statistics are recomputed and compared.
+values; its labels match the split's label table, where the manifest has one. Counts, class counts and the
+train statistics are recomputed and compared.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shards.labeltable import same_value
 from shards.manifest import Manifest, Shard, Stats, load_manifest
 from shards.moments import Moments
 from shards.reader import CorruptSampleError, decode_image, decode_labels
@@ -94,6 +96,7 @@ class _Checker:
         self.targets = {name: Moments() for name, t in manifest.targets.items() if t.kind == "regression"}
         self.class_counts: dict[str, dict[str, dict[str, int]]] = {
             name: {} for name, t in manifest.targets.items() if t.kind == "classification"}
+        self.seen = {name: 0 for name in manifest.splits}  # members of each split before the current shard
 
     def shard(self, split: str, shard: Shard) -> ShardResult:
         result = ShardResult(split=split, name=shard.name, count=len(shard.members), bytes=shard.bytes)
@@ -111,10 +114,11 @@ class _Checker:
         elif _sha256(path) != shard.sha256:
             problems.append(f"{shard.name}: sha256 differs from the manifest's")
         self._listing(path, shard, problems)
+        first, self.seen[split] = self.seen[split], self.seen[split] + len(shard.members)
         with open(path, "rb", buffering=0) as fh:
             for k, member in enumerate(shard.members):
                 if member.json_offset + member.json_size > size:
-                    self._member(fh.fileno(), size, split, shard.name, member, problems)
+                    self._member(fh.fileno(), size, split, shard.name, member, problems, first + k)
                     if len(shard.members) > k + 1:
                         problems.append(f"{shard.name}: the {len(shard.members) - k - 1} members after "
                                         f"{member.key} lie past the end of the file")
@@ -122,7 +126,7 @@ class _Checker:
                 if len(problems) >= MAX_PROBLEMS_PER_SHARD:
                     problems.append(f"{shard.name}: stopped after {MAX_PROBLEMS_PER_SHARD} problems")
                     break
-                self._member(fh.fileno(), size, split, shard.name, member, problems)
+                self._member(fh.fileno(), size, split, shard.name, member, problems, first + k)
         return result
 
     def _listing(self, path: Path, shard: Shard, problems: list[str]) -> None:
@@ -146,7 +150,8 @@ class _Checker:
         elif error:
             problems.append(f"{shard.name}: tar listing failed after the last member ({error})")
 
-    def _member(self, fd: int, size: int, split: str, shard_name: str, member, problems: list[str]) -> None:
+    def _member(self, fd: int, size: int, split: str, shard_name: str, member, problems: list[str],
+                position: int) -> None:
         image_name = f"{member.key}.image.npy"
         json_name = f"{member.key}.json"
         image_where = f"{shard_name}: member {image_name}"
@@ -183,6 +188,7 @@ class _Checker:
             problems.append(f"{json_where}: not a JSON object")
             return
         self._labels(labels, split, json_where, problems)
+        self._table(labels, split, position, json_where, problems)
         if split == "train":
             self.pixels.add(image)
 
@@ -206,12 +212,25 @@ class _Checker:
             elif split == "train":
                 self.targets[name].add(np.asarray([value]))
 
+    def _table(self, labels: dict, split: str, position: int, where: str, problems: list[str]) -> None:
+        """The sample's entries in the split's label table are what its JSON member says."""
+        for name, column in (self.manifest.splits[split].labels or {}).items():
+            if position < len(column) and not same_value(column[position], labels, name):
+                problems.append(f"{where}: {name}={labels.get(name)!r}, but the manifest's label table says "
+                                f"{column[position]!r}")
+
     def totals(self) -> list[str]:
         problems = []
         for split_name, split in self.manifest.splits.items():
             listed = sum(s.count for s in split.shards)
             if listed != split.count:
                 problems.append(f"split {split_name}: manifest count {split.count}, its shards hold {listed}")
+            for name, column in (split.labels or {}).items():
+                if name not in self.manifest.targets:
+                    problems.append(f"split {split_name}: the label table has a column for {name!r}, not a target")
+                if len(column) != split.count:
+                    problems.append(f"split {split_name}: the label table's {name!r} column has {len(column)} "
+                                    f"values for {split.count} samples")
         problems += _compare(self.pixels, self.manifest.image.stats, "image pixels")
         for name, moments in self.targets.items():
             problems += _compare(moments, self.manifest.targets[name].stats, f"target {name}")
