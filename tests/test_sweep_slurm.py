@@ -1,0 +1,144 @@
+"""Sweeps on the real devcluster: one job array of workers runs a TPE study to its count, and a trial
+preempted by the urgent partition checkpoints, requeues, resumes under the same number and ends with the
+weights of an unpreempted run of the same parameters. ``-s`` prints the wall time and the steps pruning saved."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+
+from launcher import runs
+from launcher.__main__ import main
+from lenstrain.checkpoint import read_meta
+from tests.factories import assert_same_weights, final_weights
+from tests.slurm_helpers import sacct_records, sbatch, scancel, squeue_jobs, wait_for
+from tests.sweep_helpers import study_of, write_base, write_sweep
+
+pytestmark = pytest.mark.slurm
+
+
+def cli(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def cluster(slurm_cluster):
+    assert squeue_jobs() == [], "the devcluster has jobs already"
+    yield slurm_cluster
+    scancel(*[j["jobid"] for j in squeue_jobs()])
+
+
+def array_of(root: Path) -> str:
+    jobs = runs.read_jobs(root)["jobs"]
+    assert len(jobs) == 1 and jobs[0]["kind"] == "slurm"  # ONE job array
+    return jobs[0]["job_id"]
+
+
+def wait_sweep(root: Path, array: str, trials: int, timeout: float = 300) -> list:
+    """Until the study has ``trials`` finished trials and the array has left the queue."""
+
+    def finished():
+        done = [t for t in study_of(root).get_trials() if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        gone = not [j for j in squeue_jobs() if j["jobid"].startswith(f"{array}_")]
+        return len(done) >= trials and gone
+
+    try:
+        wait_for(finished, timeout, interval=1.0, what=f"sweep {root.name} to reach {trials} trials")
+    except TimeoutError:
+        logs = "".join(p.read_text() for p in sorted((root / "submitit").glob("*_log.*")))
+        raise AssertionError(f"sweep {root.name} did not finish:\n{logs[-6000:]}") from None
+    return study_of(root).get_trials()
+
+
+def test_a_tpe_sweep_runs_as_one_array_to_its_count(cluster, tmp_path, ring_shards, capsys):
+    base = write_base(tmp_path, ring_shards, steps=16)
+    sweep = write_sweep(
+        tmp_path,
+        base,
+        name="tpe",
+        sampler="tpe",
+        pruner="median",
+        trials=6,
+        parallel=2,
+        pruner_options={"n_startup_trials": 2},
+        space={"optim.lr": {"log_uniform": [1.0e-5, 1.0e-1]}, "optim.name": {"choice": ["adam", "sgd"]}},
+    )
+    root = tmp_path / "runs" / "tpe"
+    t0 = time.time()
+    assert cli("sweep", sweep, "--runs-dir", tmp_path / "runs") == 0
+    array = array_of(root)
+    assert "--array=0-1%2" in capsys.readouterr().out
+    trials = wait_sweep(root, array, 6)
+    wall = time.time() - t0
+    assert len(trials) == 6 and {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    assert {r["jobid"] for r in sacct_records(array, duplicates=False)} >= {f"{array}_0", f"{array}_1"}
+    study = study_of(root)
+    best = study.best_trial
+    meta = read_meta(runs.newest_checkpoint(root / f"trial-{best.number:04d}"))
+    assert study.best_value == meta["metrics"]["val/loss"] and meta["step"] == 16
+    ran = sum(
+        json.loads((root / f"trial-{t.number:04d}" / "progress.json").read_text())["step"] for t in trials
+    )
+    pruned = sum(t.state == TrialState.PRUNED for t in trials)
+    with capsys.disabled():
+        print(
+            f"\nsweep of 6 trials x 16 steps, 2 at once on the devcluster: {wall:.0f} s wall; {pruned} pruned; "
+            f"trial steps run {ran} of {6 * 16} requested ({1 - ran / 96:.0%} saved)"
+        )
+
+
+def test_a_preempted_trial_resumes_under_its_number_bit_identically(cluster, tmp_path, ring_shards):
+    base = write_base(
+        tmp_path,
+        ring_shards,
+        steps=40,
+        checkpoint={"every_steps": 10, "keep": 10},
+        train={"val_every_steps": 10},
+    )
+    sweep = write_sweep(
+        tmp_path,
+        base,
+        name="pre",
+        sampler="grid",
+        trials=None,
+        parallel=1,
+        space={"optim.lr": {"choice": [2.0e-3]}},
+    )
+    root = tmp_path / "runs" / "pre"
+    assert cli("sweep", sweep, "--runs-dir", tmp_path / "runs") == 0
+    array = array_of(root)
+    progress = root / "trial-0000" / "progress.json"
+    wait_for(
+        lambda: progress.is_file() and json.loads(progress.read_text())["step"] >= 5,
+        120,
+        interval=0.05,
+        what="trial 0 to train",
+    )
+    urgent = sbatch("-p", "urgent", "-N2", "-c2", "-J", "urgent", "-o", "/dev/null", "--wrap", "sleep 2")
+    (trial,) = wait_sweep(root, array, 1)
+    assert trial.number == 0 and trial.state == TrialState.COMPLETE
+    job = runs.read_jobs(root / "trial-0000")["jobs"]
+    assert len(job) == 1 and [a["outcome"] for a in job[0]["attempts"]] == ["requeued", "completed"], job
+    assert sacct_records(urgent, duplicates=False)[-1]["state"] == "COMPLETED"
+    assert sorted(trial.intermediate_values) == [10, 20, 30, 40]  # each step reported once across attempts
+
+    # The same parameters, uninterrupted: the trial's own job run on this machine.
+    assert (
+        cli(
+            "submit",
+            root / "trial-0000" / "job.yaml",
+            "--local",
+            "--nproc",
+            "1",
+            "--runs-dir",
+            tmp_path / "ref",
+            "--name",
+            "ref",
+        )
+        == 0
+    )
+    assert_same_weights(final_weights(tmp_path / "ref" / "ref"), final_weights(root / "trial-0000"))
