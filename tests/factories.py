@@ -60,10 +60,12 @@ def merged(base: dict, **sections) -> dict:
 
 
 def config_dict(shards: Path, **sections) -> dict:
-    """A small, exact training config: alternet_tiny on ``shards``, 12 steps of batch 4, fp32, deterministic."""
+    """A small, exact training config: alternet_tiny on ``shards``, 12 steps of batch 4, fp32, deterministic.
+    Augmentation runs on the training process's device (the CPU here), as on a GPU, which gives the images of
+    the worker path bit for bit."""
     base = {
         "seed": 3,
-        "data": {"shards": str(shards), "batch_size": 4, "workers": 0},
+        "data": {"shards": str(shards), "batch_size": 4, "workers": 0, "augment": {"device": "device"}},
         "model": {"name": "alternet_tiny"},
         "optim": {"name": "adamw", "lr": 1e-3},
         "train": {"max_steps": 12, "precision": "fp32", "deterministic": True},
