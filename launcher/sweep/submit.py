@@ -164,6 +164,8 @@ def start(root: Path, spec: SweepSpec, job: dict, args, state: str) -> int:
         return 0
     if problems:
         raise ConfigError(problems=problems)
+    if not here:
+        slurm_ready(profile)
     refuse_active(root)
     if state == "new":
         write_sweep(root, spec, job)
@@ -200,11 +202,9 @@ def live_local(data: dict) -> list[dict]:
 # ------------------------------------------------------------------------------------ SLURM
 
 
-def submit_array(root: Path, spec: SweepSpec, job: JobSpec, profile: ClusterProfile) -> int:
-    import submitit
-
+def slurm_ready(profile: ClusterProfile) -> None:
+    """SLURM answers (before anything is written); else how to run the sweep here."""
     from launcher import slurm
-    from launcher.sweep.worker import SweepWorker
 
     slurm.use_profile_slurm_conf(profile)
     problem = slurm.slurm_problem()
@@ -212,6 +212,14 @@ def submit_array(root: Path, spec: SweepSpec, job: JobSpec, profile: ClusterProf
         raise UsageError(
             f"no SLURM cluster reachable: {problem}.\n  Run the sweep on this machine: add --local"
         )
+
+
+def submit_array(root: Path, spec: SweepSpec, job: JobSpec, profile: ClusterProfile) -> int:
+    import submitit
+
+    from launcher import slurm
+    from launcher.sweep.worker import SweepWorker
+
     executor = submitit.SlurmExecutor(
         folder=root / SUBMITIT_DIR, max_num_timeout=job.resources.max_requeues, python=slurm.python_command()
     )
