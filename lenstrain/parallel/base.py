@@ -56,6 +56,10 @@ class Backend:
             return torch.autocast(self.info.device.type, dtype=dtype)
         return contextlib.nullcontext()
 
+    def compiled_forward(self, backend: str = "inductor"):
+        """The forward pass compiled with ``torch.compile`` (``model.compile``): here the module the loop calls."""
+        return torch.compile(self.train_module, backend=backend)
+
     def accumulating(self, last: bool):  # noqa: ARG002 - DDP skips the all-reduce until the last micro-step
         return contextlib.nullcontext()
 

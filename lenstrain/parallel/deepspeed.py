@@ -185,6 +185,12 @@ class DeepSpeedBackend(DDPBackend):
         self._buffers_synced = False
 
     # --- the step ------------------------------------------------------------------------------
+    def compiled_forward(self, backend: str = "inductor"):
+        """The engine, its module compiled in place. Compiling the engine itself would trace DeepSpeed's own
+        bookkeeping (timers, step counters) and recompile at every step."""
+        self.model.compile(backend=backend)
+        return self.engine
+
     def accumulating(self, last: bool):
         if not self._buffers_synced:  # once per step, before its first forward
             self._broadcast_buffers()
