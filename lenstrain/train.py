@@ -259,7 +259,7 @@ def start_run(cfg: LenstrainConfig, paths: RunDir, info: DistInfo, preempt: Pree
                      devices=info.world_size, peak_override=cfg.log.peak_tflops)  # before a backend wraps it
     optimizer = build_optimizer(cfg.optim, model)
     backend = build_parallel(cfg, model, optimizer, info)
-    forward = torch.compile(backend.train_module) if cfg.model.compile else backend.train_module
+    forward = backend.compiled_forward() if cfg.model.compile else backend.train_module
     checkpointer = Checkpointer(paths.root, backend, keep=cfg.checkpoint.keep, best_metric=cfg.checkpoint.best_metric,
                                 best_mode=cfg.checkpoint.best_mode, log=log)
     resume_from = checkpointer.latest()
