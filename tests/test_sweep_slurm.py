@@ -80,6 +80,14 @@ def test_a_tpe_sweep_runs_as_one_array_to_its_count(cluster, tmp_path, ring_shar
     best = study.best_trial
     meta = read_meta(runs.newest_checkpoint(root / f"trial-{best.number:04d}"))
     assert study.best_value == meta["metrics"]["val/loss"] and meta["step"] == 16
+    capsys.readouterr()
+    assert cli("status", "tpe", "--runs-dir", tmp_path / "runs") == 0
+    out = capsys.readouterr().out
+    assert (
+        f"{array} │ slurm │ COMPLETED" in out
+        and "6/6 trials done" in out
+        and f"best: trial {best.number}," in out
+    )
     ran = sum(
         json.loads((root / f"trial-{t.number:04d}" / "progress.json").read_text())["step"] for t in trials
     )

@@ -100,12 +100,12 @@ def cancel(root: Path) -> int:
     from optuna.trial import TrialState
 
     from launcher import slurm
-    from launcher.status import refresh_states
+    from launcher.sweep.status import refresh_arrays
     from launcher.sweep.study import SweepDir, open_study, read_sweep_dir
     from launcher.sweep.submit import live_local
 
     spec, _ = read_sweep_dir(root)
-    data, _ = refresh_states(root)
+    data = refresh_arrays(root)
     active = [j["job_id"] for j in runs.active_jobs(data)]
     here = live_local(data)
     if not active and not here:

@@ -74,12 +74,41 @@ def best_line(study, spec: SweepSpec) -> str:
     return f"best: trial {best.number}, {spec.metric} {best.value:.6g} ({params})"
 
 
+def array_state(job_id: str) -> str | None:
+    """One state for a job array from its tasks' (sacct): RUNNING or PENDING while any task is active, else
+    COMPLETED when all completed, else the first other end state; None when sacct does not know it."""
+    from launcher.slurm import _run
+
+    out = _run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", job_id])
+    states = [
+        line.split("|")[1].split(" ")[0] for line in (out or "").splitlines() if line.startswith(f"{job_id}_")
+    ]
+    if not states:
+        return None
+    active = [s for s in states if s in runs.ACTIVE_STATES]
+    if active:
+        return "RUNNING" if "RUNNING" in active else active[0]
+    return next((s for s in states if s != "COMPLETED"), "COMPLETED")
+
+
+def refresh_arrays(root: Path) -> dict:
+    """The sweep's ``jobs.json`` with each array's state refreshed from its tasks."""
+    data = runs.read_jobs(root)
+    states = {
+        j["job_id"]: array_state(j["job_id"]) for j in data["jobs"] if j.get("kind", "slurm") == "slurm"
+    }
+    states = {k: v for k, v in states.items() if v}
+    if states:
+        runs.set_states(root, states)
+    return runs.read_jobs(root)
+
+
 def show(root: Path, out) -> int:
-    from launcher.status import jobs_table, refresh_states, use_run_cluster
+    from launcher.status import jobs_table, use_run_cluster
 
     spec, job = read_sweep_dir(root)
     _use_cluster(job, use_run_cluster, root)
-    data, _ = refresh_states(root)
+    data = refresh_arrays(root)
     study = open_study(root, spec)
     with ask_lock(root):
         said = reap(root, study, spec)

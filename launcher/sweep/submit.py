@@ -174,11 +174,11 @@ def start(root: Path, spec: SweepSpec, job: dict, args, state: str) -> int:
 
 
 def refuse_active(root: Path) -> None:
-    from launcher.status import refresh_states
+    from launcher.sweep.status import refresh_arrays
 
     if not runs.RunDir(root).jobs.is_file():
         return
-    data, _ = refresh_states(root)
+    data = refresh_arrays(root)
     active = [j["job_id"] for j in runs.active_jobs(data)] + [j["job_id"] for j in live_local(data)]
     if active:
         raise UsageError(
