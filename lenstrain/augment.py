@@ -41,20 +41,29 @@ class Augment:
             flips[k] = bool(rng.integers(2)) if self.flip else False
         return angles, flips
 
-    def __call__(self, x: torch.Tensor, indices, epoch: int) -> torch.Tensor:
-        """``x`` (B, C, H, W) rotated and flipped as drawn for ``indices`` in ``epoch``, on ``x``'s device."""
+    def params(self, indices, epoch: int) -> torch.Tensor:
+        """The draws as one small float32 tensor ``(3, B)``: cosine, sine, flip (0 or 1). A loader worker makes
+        it, so that the training process only copies it to its device."""
+        angles, flips = self.draws(indices, epoch)
+        return torch.from_numpy(np.stack([np.cos(angles), np.sin(angles), flips]).astype(np.float32))
+
+    def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, C, H, W) flipped and rotated as ``params`` (on the host, from :meth:`params`) say, on
+        ``x``'s device; one copy of ``params`` to the device, nothing read back."""
         if not self.enabled:
             return x
-        angles, flips = self.draws(indices, epoch)
-        # one host-to-device copy of the draws: cos, sin and the flip mask
-        params = torch.from_numpy(np.stack([np.cos(angles), np.sin(angles), flips.astype(np.float64)]))
-        params = params.to(torch.float32).to(x.device, non_blocking=True)
-        if flips.any():
+        flipped = bool(params.numpy()[2].any())
+        params = params.to(x.device, non_blocking=True)
+        if flipped:
             x = torch.where(params[2].view(-1, 1, 1, 1) > 0, x.flip(-1), x)
         if self.rotate:
             grid = rotation_grid(params[0], params[1], x.shape[-2], x.shape[-1])
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         return x
+
+    def __call__(self, x: torch.Tensor, indices, epoch: int) -> torch.Tensor:
+        """``x`` rotated and flipped as drawn for ``indices`` in ``epoch``, on ``x``'s device."""
+        return self.apply(x, self.params(indices, epoch)) if self.enabled else x
 
 
 def rotation_grid(cos: torch.Tensor, sin: torch.Tensor, h: int, w: int) -> torch.Tensor:

@@ -179,15 +179,19 @@ class BatchBuilder:
         y = torch.from_numpy(self._targets(indices).astype(np.float32))
         if self.target.kind == "classification":
             y = y.long()
+        batch = {"image": x, "target": y, "index": torch.from_numpy(indices)}
         if epoch is None or not self.defers:
-            x = self.finish(x, indices, epoch)
-        return {"image": x, "target": y, "index": torch.from_numpy(indices)}
+            batch["image"] = self.finish(x, indices, epoch)
+        elif self.augment.enabled:
+            batch["augment"] = self.augment.params(indices, epoch)  # the draws, for the consumer's device
+        return batch
 
-    def finish(self, x: torch.Tensor, indices, epoch: int | None) -> torch.Tensor:
+    def finish(self, x: torch.Tensor, indices, epoch: int | None, params: torch.Tensor | None = None) -> torch.Tensor:
         """Augment a gathered batch (training batches only: those with an epoch), then normalise it, on ``x``'s
-        device. The worker path and the device path call this same function on the same draws."""
-        if epoch is not None:
-            x = self.augment(x, indices, epoch)
+        device. The worker path and the device path call this same function on the same draws (``params``,
+        when the worker made them)."""
+        if epoch is not None and self.augment.enabled:
+            x = self.augment.apply(x, params if params is not None else self.augment.params(indices, epoch))
         return NORMALIZERS[self.normalize](x, self.mean, self.std)
 
     def _targets(self, indices: np.ndarray) -> np.ndarray:
@@ -286,9 +290,11 @@ class TrainStream:
         """The batch on the stream's device (where one is set), augmented and normalised there if deferred."""
         if self.device is None:
             return batch
+        batch = dict(batch)
+        params = batch.pop("augment", None)
         image = batch["image"].to(self.device, non_blocking=True)
         if self.builder.defers:
-            image = self.builder.finish(image, batch["index"], epoch)
+            image = self.builder.finish(image, batch["index"], epoch, params)
         return {**batch, "image": image, "target": batch["target"].to(self.device, non_blocking=True)}
 
     def close(self) -> None:

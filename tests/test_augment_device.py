@@ -42,6 +42,17 @@ def test_deferred_batches_leave_the_worker_as_gathered(shards):
     assert torch.equal(builder(np.arange(6), None)["image"], plain(np.arange(6), None)["image"])
 
 
+def test_the_worker_draws_and_the_training_process_only_applies(shards, monkeypatch):
+    deferring = stream(shards, augment_device="device")
+    batch = deferring.builder(np.arange(5), epoch=2)
+    assert batch["augment"].shape == (3, 5) and batch["augment"].dtype == torch.float32
+    monkeypatch.setattr(Augment, "draws", lambda *a: pytest.fail("the training process drew"))
+    placed = deferring._place(batch, epoch=2)
+    assert "augment" not in placed
+    monkeypatch.undo()
+    assert torch.equal(placed["image"], stream(shards).builder(np.arange(5), 2)["image"])
+
+
 def test_draws_depend_only_on_seed_epoch_and_index():
     augment = Augment(seed=3, rotate=True, flip=True)
     angles, flips = augment.draws(np.array([5, 9, 2]), epoch=1)

@@ -184,7 +184,7 @@ def test_the_tars_hold_only_the_two_members_of_each_sample(shards):
 
 
 def test_worker_kind_and_augment_device_are_validated(shards):
-    cfg = load_config(config_dict(shards))
+    cfg = load_config(config_dict(shards, data={"augment": {}}))
     assert (cfg.data.worker_kind, cfg.data.augment.device) == ("thread", "auto")
     with pytest.raises(ConfigError, match="data.worker_kind: Input should be 'thread' or 'process'"):
         load_config(config_dict(shards, data={"worker_kind": "fiber"}))
