@@ -271,7 +271,7 @@ def test_status_table_from_run_files(capsys, launcher_shards, tmp_path):
 # ---------------------------------------------------------------------------------------- CLI
 
 
-DOCUMENTED_SUBCOMMANDS = ["submit", "status", "resume", "cancel", "logs"]  # README: python -m launcher <name>
+DOCUMENTED_SUBCOMMANDS = ["submit", "status", "resume", "cancel", "logs", "sweep"]  # README: python -m launcher <name>
 
 
 def test_one_table_maps_subcommands(capsys):
