@@ -12,6 +12,7 @@ training default of arbitrary-angle rotations and flips, one torch thread. Two m
    the workers (``cpu``) and in the training process (``device``, here the CPU), with ``--workers``.
 
     python benchmarks/augment.py --n 2000 --repeats 3
+    python benchmarks/augment.py --device cuda     # part 1 on a GPU
 """
 
 from __future__ import annotations
@@ -34,26 +35,36 @@ from lenstrain.augment import Augment  # noqa: E402
 from lenstrain.normalize import NORMALIZERS  # noqa: E402
 
 
-def median_ms(fn, repeats: int, per: int = 20) -> float:
+def median_ms(fn, repeats: int, device: torch.device, per: int = 20) -> float:
+    """Milliseconds per call of ``fn``, the device's queue drained before the clock stops."""
     fn()
     times = []
     for _ in range(repeats):
+        sync(device)
         start = time.perf_counter()
         for _ in range(per):
             fn()
+        sync(device)
         times.append((time.perf_counter() - start) / per)
     return 1e3 * statistics.median(times)
 
 
-def pieces(batch: int, size: int, repeats: int) -> dict[str, float]:
-    """Milliseconds per batch of each piece of augmentation, on the CPU."""
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def pieces(batch: int, size: int, repeats: int, device: torch.device) -> dict[str, float]:
+    """Milliseconds per batch of each piece of augmentation; the draws on the host, the rest on ``device``."""
     augment = Augment(seed=0, rotate=True, flip=True)
     indices = np.arange(batch) * 37
-    x = torch.randn(batch, 1, size, size)
+    x = torch.randn(batch, 1, size, size, device=device)
     params = augment.params(indices, 0)
-    return {"draws (worker)": median_ms(lambda: augment.params(indices, 0), repeats),
-            "apply: flip + grid_sample": median_ms(lambda: augment.apply(x, params), repeats),
-            "normalise (global)": median_ms(lambda: NORMALIZERS["global"](x.clone(), 0.1, 2.0), repeats)}
+    cpu = torch.device("cpu")
+    return {"draws (worker, host)": median_ms(lambda: augment.params(indices, 0), repeats, cpu),
+            f"apply: flip + grid_sample ({device.type})": median_ms(lambda: augment.apply(x, params), repeats, device),
+            f"normalise, global ({device.type})": median_ms(lambda: NORMALIZERS["global"](x.clone(), 0.1, 2.0),
+                                                           repeats, device)}
 
 
 def stream_epoch(stream) -> tuple[float, float]:
@@ -89,14 +100,15 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "lenstrain-bench-loader")
+    parser.add_argument("--device", default="cpu", help="where the pieces of part 1 run (e.g. cuda)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     _, shards, _ = make_data(args.data, args.n, args.size, 1, 1000)
     print(f"batch {args.batch} of 1x{args.size}x{args.size} float32, 1 torch thread; {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.1f}")
-    print("\none batch, piece by piece (CPU ms per batch):")
-    for name, ms in pieces(args.batch, args.size, args.repeats).items():
-        print(f"  {name:<28} {ms:7.2f}")
+    print("\none batch, piece by piece (ms per batch):")
+    for name, ms in pieces(args.batch, args.size, args.repeats, torch.device(args.device)).items():
+        print(f"  {name:<34} {ms:7.2f}")
     print("\nthe stream (augment cpu = in the workers, device = in the training process, here on the CPU):")
     head = f"{'workers':>7} | {'kind':>7} | {'augment':>7} | {'samples/s':>9} | {'main thread CPU ms/batch':>24}"
     print(head)
