@@ -61,10 +61,15 @@ def pieces(batch: int, size: int, repeats: int, device: torch.device) -> dict[st
     x = torch.randn(batch, 1, size, size, device=device)
     params = augment.params(indices, 0)
     cpu = torch.device("cpu")
-    return {"draws (worker, host)": median_ms(lambda: augment.params(indices, 0), repeats, cpu),
-            f"apply: flip + grid_sample ({device.type})": median_ms(lambda: augment.apply(x, params), repeats, device),
-            f"normalise, global ({device.type})": median_ms(lambda: NORMALIZERS["global"](x.clone(), 0.1, 2.0),
-                                                           repeats, device)}
+    return {
+        "draws (worker, host)": median_ms(lambda: augment.params(indices, 0), repeats, cpu),
+        f"apply: flip + grid_sample ({device.type})": median_ms(
+            lambda: augment.apply(x, params), repeats, device
+        ),
+        f"normalise, global ({device.type})": median_ms(
+            lambda: NORMALIZERS["global"](x.clone(), 0.1, 2.0), repeats, device
+        ),
+    }
 
 
 def stream_epoch(stream) -> tuple[float, float]:
@@ -78,8 +83,12 @@ def stream_epoch(stream) -> tuple[float, float]:
 
 
 def streams(shards: Path, batch: int, workers: list[int], repeats: int) -> list[dict]:
-    configs = [(w, kind, place) for w in workers for kind in (["thread", "process"] if w else ["thread"])
-               for place in ("cpu", "device")]
+    configs = [
+        (w, kind, place)
+        for w in workers
+        for kind in (["thread", "process"] if w else ["thread"])
+        for place in ("cpu", "device")
+    ]
     made = {c: train_stream(shards, batch, c[0], c[1], augment=c[2]) for c in configs}
     for s in made.values():
         stream_epoch(s)
@@ -87,9 +96,16 @@ def streams(shards: Path, batch: int, workers: list[int], repeats: int) -> list[
     for r in range(repeats):
         for c in configs if r % 2 == 0 else list(reversed(configs)):
             results[c].append(stream_epoch(made[c]))
-    return [{"workers": c[0], "kind": c[1] if c[0] else "-", "augment": c[2],
-             "samples_s": statistics.median(v[0] for v in results[c]),
-             "main_cpu_ms": statistics.median(v[1] for v in results[c])} for c in configs]
+    return [
+        {
+            "workers": c[0],
+            "kind": c[1] if c[0] else "-",
+            "augment": c[2],
+            "samples_s": statistics.median(v[0] for v in results[c]),
+            "main_cpu_ms": statistics.median(v[1] for v in results[c]),
+        }
+        for c in configs
+    ]
 
 
 def main(argv=None) -> int:
@@ -104,17 +120,23 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     _, shards, _ = make_data(args.data, args.n, args.size, 1, 1000)
-    print(f"batch {args.batch} of 1x{args.size}x{args.size} float32, 1 torch thread; {os.cpu_count()} cores, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"batch {args.batch} of 1x{args.size}x{args.size} float32, 1 torch thread; {os.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     print("\none batch, piece by piece (ms per batch):")
     for name, ms in pieces(args.batch, args.size, args.repeats, torch.device(args.device)).items():
         print(f"  {name:<34} {ms:7.2f}")
     print("\nthe stream (augment cpu = in the workers, device = in the training process, here on the CPU):")
-    head = f"{'workers':>7} | {'kind':>7} | {'augment':>7} | {'samples/s':>9} | {'main thread CPU ms/batch':>24}"
+    head = (
+        f"{'workers':>7} | {'kind':>7} | {'augment':>7} | {'samples/s':>9} | {'main thread CPU ms/batch':>24}"
+    )
     print(head)
     print("-" * len(head))
     for r in streams(shards, args.batch, args.workers, args.repeats):
-        print(f"{r['workers']:>7} | {r['kind']:>7} | {r['augment']:>7} | {r['samples_s']:>9.0f} | {r['main_cpu_ms']:>24.2f}")
+        print(
+            f"{r['workers']:>7} | {r['kind']:>7} | {r['augment']:>7} | {r['samples_s']:>9.0f} | {r['main_cpu_ms']:>24.2f}"
+        )
     return 0
 
 

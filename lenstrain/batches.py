@@ -83,14 +83,23 @@ def _threaded(planned: Dataset, workers: int, prefetch: int, pin: bool) -> Itera
 
 
 def _processes(planned: Dataset, workers: int, prefetch: int, pin: bool) -> Iterator[dict[str, torch.Tensor]]:
-    loader = DataLoader(_Packed(planned), batch_size=None, shuffle=False, collate_fn=_as_is, num_workers=workers,
-                        prefetch_factor=prefetch, persistent_workers=False, pin_memory=pin)
+    loader = DataLoader(
+        _Packed(planned),
+        batch_size=None,
+        shuffle=False,
+        collate_fn=_as_is,
+        num_workers=workers,
+        prefetch_factor=prefetch,
+        persistent_workers=False,
+        pin_memory=pin,
+    )
     for batch in loader:
         yield _unpack(batch)
 
 
-def run_batches(planned: Dataset, *, workers: int, kind: str, prefetch: int = 2,
-                pin: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+def run_batches(
+    planned: Dataset, *, workers: int, kind: str, prefetch: int = 2, pin: bool = False
+) -> Iterator[dict[str, torch.Tensor]]:
     """The batches of ``planned`` in order, built by ``workers`` workers of ``kind`` (inline when 0); ``pin``
     puts them in page-locked memory, for asynchronous copies to a GPU."""
     if kind not in WORKER_KINDS:

@@ -48,9 +48,13 @@ class MappedImages:
         self.image_offset = np.array([m.image_offset for m in members], dtype=np.int64)
         self.image_size = np.array([m.image_size for m in members], dtype=np.int64)
         sizes = np.asarray(reader.shard_sizes, dtype=np.int64)
-        self.first = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)  # reader order is shard by shard
+        self.first = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(
+            np.int64
+        )  # reader order is shard by shard
         self.sizes = sizes
-        self.row = np.arange(len(members), dtype=np.int64) - self.first[self.shard_of]  # position in its shard
+        self.row = (
+            np.arange(len(members), dtype=np.int64) - self.first[self.shard_of]
+        )  # position in its shard
         self._maps: dict[int, _MappedShard] = {}
 
     def __getstate__(self):
@@ -77,7 +81,9 @@ class MappedImages:
         """A sample the map cannot serve, through the reader: decoded, or a named error."""
         image, _ = self.reader.read(index)
         if image.shape != self.shape:
-            raise ValueError(f"{self.reader.where(index)}: image shape {image.shape} is not the manifest's {self.shape}")
+            raise ValueError(
+                f"{self.reader.where(index)}: image shape {image.shape} is not the manifest's {self.shape}"
+            )
         return image
 
     def _open(self, s: int) -> _MappedShard:
@@ -93,8 +99,12 @@ class MappedImages:
         strides = np.diff(data_start)
         if ok.all() and len(ok) and (len(strides) == 0 or (strides == strides[0]).all()):
             stride = int(strides[0]) if len(strides) else self.nbytes
-            rows = np.lib.stride_tricks.as_strided(flat[data_start[0] // item :], shape=(len(ok), self.count),
-                                                   strides=(stride, item), writeable=False)
+            rows = np.lib.stride_tricks.as_strided(
+                flat[data_start[0] // item :],
+                shape=(len(ok), self.count),
+                strides=(stride, item),
+                writeable=False,
+            )
         shard = self._maps[s] = _MappedShard(mm, ok, flat, (data_start // item).tolist(), rows)
         return shard
 

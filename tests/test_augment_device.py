@@ -22,13 +22,17 @@ def shards(tmp_path_factory):
     return make_ring_shards(tmp_path_factory.mktemp("d") / "uneven", n=61, shard_size=7, size=16)
 
 
-@pytest.mark.parametrize(("workers", "kind", "accum"), [(0, "thread", 1), (2, "thread", 2), (2, "process", 1)])
+@pytest.mark.parametrize(
+    ("workers", "kind", "accum"), [(0, "thread", 1), (2, "thread", 2), (2, "process", 1)]
+)
 def test_device_and_worker_augmentation_give_the_same_images(shards, workers, kind, accum):
     on_workers = stream(shards, augment_device="cpu", accum=accum)
     on_device = stream(shards, workers=workers, kind=kind, augment_device="device", accum=accum)
     assert on_device.builder.defers and on_device.device == torch.device("cpu")
     steps = 12 // accum  # past an epoch's end
-    assert_same_steps([on_workers.next_step() for _ in range(steps)], [on_device.next_step() for _ in range(steps)])
+    assert_same_steps(
+        [on_workers.next_step() for _ in range(steps)], [on_device.next_step() for _ in range(steps)]
+    )
 
 
 def test_deferred_batches_leave_the_worker_as_gathered(shards):
@@ -37,7 +41,9 @@ def test_deferred_batches_leave_the_worker_as_gathered(shards):
     stored = np.stack([builder.reader.read(i)[0] for i in range(6)])
     assert torch.equal(raw, torch.from_numpy(stored))  # not augmented, not normalised
     plain = stream(shards, augment=False, augment_device="cpu").builder
-    assert torch.equal(builder.finish(raw.clone(), np.arange(6), 0), stream(shards).builder(np.arange(6), 0)["image"])
+    assert torch.equal(
+        builder.finish(raw.clone(), np.arange(6), 0), stream(shards).builder(np.arange(6), 0)["image"]
+    )
     # evaluation batches (no epoch) are finished in the worker: normalised, never augmented
     assert torch.equal(builder(np.arange(6), None)["image"], plain(np.arange(6), None)["image"])
 
@@ -71,8 +77,12 @@ def test_auto_is_the_device_on_a_gpu_and_the_workers_on_a_cpu(shards):
 
 
 def test_resume_with_device_augmentation_and_thread_workers_is_bit_identical(tmp_path, ring_shards):
-    config = write_config(tmp_path / "c.yaml", ring_shards, train={"max_steps": 8},
-                          data={"workers": 2, "worker_kind": "thread", "augment": {"device": "device"}})
+    config = write_config(
+        tmp_path / "c.yaml",
+        ring_shards,
+        train={"max_steps": 8},
+        data={"workers": 2, "worker_kind": "thread", "augment": {"device": "device"}},
+    )
     straight = tmp_path / "straight"
     lenstrain("train", config, "--run-dir", straight, check=True)
     resumed = tmp_path / "resumed"

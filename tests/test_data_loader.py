@@ -37,15 +37,33 @@ def copy_of(shards, tmp_path):
 def builder_for(shards, *, target: str | None = None, augment: bool = False, augment_device: str = "cpu"):
     manifest = load_manifest(shards)
     reader = ShardReader(shards, "train", manifest)
-    return BatchBuilder(reader, TargetTransform.from_manifest(manifest, target, "standard"), seed=5,
-                        normalize="global", mean=0.3, std=2.0, rotate=augment, flip=augment,
-                        augment_device=augment_device)
+    return BatchBuilder(
+        reader,
+        TargetTransform.from_manifest(manifest, target, "standard"),
+        seed=5,
+        normalize="global",
+        mean=0.3,
+        std=2.0,
+        rotate=augment,
+        flip=augment,
+        augment_device=augment_device,
+    )
 
 
 def stream(shards, *, workers=0, kind="thread", augment=True, augment_device="cpu", accum=1):
     builder = builder_for(shards, augment=augment, augment_device=augment_device)
-    return TrainStream(builder, n=len(builder.reader), seed=5, rank=0, world=1, batch=4, accum=accum,
-                       workers=workers, prefetch=2, worker_kind=kind)
+    return TrainStream(
+        builder,
+        n=len(builder.reader),
+        seed=5,
+        rank=0,
+        world=1,
+        batch=4,
+        accum=accum,
+        workers=workers,
+        prefetch=2,
+        worker_kind=kind,
+    )
 
 
 def assert_same_steps(a: list[list[dict]], b: list[list[dict]]) -> None:
@@ -70,8 +88,15 @@ def test_mapped_images_are_what_np_load_gives(shards):
 
 def test_float16_shards_are_read_exactly(tmp_path):
     out = tmp_path / "f16"
-    pack_shard_set(out, sample_fn=RingSample(16), split_of=["train"] * 20, targets=[TargetSpec("y", "regression")],
-                   primary_target="y", source={}, options=PackOptions(shard_size=6, dtype="float16"))
+    pack_shard_set(
+        out,
+        sample_fn=RingSample(16),
+        split_of=["train"] * 20,
+        targets=[TargetSpec("y", "regression")],
+        primary_target="y",
+        source={},
+        options=PackOptions(shard_size=6, dtype="float16"),
+    )
     reader = ShardReader(out, "train")
     batch = builder_for(out)(np.arange(20), None)["image"]
     raw = np.stack([reader.read(i)[0] for i in range(20)]).astype(np.float32)
@@ -95,7 +120,9 @@ def test_targets_come_from_the_table_without_reading_json(shards, target, monkey
     expected = [builder.target.encode(builder.reader.labels(int(i))) for i in indices]
     monkeypatch.setattr(ShardReader, "labels", lambda *a: pytest.fail("a JSON member was read"))
     got = builder(indices, None)["target"]
-    assert torch.equal(got, torch.tensor(expected, dtype=torch.float32).to(got.dtype))  # as the JSON path makes it
+    assert torch.equal(
+        got, torch.tensor(expected, dtype=torch.float32).to(got.dtype)
+    )  # as the JSON path makes it
     assert got.dtype == (torch.long if target == "cls" else torch.float32)
 
 
@@ -113,7 +140,9 @@ def test_old_shard_sets_without_a_label_table_give_identical_batches(shards, tmp
     strip_label_tables(old)
     assert load_manifest(old).splits["train"].labels is None
     new_stream, old_stream = stream(shards), stream(old)
-    assert_same_steps([new_stream.next_step() for _ in range(12)], [old_stream.next_step() for _ in range(12)])
+    assert_same_steps(
+        [new_stream.next_step() for _ in range(12)], [old_stream.next_step() for _ in range(12)]
+    )
 
 
 @pytest.mark.parametrize(("workers", "kind"), [(2, "thread"), (2, "process")])
@@ -149,7 +178,9 @@ def test_a_damaged_npy_header_names_its_member_and_spares_the_others(shards, tmp
         fh.write(b"X")  # the magic string
     builder = builder_for(damaged)
     others = [i for i in range(7, 14) if i != 7 + 4]
-    assert torch.equal(builder(np.array(others), None)["image"], builder_for(shards)(np.array(others), None)["image"])
+    assert torch.equal(
+        builder(np.array(others), None)["image"], builder_for(shards)(np.array(others), None)["image"]
+    )
     with pytest.raises(CorruptSampleError, match=f"{shard.name}:{member.key}: cannot decode image"):
         builder(np.array([7 + 4]), None)
 
