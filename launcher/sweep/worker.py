@@ -176,7 +176,9 @@ class SweepWorker:
         root = Path(self.sweep_dir)
         spec, job = read_sweep_dir(root)
         restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-        study = open_study(root, spec, seed_offset=1000 * index + restart)
+        # A worker started later (a resume, a requeue, a replacement) must not replay an earlier one's draws.
+        earlier = len(open_study(root, spec).get_trials(deepcopy=False))
+        study = open_study(root, spec, seed_offset=1000 * index + restart + 100_003 * earlier)
         owner = this_owner(index)
         _say(f"worker {index} of sweep {root.name} ({spec.sampler}, pruner {spec.pruner}) started")
         ended: dict[str, int] = {}
