@@ -2,27 +2,27 @@
 
     .venv/bin/python benchmarks/models.py [--size 150] [--batch 8] [--threads 2] [--models a,b]
 
-GFLOPs count one forward pass of one image (a multiply-add is 2 FLOPs), from
-``torch.utils.flop_counter``. The step time is forward + backward + AdamW step, best of 3 after a warm-up.
+GFLOPs count one forward pass of one image (a multiply-add is 2 FLOPs), with
+``lenstrain.flops.forward_flops_per_sample`` (``torch.utils.flop_counter``), as training counts them. The step time is forward + backward + AdamW step, best of 3 after a warm-up.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from lenstrain.models import create_model, list_models
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lenstrain.flops import forward_flops_per_sample  # noqa: E402
+from lenstrain.models import create_model, list_models  # noqa: E402
 
 
 def gflops(model: torch.nn.Module, size: int) -> float:
-    x = torch.randn(1, 1, size, size)
-    model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    return counter.get_total_flops() / 1e9
+    return forward_flops_per_sample(model, (1, size, size)) / 1e9
 
 
 def step_time(model: torch.nn.Module, size: int, batch: int, repeats: int = 3) -> float:
@@ -49,7 +49,9 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(list_models()))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"| model | params | GFLOPs @{args.size}² | CPU step, batch {args.batch} ({args.threads} threads) |")
+    print(
+        f"| model | params | GFLOPs @{args.size}² | CPU step, batch {args.batch} ({args.threads} threads) |"
+    )
     print("|---|---|---|---|")
     for name in args.models.split(","):
         torch.manual_seed(0)

@@ -47,28 +47,38 @@ def make_ours(model, optim: OptimConfig, clip: float, total_steps: int, precisio
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=next(model.parameters()).device)
     backend = build_backend("single", model, optimizer, info, precision=precision, grad_clip=clip)
     scheduler = build_scheduler(ScheduleConfig(), optimizer, total_steps)
-    loss_fn = make_loss("mse", "regression", 0)
+    return lenstrain_step(backend, make_loss("mse", "regression", 0), scheduler)
 
+
+def lenstrain_step(backend, loss_fn, scheduler=None, forward=None, channels_last: bool = False):
+    """One step of ``lenstrain.train``'s loop on micro-batches already at hand (also used by ``gpu.py``):
+    forward and backward per micro-batch, the flags agreed on the device, the last step's flags read one
+    step late, the skippable update, the schedule."""
+    device = backend.info.device
+    forward = backend.train_module if forward is None else forward
     pending = []  # the last step's flags, read one step late as the loop does
 
     def step(micro_batches):
-        loss_total = torch.zeros((), device=info.device)
+        loss_total = torch.zeros((), device=device)
         for k, batch in enumerate(micro_batches):
-            x = batch["image"].to(info.device, non_blocking=True)
-            y = batch["target"].to(info.device, non_blocking=True)
+            x = batch["image"].to(device, non_blocking=True)
+            y = batch["target"].to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             with backend.accumulating(last=k == len(micro_batches) - 1), backend.autocast():
-                loss = loss_fn(backend.train_module(x), y)
+                loss = loss_fn(forward(x), y)
             backend.backward(loss / len(micro_batches))
             loss_total += loss.detach()
         loss = loss_total / len(micro_batches)
-        flags = torch.zeros(3, device=info.device)
+        flags = torch.zeros(3, device=device)
         flags[0] = ~torch.isfinite(loss)
         reduced = backend.reduce_flags(flags)
         if pending:
             backend.settle_skip(pending.pop().read()[0])
         backend.step(skip=reduced.on_device[0] > 0)
         pending.append(reduced)
-        scheduler.step()
+        if scheduler is not None:
+            scheduler.step()
         return loss
 
     return step
@@ -89,8 +99,20 @@ def make_bare(model, optim: OptimConfig, clip: float):
     return step
 
 
+# wall: elapsed time; cpu: this process's CPU time, which other processes on a loaded machine disturb less
+# (with one torch thread the step's work runs on the calling thread)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def bench_model(
-    name: str, optim: OptimConfig, size: int, batch: int, rounds: int, steps: int, warmup: int
+    name: str,
+    optim: OptimConfig,
+    size: int,
+    batch: int,
+    rounds: int,
+    steps: int,
+    warmup: int,
+    clock: str = "wall",
 ) -> dict:
     torch.manual_seed(0)
     base = create_model(name, in_channels=1, num_outputs=1, image_size=size)
@@ -108,11 +130,11 @@ def bench_model(
     for r in range(rounds):
         order = list(runs) if r % 2 == 0 else list(reversed(runs))
         for key in order:
-            start = time.perf_counter()
+            start = CLOCKS[clock]()
             for _ in range(steps):
                 fn = runs[key]
                 fn(data)
-            per_step[key].append((time.perf_counter() - start) / steps * 1e3)
+            per_step[key].append((CLOCKS[clock]() - start) / steps * 1e3)
     bare, ours = statistics.median(per_step["bare"]), statistics.median(per_step["lenstrain"])
     # each round times both sides back to back: the median of the paired ratios cancels slow drifts
     ratios = sorted(o / b for o, b in zip(per_step["lenstrain"], per_step["bare"], strict=True))
@@ -140,13 +162,16 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="steps per block")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument(
+        "--clock", choices=list(CLOCKS), default="wall", help="cpu: process CPU time (loaded machines)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     print(
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} torch thread(s); "
         f"{args.optim}, fp32, batch {args.batch} at 1x{args.size}x{args.size}; median of {args.rounds} blocks of "
-        f"{args.steps} steps"
+        f"{args.steps} steps; {args.clock} clock"
     )
     head = (
         f"{'model':>14} | {'params':>10} | {'bare (ms/step)':>14} | {'lenstrain (ms/step)':>19} | "
@@ -163,6 +188,7 @@ def main(argv=None) -> int:
             args.rounds,
             args.steps,
             args.warmup,
+            args.clock,
         )
         lo, hi = r["overhead_iqr"]
         print(
