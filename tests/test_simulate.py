@@ -42,8 +42,14 @@ def _shards(manifest) -> dict[str, str]:
 
 
 def _shards_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shards", *args], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "shards", *args],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 # ------------------------------------------------------------------------------------------ physics
@@ -60,10 +66,22 @@ def test_einstein_radius_and_profiles():
     # A granule (Gaussian convergence) deflects like a point mass of the same mass from afar.
     lens = LensModel(["GAUSSIAN", "POINT_MASS"])
     theta, x, y = 0.1, np.array([1.5, -2.0]), np.array([0.3, 1.0])
-    gauss = lens.alpha(x, y, [{"amp": math.pi * theta**2, "sigma": 0.05, "center_x": 0, "center_y": 0},
-                              {"theta_E": 0.0, "center_x": 0, "center_y": 0}])
-    point = lens.alpha(x, y, [{"amp": 0.0, "sigma": 0.05, "center_x": 0, "center_y": 0},
-                              {"theta_E": theta, "center_x": 0, "center_y": 0}])
+    gauss = lens.alpha(
+        x,
+        y,
+        [
+            {"amp": math.pi * theta**2, "sigma": 0.05, "center_x": 0, "center_y": 0},
+            {"theta_E": 0.0, "center_x": 0, "center_y": 0},
+        ],
+    )
+    point = lens.alpha(
+        x,
+        y,
+        [
+            {"amp": 0.0, "sigma": 0.05, "center_x": 0, "center_y": 0},
+            {"theta_E": theta, "center_x": 0, "center_y": 0},
+        ],
+    )
     np.testing.assert_allclose(gauss, point, rtol=1e-3)
     # The Sersic amplitude is set so that the unlensed source has the drawn total flux.
     config = plan("substructure", 3, instrument="model1", seed=3)
@@ -102,7 +120,8 @@ def test_labels_per_task(tmp_path, task):
         assert cls in spec.classes and P.SUBSTRUCTURE_CLASSES[labels["substructure"]] == cls
         assert lo_m <= labels["halo_mass"] <= hi_m
         assert labels["einstein_radius"] == pytest.approx(
-            P.einstein_radius(labels["lensing_mass"], labels["z_lens"], labels["z_source"]))
+            P.einstein_radius(labels["lensing_mass"], labels["z_lens"], labels["z_source"])
+        )
         if task == "halo_mass":  # drawn redshifts and a 0.12 dex scatter (2-sigma truncated)
             assert 0.4 <= labels["z_lens"] <= 0.7 and 1.2 <= labels["z_source"] <= 2.5
             assert abs(math.log10(labels["lensing_mass"]) - labels["halo_mass"]) <= 0.24 + 1e-9
@@ -122,7 +141,9 @@ def test_labels_per_task(tmp_path, task):
         if cls == "axion":
             assert -24 <= labels["axion_mass"] <= -22
             assert labels["axion_mass_ev"] == pytest.approx(10 ** labels["axion_mass"])
-            assert labels["de_broglie_wavelength"] == pytest.approx(P.de_broglie_wavelength(labels["axion_mass_ev"]))
+            assert labels["de_broglie_wavelength"] == pytest.approx(
+                P.de_broglie_wavelength(labels["axion_mass_ev"])
+            )
         else:
             assert labels["axion_mass"] is None
         for target in spec.targets:
@@ -154,7 +175,9 @@ def test_same_seed_byte_identical_for_any_worker_count(tmp_path):
     two = simulate("substructure", 30, tmp_path / "w2", seed=4, instrument="euclid", workers=2, shard_size=8)
     assert _shards(one) == _shards(two)
     assert (tmp_path / "w1/manifest.json").read_bytes() == (tmp_path / "w2/manifest.json").read_bytes()
-    other = simulate("substructure", 30, tmp_path / "s5", seed=5, instrument="euclid", workers=1, shard_size=8)
+    other = simulate(
+        "substructure", 30, tmp_path / "s5", seed=5, instrument="euclid", workers=1, shard_size=8
+    )
     assert set(_shards(other).values()).isdisjoint(_shards(one).values())
 
 
@@ -168,11 +191,11 @@ def test_sample_is_pure_function_of_seed_and_index():
 
 # ------------------------------------------------------------------------------------------ no shortcut, real signal
 def _class_statistics(preset: str, per_class: int, seed: int) -> dict[str, dict[str, np.ndarray]]:
-    """Per image: total flux, background noise level (MAD of a border frame), the paired change of the
+    """Per image: total flux, background noise level (MAD of the noise where the lensed light is faint), the paired change of the
     noise-free flux caused by the substructure, and the reduced chi^2 of the image against the smooth
     lens (the same main lens and source with no substructure)."""
     config = plan("substructure", 3 * per_class, preset=preset, seed=seed)
-    inst, edge = config.instrument, 6
+    inst = config.instrument
     out = {c: {"flux": [], "noise": [], "flux_change": [], "chi2": []} for c in config.classes}
     for i in range(3 * per_class):
         p = P.draw_params(config, i)
@@ -180,11 +203,14 @@ def _class_statistics(preset: str, per_class: int, seed: int) -> dict[str, dict[
         clean = P.render_clean(config, p)
         smooth = P.render_clean(config, P.smooth_twin(p))
         sigma = P.noise_sigma(smooth, inst, p["exposure"])
-        frame = np.concatenate([image[:edge].ravel(), image[-edge:].ravel(), image[edge:-edge, :edge].ravel(),
-                                image[edge:-edge, -edge:].ravel()])
+        # The background noise alone: the image minus its noise-free rendering, on the pixels the lensed light
+        # does not reach (noise-free flux below 5% of the sky). With the substructure's mass added on top (the
+        # DeepLense presets) a cdm ring is slightly larger, and arc light would raise the Poisson noise of a
+        # fixed border frame: that says nothing about the noise model.
+        residual = (image - clean)[clean < 0.05 * inst.sky_per_pixel]
         row = out[p["substructure_name"]]
         row["flux"].append(image.sum())
-        row["noise"].append(1.4826 * np.median(np.abs(frame - np.median(frame))))
+        row["noise"].append(1.4826 * np.median(np.abs(residual - np.median(residual))))
         row["flux_change"].append(math.log(clean.sum() / smooth.sum()))
         row["chi2"].append(np.mean(((image - smooth) / sigma) ** 2))
     return {c: {k: np.asarray(v) for k, v in row.items()} for c, row in out.items()}
@@ -212,9 +238,12 @@ def test_no_brightness_or_noise_shortcut_but_real_signal(preset):
         se = math.sqrt(base["flux"].var() / len(base["flux"]) + other["flux"].var() / len(other["flux"]))
         assert abs(other["flux"].mean() - base["flux"].mean()) < 3 * se, cls
         # 2. Paired: the substructure changes the total (noise-free) flux by ~1%, against a spread of
-        #    tens of percent between images: no usable brightness cue.
-        assert abs(other["flux_change"].mean()) < 0.03, cls
-        assert other["flux_change"].mean() < 0.1 * np.log(base["flux"]).std(), cls
+        #    tens of percent between images: no usable brightness cue. Added on top of the main lens (the
+        #    DeepLense presets, as DeepLenseSim) CDM's ~4e10 M_sun magnifies by ~2.4% on average (sd 2.9%)
+        #    against a spread of 23%; the KS test above shows it cannot be read off the flux.
+        added = PRESETS[preset].physics.substructure_mass == "added"
+        assert abs(other["flux_change"].mean()) < (0.05 if added else 0.03), cls
+        assert other["flux_change"].mean() < (0.2 if added else 0.1) * np.log(base["flux"]).std(), cls
         # 3. Signal: the image departs from the smooth lens well beyond the noise.
         assert stats.ks_2samp(base["chi2"], other["chi2"]).pvalue < 1e-6, cls
         assert np.median(other["chi2"]) > MIN_MEDIAN_CHI2.get(preset, 1.03), cls
@@ -235,8 +264,23 @@ def test_api_rejects_bad_arguments(tmp_path):
 
 def test_cli_simulate_verify_and_grid(tmp_path):
     out, grid = tmp_path / "set", tmp_path / "grid.png"
-    r = _shards_cli("simulate", "--task", "substructure", "--n", "24", "--out", str(out), "--instrument", "hst",
-                    "--workers", "2", "--seed", "1", "--grid", str(grid))
+    r = _shards_cli(
+        "simulate",
+        "--task",
+        "substructure",
+        "--n",
+        "24",
+        "--out",
+        str(out),
+        "--instrument",
+        "hst",
+        "--workers",
+        "2",
+        "--seed",
+        "1",
+        "--grid",
+        str(grid),
+    )
     assert r.returncode == 0, r.stderr
     assert "wrote" in r.stdout and grid.is_file() and grid.stat().st_size > 10_000
     r = _shards_cli("verify", str(out))
@@ -246,13 +290,19 @@ def test_cli_simulate_verify_and_grid(tmp_path):
     assert r.returncode == 2 and "already exists" in r.stderr and "--overwrite" in r.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--task", "nope", "--n", "3"], "invalid choice: 'nope' (choose from 'substructure', 'halo_mass'"),
-    (["--task", "substructure", "--n", "3", "--instrument", "jwst"], "choose from 'model1', 'euclid', 'hst'"),
-    (["--task", "substructure", "--n", "0"], "argument --n: must be positive, got 0"),
-    (["--task", "substructure", "--n", "-5"], "argument --n: must be positive, got -5"),
-    (["--task", "substructure", "--n", "3", "--val", "0.6", "--test", "0.5"], "must be below 1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--task", "nope", "--n", "3"], "invalid choice: 'nope' (choose from 'substructure', 'halo_mass'"),
+        (
+            ["--task", "substructure", "--n", "3", "--instrument", "jwst"],
+            "choose from 'model1', 'euclid', 'hst'",
+        ),
+        (["--task", "substructure", "--n", "0"], "argument --n: must be positive, got 0"),
+        (["--task", "substructure", "--n", "-5"], "argument --n: must be positive, got -5"),
+        (["--task", "substructure", "--n", "3", "--val", "0.6", "--test", "0.5"], "must be below 1"),
+    ],
+)
 def test_cli_bad_arguments_exit_2(tmp_path, args, message):
     r = _shards_cli("simulate", *args, "--out", str(tmp_path / "x"))
     assert r.returncode == 2, r.stderr
@@ -268,7 +318,9 @@ def test_deeplense2_reproduces_model_ii_physics(tmp_path):
         p = P.draw_params(config, i)
         # Fixed main lens: SIE of 1e12 M_sun at z=0.5 with e1=0.1, centred, and shear gamma1=0.05.
         assert p["halo_mass"] == 12.0 and p["z_lens"] == 0.5 and p["z_source"] == 1.0
-        assert (p["lens_e1"], p["lens_e2"], p["lens_x"], p["lens_y"]) == pytest.approx((0.1, 0, 0, 0), abs=1e-12)
+        assert (p["lens_e1"], p["lens_e2"], p["lens_x"], p["lens_y"]) == pytest.approx(
+            (0.1, 0, 0, 0), abs=1e-12
+        )
         assert (p["gamma1"], p["gamma2"]) == pytest.approx((0.05, 0.0), abs=1e-12)
         # Magnitude-20 Sersic source, R=0.25", n=1, centred within +-0.35".
         assert p["source_magnitude"] == 20 and p["source_radius"] == 0.25 and p["source_index"] == 1
@@ -279,11 +331,17 @@ def test_deeplense2_reproduces_model_ii_physics(tmp_path):
             radius = np.hypot(p["subhalo_x"], p["subhalo_y"])
             assert len(mass) == 25 and mass.min() >= 1e6 and mass.max() <= 1e10
             assert radius.min() >= 0.25 and radius.max() <= 2.0
-        elif p["substructure_name"] == "vortex":  # 100 point masses, 1e10 M_sun, 2" line through the centre
+        elif (
+            p["substructure_name"] == "vortex"
+        ):  # 100 point masses, 1e10 M_sun, a 0.06"-6" line through the centre
             assert len(mass) == 100 and mass.sum() == pytest.approx(1e10)
             assert np.mean(p["subhalo_x"]) == pytest.approx(0, abs=1e-9)
-            ends = np.hypot(np.diff(np.asarray(p["subhalo_x"])[[0, -1]]), np.diff(np.asarray(p["subhalo_y"])[[0, -1]]))
-            assert ends[0] == pytest.approx(2.0)
+            ends = np.hypot(
+                np.diff(np.asarray(p["subhalo_x"])[[0, -1]]), np.diff(np.asarray(p["subhalo_y"])[[0, -1]])
+            )
+            assert ends[0] == pytest.approx(p["vortex_length"]) and 0.06 <= ends[0] <= 6.0
+        # DeepLenseSim adds the substructure on top of the main lens: the SIE keeps its 1e12 M_sun.
+        assert p["sie_einstein_radius"] == pytest.approx(P.einstein_radius(1e12))
     # Stored as DeepLense's files: each image divided by its maximum.
     manifest = simulate("substructure", 6, tmp_path / "dl2", preset="deeplense2", workers=1)
     assert manifest.source["preset"] == "deeplense2" and manifest.source["scenario"]["scaling"] == "max"
@@ -292,34 +350,62 @@ def test_deeplense2_reproduces_model_ii_physics(tmp_path):
 
 
 def test_physics_overrides_are_applied_and_recorded(tmp_path):
-    knobs = {"lens": "drawn", "source_mag": [22.0, 23.0], "subhalos": 5, "vortex_mass": 3e9, "exposure": 1000}
+    knobs = {
+        "lens": "drawn",
+        "source_mag": [22.0, 23.0],
+        "subhalos": 5,
+        "vortex_mass": 3e9,
+        "exposure": 1000,
+        "vortex_length": [1.0, 3.0],
+        "substructure_mass": "taken",
+    }
     manifest = simulate("substructure", 9, tmp_path / "o", preset="deeplense2", physics=knobs, workers=1)
     scenario = manifest.source["scenario"]
-    assert scenario["lens"] == "drawn" and scenario["source_mag"] == [22.0, 23.0] and scenario["subhalos"] == 5
+    assert (
+        scenario["lens"] == "drawn" and scenario["source_mag"] == [22.0, 23.0] and scenario["subhalos"] == 5
+    )
     assert scenario["vortex_mass"] == 3e9 and scenario["exposure"] == [1000.0, 1000.0]
+    assert scenario["vortex_length"] == [1.0, 3.0] and scenario["substructure_mass"] == "taken"
     for _, labels in _all_samples(tmp_path / "o"):
         assert 22 <= labels["source_magnitude"] <= 23 and labels["exposure"] == pytest.approx(1000)
         assert labels["lens_x"] != 0  # drawn, not DeepLense's centred lens
         if labels["substructure_name"] == "cdm":
             assert labels["n_subhalos"] == 5
         if labels["substructure_name"] == "vortex":
-            assert sum(labels["subhalo_mass"]) == pytest.approx(3e9)
+            assert sum(labels["subhalo_mass"]) == pytest.approx(3e9) and 1.0 <= labels["vortex_length"] <= 3.0
+        # "taken": the substructure's mass comes out of the SIE
+        sie_mass = 10 ** labels["halo_mass"] - sum(labels["subhalo_mass"])
+        assert labels["sie_einstein_radius"] == pytest.approx(P.einstein_radius(sie_mass))
     with pytest.raises(SimulateError, match=r"--source-mag: expected LOW\[,HIGH\] in \[15, 30\]"):
         plan("substructure", 3, preset="euclid", physics={"source_mag": 40})
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--source-mag", "40"], "argument --source-mag: expected LOW[,HIGH] in [15, 30], got '40'"),
-    (["--halo-mass", "12,11"], "argument --halo-mass: expected LOW[,HIGH] in [10, 13], got '12,11'"),
-    (["--subhalos", "2.5"], "argument --subhalos: expected an integer in [1, 1000], got '2.5'"),
-    (["--subhalos", "0"], "argument --subhalos: expected an integer in [1, 1000], got '0'"),
-    (["--vortex-mass", "1e14"], "argument --vortex-mass: expected a number in [1e+06, 1e+12], got '1e14'"),
-    (["--exposure", "long"], "argument --exposure: expected LOW[,HIGH] in [1, 1e+06], got 'long'"),
-    (["--lens", "wobbly"], "argument --lens: expected one of fixed, drawn, got 'wobbly'"),
-    (["--z-lens", "0.8", "--z-source", "0.6"], "--z-source: must lie above --z-lens"),
-    (["--preset", "deeplense9"], "argument --preset: invalid choice: 'deeplense9'"),
-    (["--preset", "deeplense2", "--instrument", "euclid"], "argument --instrument: not allowed with argument --preset"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--source-mag", "40"], "argument --source-mag: expected LOW[,HIGH] in [15, 30], got '40'"),
+        (["--halo-mass", "12,11"], "argument --halo-mass: expected LOW[,HIGH] in [10, 13], got '12,11'"),
+        (["--subhalos", "2.5"], "argument --subhalos: expected an integer in [1, 1000], got '2.5'"),
+        (["--subhalos", "0"], "argument --subhalos: expected an integer in [1, 1000], got '0'"),
+        (
+            ["--vortex-mass", "1e14"],
+            "argument --vortex-mass: expected a number in [1e+06, 1e+12], got '1e14'",
+        ),
+        (["--exposure", "long"], "argument --exposure: expected LOW[,HIGH] in [1, 1e+06], got 'long'"),
+        (["--lens", "wobbly"], "argument --lens: expected one of fixed, drawn, got 'wobbly'"),
+        (
+            ["--substructure-mass", "both"],
+            "argument --substructure-mass: expected one of taken, added, got 'both'",
+        ),
+        (["--vortex-length", "30"], "argument --vortex-length: expected LOW[,HIGH] in [0.01, 20], got '30'"),
+        (["--z-lens", "0.8", "--z-source", "0.6"], "--z-source: must lie above --z-lens"),
+        (["--preset", "deeplense9"], "argument --preset: invalid choice: 'deeplense9'"),
+        (
+            ["--preset", "deeplense2", "--instrument", "euclid"],
+            "argument --instrument: not allowed with argument --preset",
+        ),
+    ],
+)
 def test_cli_bad_physics_options_exit_2(tmp_path, args, message):
     r = _shards_cli("simulate", "--task", "substructure", "--n", "3", "--out", str(tmp_path / "x"), *args)
     assert r.returncode == 2, r.stderr

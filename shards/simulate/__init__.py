@@ -4,4 +4,13 @@ from shards.simulate.cli import SimulateError, simulate
 from shards.simulate.presets import INSTRUMENTS, Instrument, get_instrument
 from shards.simulate.tasks import TASKS, Task, get_task
 
-__all__ = ["INSTRUMENTS", "TASKS", "Instrument", "SimulateError", "Task", "get_instrument", "get_task", "simulate"]
+__all__ = [
+    "INSTRUMENTS",
+    "TASKS",
+    "Instrument",
+    "SimulateError",
+    "Task",
+    "get_instrument",
+    "get_task",
+    "simulate",
+]

@@ -39,9 +39,17 @@ def _physics_record() -> dict:
     return out
 
 
-def plan(task: str, n: int, *, instrument: str = "model1", size: int | None = None,
-         pixel_scale: float | None = None, seed: int = 0, preset: str | None = None,
-         physics: dict | None = None) -> SimConfig:
+def plan(
+    task: str,
+    n: int,
+    *,
+    instrument: str = "model1",
+    size: int | None = None,
+    pixel_scale: float | None = None,
+    seed: int = 0,
+    preset: str | None = None,
+    physics: dict | None = None,
+) -> SimConfig:
     """Validate the arguments and return the configuration every sample is drawn from.
 
     ``preset`` (default: ``instrument``, a realistic preset) names a scenario of
@@ -59,8 +67,15 @@ def plan(task: str, n: int, *, instrument: str = "model1", size: int | None = No
         inst, phys = resolve(name, spec.name, physics or {}, size=size, pixel_scale=pixel_scale)
     except ValueError as exc:
         raise SimulateError(str(exc)) from None
-    return SimConfig(task=spec.name, classes=spec.classes, instrument=inst, seed=int(seed), task_code=spec.code,
-                     physics=phys, preset=name)
+    return SimConfig(
+        task=spec.name,
+        classes=spec.classes,
+        instrument=inst,
+        seed=int(seed),
+        task_code=spec.code,
+        physics=phys,
+        preset=name,
+    )
 
 
 def split_plan(config: SimConfig, n: int, *, val: float, test: float) -> tuple[list[str], np.ndarray]:
@@ -71,7 +86,9 @@ def split_plan(config: SimConfig, n: int, *, val: float, test: float) -> tuple[l
     task = get_task(config.task)
     name = task.primary.name
     if name == "substructure":  # the class follows from the index
-        strata = np.asarray([SUBSTRUCTURE_CLASSES.index(config.class_of(i)) for i in range(n)], dtype=np.float64)
+        strata = np.asarray(
+            [SUBSTRUCTURE_CLASSES.index(config.class_of(i)) for i in range(n)], dtype=np.float64
+        )
     else:
         strata = np.asarray([draw_params(config, i)[name] for i in range(n)], dtype=np.float64)
     try:
@@ -81,19 +98,42 @@ def split_plan(config: SimConfig, n: int, *, val: float, test: float) -> tuple[l
     return list(split_of), strata
 
 
-def simulate(task: str, n: int, out: str | os.PathLike, *, instrument: str = "model1", size: int | None = None,
-             pixel_scale: float | None = None, seed: int = 0, workers: int = 1, val: float = 0.1,
-             test: float = 0.1, shard_size: int = 1000, dtype: str = "float32", overwrite: bool = False,
-             grid: str | os.PathLike | None = None, result: bool = False, preset: str | None = None,
-             physics: dict | None = None) -> Manifest | PackResult:
+def simulate(
+    task: str,
+    n: int,
+    out: str | os.PathLike,
+    *,
+    instrument: str = "model1",
+    size: int | None = None,
+    pixel_scale: float | None = None,
+    seed: int = 0,
+    workers: int = 1,
+    val: float = 0.1,
+    test: float = 0.1,
+    shard_size: int = 1000,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    grid: str | os.PathLike | None = None,
+    result: bool = False,
+    preset: str | None = None,
+    physics: dict | None = None,
+) -> Manifest | PackResult:
     """Simulate ``n`` images for ``task`` into a shard set at ``out`` and return its manifest.
 
     Each sample is a pure function of ``(seed, task, index)``, so the shards are byte-identical for any
     ``workers``. ``grid`` writes a PNG of sample images per class. ``result=True`` returns the whole
     :class:`~shards.pack.PackResult` instead of the manifest. ``preset`` and ``physics`` as in :func:`plan`.
     """
-    config = plan(task, n, instrument=instrument, size=size, pixel_scale=pixel_scale, seed=seed, preset=preset,
-                  physics=physics)
+    config = plan(
+        task,
+        n,
+        instrument=instrument,
+        size=size,
+        pixel_scale=pixel_scale,
+        seed=seed,
+        preset=preset,
+        physics=physics,
+    )
     out = Path(out)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists; choose another --out or pass --overwrite")
@@ -126,15 +166,26 @@ def simulate(task: str, n: int, out: str | os.PathLike, *, instrument: str = "mo
         targets=spec.targets,
         primary_target=spec.primary.name,
         source=source,
-        options=PackOptions(val=val, test=test, seed=seed, shard_size=shard_size, dtype=dtype, workers=workers,
-                            overwrite=overwrite),
+        options=PackOptions(
+            val=val,
+            test=test,
+            seed=seed,
+            shard_size=shard_size,
+            dtype=dtype,
+            workers=workers,
+            overwrite=overwrite,
+        ),
         desc=f"simulate {spec.name}",
     )
     if grid is not None:
         from shards.grid import write_grid
 
-        write_grid(out, grid, per_class=8, split="train" if "train" in packed.manifest.splits else
-                   next(iter(packed.manifest.splits)))
+        write_grid(
+            out,
+            grid,
+            per_class=8,
+            split="train" if "train" in packed.manifest.splits else next(iter(packed.manifest.splits)),
+        )
     return packed if result else packed.manifest
 
 
@@ -155,30 +206,48 @@ HELP = "simulate strong-lensing images (lenstronomy) into a shard set"
 
 def description() -> str:
     tasks = "; ".join(f"{name}: {t.description}" for name, t in TASKS.items())
-    return ("Simulate galaxy-galaxy strong-lensing images with lenstronomy (SIE + external shear "
-            "lensing a Sersic source, Gaussian PSF, Poisson + sky + read noise) with dark-matter "
-            "substructure (no_sub, cdm, vortex, axion), and pack them into a shard set. Each sample is "
-            "a pure function of (seed, task, index): the same seed gives byte-identical shards for "
-            f"any --workers. Tasks: {tasks}.")
+    return (
+        "Simulate galaxy-galaxy strong-lensing images with lenstronomy (SIE + external shear "
+        "lensing a Sersic source, Gaussian PSF, Poisson + sky + read noise) with dark-matter "
+        "substructure (no_sub, cdm, vortex, axion), and pack them into a shard set. Each sample is "
+        "a pure function of (seed, task, index): the same seed gives byte-identical shards for "
+        f"any --workers. Tasks: {tasks}."
+    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True, choices=list(TASKS), help="what the primary target is (see above)")
+    p.add_argument(
+        "--task", required=True, choices=list(TASKS), help="what the primary target is (see above)"
+    )
     p.add_argument("--n", required=True, type=positive_int, help="number of images")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--preset", default=None, choices=list(PRESETS),
-                       help="scenario: deeplense1/2/3 reproduce the physics of DeepLense's Model I/II/III (fixed "
-                            "lens, magnitude-20 source, images divided by their maximum: CDM subhalos are plainly "
-                            "visible, the vortex subtly); model1, euclid, hst are the realistic ones (everything drawn, faint sources, "
-                            "1-5%% substructure mass: hard). Default model1")
-    which.add_argument("--instrument", default=None, choices=list(INSTRUMENTS),
-                       help=f"the realistic preset of this instrument (same as --preset). {_instrument_help()}")
+    which.add_argument(
+        "--preset",
+        default=None,
+        choices=list(PRESETS),
+        help="scenario: deeplense1/2/3 reproduce the physics of DeepLense's Model I/II/III (fixed "
+        "lens, magnitude-20 source, images divided by their maximum: CDM subhalos are plainly "
+        "visible, the vortex subtly); model1, euclid, hst are the realistic ones (everything drawn, faint sources, "
+        "1-5%% substructure mass: hard). Default model1",
+    )
+    which.add_argument(
+        "--instrument",
+        default=None,
+        choices=list(INSTRUMENTS),
+        help=f"the realistic preset of this instrument (same as --preset). {_instrument_help()}",
+    )
     p.add_argument("--size", type=_size, default=None, help="pixels per side (default: the preset's)")
-    p.add_argument("--pixel-scale", type=positive_float, default=None,
-                   help="arcsec per pixel (default: the preset's)")
+    p.add_argument(
+        "--pixel-scale", type=positive_float, default=None, help="arcsec per pixel (default: the preset's)"
+    )
     add_pack_options(p, skip_bad=False, seed_help="seed of the simulation and of the split")
-    p.add_argument("--grid", type=Path, default=None, metavar="PNG",
-                   help="also write a PNG grid of 8 training images per class (or spanning the target)")
+    p.add_argument(
+        "--grid",
+        type=Path,
+        default=None,
+        metavar="PNG",
+        help="also write a PNG grid of 8 training images per class (or spanning the target)",
+    )
     add_physics_arguments(p)
 
 
@@ -188,24 +257,39 @@ def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.overwrite:
         raise UsageError(f"{args.out} already exists; choose another --out or pass --overwrite")
     try:
-        packed = simulate(args.task, args.n, args.out, preset=args.preset or args.instrument or "model1",
-                          physics=physics_overrides(args), size=args.size,
-                          pixel_scale=args.pixel_scale, seed=args.seed, workers=args.workers, val=args.val,
-                          test=args.test, shard_size=args.shard_size, dtype=args.dtype,
-                          overwrite=args.overwrite, result=True)
+        packed = simulate(
+            args.task,
+            args.n,
+            args.out,
+            preset=args.preset or args.instrument or "model1",
+            physics=physics_overrides(args),
+            size=args.size,
+            pixel_scale=args.pixel_scale,
+            seed=args.seed,
+            workers=args.workers,
+            val=args.val,
+            test=args.test,
+            shard_size=args.shard_size,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            result=True,
+        )
     except (SimulateError, OutputExistsError) as exc:
         raise UsageError(str(exc)) from None
     m = packed.manifest
     counts = ", ".join(f"{name} {split.count}" for name, split in m.splits.items())
     n_shards = sum(len(split.shards) for split in m.splits.values())
     inst = m.source["instrument"]
-    print(f"wrote {args.out}: {counts} samples in {n_shards} shards; image {tuple(m.image.shape)} {m.image.dtype} "
-          f"(preset {m.source['preset']}: {inst['name']}, {inst['pixel_scale']}\"/px); task {args.task}, primary target {m.primary_target} "
-          f"({m.target.kind})")
+    print(
+        f"wrote {args.out}: {counts} samples in {n_shards} shards; image {tuple(m.image.shape)} {m.image.dtype} "
+        f'(preset {m.source["preset"]}: {inst["name"]}, {inst["pixel_scale"]}"/px); task {args.task}, primary target {m.primary_target} '
+        f"({m.target.kind})"
+    )
     if args.grid is not None:
         from shards.grid import write_grid
 
-        path = write_grid(args.out, args.grid, per_class=8, split="train" if "train" in m.splits else
-                          next(iter(m.splits)))
+        path = write_grid(
+            args.out, args.grid, per_class=8, split="train" if "train" in m.splits else next(iter(m.splits))
+        )
         print(f"wrote {path}")
     return 0

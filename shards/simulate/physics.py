@@ -165,16 +165,36 @@ def _main_lens(phys: Physics, u: np.ndarray, population: np.random.Generator) ->
     # Lognormal scatter of the lensing mass around the halo mass, truncated at 2 sigma (rings stay in the field).
     lensing_mass = 10.0 ** (log_m + phys.mass_scatter * float(np.clip(population.standard_normal(), -2, 2)))
     if phys.lens == "fixed":
-        q, phi, lx, ly, gamma, gamma_phi = (1 - FIXED_LENS_E1) / (1 + FIXED_LENS_E1), 0.0, 0.0, 0.0, FIXED_SHEAR_GAMMA1, 0.0
+        q, phi, lx, ly, gamma, gamma_phi = (
+            (1 - FIXED_LENS_E1) / (1 + FIXED_LENS_E1),
+            0.0,
+            0.0,
+            0.0,
+            FIXED_SHEAR_GAMMA1,
+            0.0,
+        )
     else:
         q, phi = _lerp(LENS_AXIS_RATIO, u[1]), math.pi * u[2]
         lx, ly = LENS_CENTER_JITTER * (2 * u[3] - 1), LENS_CENTER_JITTER * (2 * u[4] - 1)
         gamma, gamma_phi = SHEAR_MAX * u[5], math.pi * u[6]
     e1, e2 = _ellipticity(phi, q)
-    return {"z_lens": z_l, "z_source": z_s, "halo_mass": log_m, "lensing_mass": lensing_mass,
-            "einstein_radius": float(einstein_radius(lensing_mass, z_l, z_s)), "axis_ratio": q, "lens_angle": phi,
-            "lens_e1": e1, "lens_e2": e2, "lens_x": lx, "lens_y": ly, "shear": gamma, "shear_angle": gamma_phi,
-            "gamma1": gamma * math.cos(2 * gamma_phi), "gamma2": gamma * math.sin(2 * gamma_phi)}
+    return {
+        "z_lens": z_l,
+        "z_source": z_s,
+        "halo_mass": log_m,
+        "lensing_mass": lensing_mass,
+        "einstein_radius": float(einstein_radius(lensing_mass, z_l, z_s)),
+        "axis_ratio": q,
+        "lens_angle": phi,
+        "lens_e1": e1,
+        "lens_e2": e2,
+        "lens_x": lx,
+        "lens_y": ly,
+        "shear": gamma,
+        "shear_angle": gamma_phi,
+        "gamma1": gamma * math.cos(2 * gamma_phi),
+        "gamma2": gamma * math.sin(2 * gamma_phi),
+    }
 
 
 def _source(phys: Physics, inst: Instrument, u: np.ndarray, lens: dict) -> dict:
@@ -191,33 +211,60 @@ def _source(phys: Physics, inst: Instrument, u: np.ndarray, lens: dict) -> dict:
         s_q, s_phi = _lerp(SOURCE_AXIS_RATIO, u[11]), math.pi * u[12]
         s_e1, s_e2 = _ellipticity(s_phi, s_q)
     s_mag = _lerp(phys.source_mag, u[13])
-    return {"source_x": sx, "source_y": sy, "source_radius": s_radius, "source_index": s_index,
-            "source_axis_ratio": s_q, "source_angle": s_phi, "source_e1": s_e1, "source_e2": s_e2,
-            "source_magnitude": s_mag, "source_flux": 10 ** (-0.4 * (s_mag - inst.zero_point))}  # e-/s
+    return {
+        "source_x": sx,
+        "source_y": sy,
+        "source_radius": s_radius,
+        "source_index": s_index,
+        "source_axis_ratio": s_q,
+        "source_angle": s_phi,
+        "source_e1": s_e1,
+        "source_e2": s_e2,
+        "source_magnitude": s_mag,
+        "source_flux": 10 ** (-0.4 * (s_mag - inst.zero_point)),
+    }  # e-/s
 
 
 def draw_params(config: SimConfig, index: int) -> dict:
     """All parameters of sample ``index`` (JSON-serialisable); cheap, no rendering."""
     inst, phys = config.instrument, config.physics
     cls = config.class_of(index)
-    u = _rng(config, index, STREAM_SHARED).random(16)  # fixed count: shared parameters never depend on the class
+    u = _rng(config, index, STREAM_SHARED).random(
+        16
+    )  # fixed count: shared parameters never depend on the class
     lens = _main_lens(phys, u, _rng(config, index, STREAM_POPULATION))
     source = _source(phys, inst, u, lens)
     t_lo, t_hi = phys.exposure or inst.exposure
     exposure = math.exp(math.log(t_lo) + math.log(t_hi / t_lo) * u[14])
     sub, extra = _draw_substructure(cls, phys, _rng(config, index, STREAM_SUBSTRUCTURE), lens)
     fraction = float(sum(sub.mass) / lens["lensing_mass"]) if sub.mass else 0.0
-    # The substructure takes its mass from the main lens, so the total lensing mass (and with it the
-    # ring size and the mean magnification) does not depend on the class.
-    sie_theta_e = float(einstein_radius(lens["lensing_mass"] * (1.0 - fraction), lens["z_lens"], lens["z_source"]))
+    # "taken": the substructure takes its mass from the main lens, so the total lensing mass (and with it
+    # the ring size and the mean magnification) does not depend on the class. "added": DeepLenseSim's
+    # construction, the substructure on top of an unchanged main lens.
+    sie_mass = lens["lensing_mass"] * (1.0 - fraction if phys.substructure_mass == "taken" else 1.0)
+    sie_theta_e = float(einstein_radius(sie_mass, lens["z_lens"], lens["z_source"]))
     return {
-        "index": index, "seed": config.seed, "task": config.task, "preset": config.preset,
-        "instrument": inst.name, "pixel_scale": inst.pixel_scale, "psf_fwhm": inst.psf_fwhm,
-        **lens, "sie_einstein_radius": sie_theta_e, **source, "exposure": exposure,
-        "substructure": SUBSTRUCTURE_CLASSES.index(cls), "substructure_name": cls,
-        "has_substructure": int(cls != "no_sub"), "subhalo_fraction": fraction, "n_subhalos": len(sub.mass),
+        "index": index,
+        "seed": config.seed,
+        "task": config.task,
+        "preset": config.preset,
+        "instrument": inst.name,
+        "pixel_scale": inst.pixel_scale,
+        "psf_fwhm": inst.psf_fwhm,
+        **lens,
+        "sie_einstein_radius": sie_theta_e,
+        **source,
+        "exposure": exposure,
+        "substructure": SUBSTRUCTURE_CLASSES.index(cls),
+        "substructure_name": cls,
+        "has_substructure": int(cls != "no_sub"),
+        "subhalo_fraction": fraction,
+        "n_subhalos": len(sub.mass),
         **extra,
-        "subhalo_profile": sub.profile, "subhalo_x": sub.x, "subhalo_y": sub.y, "subhalo_mass": sub.mass,
+        "subhalo_profile": sub.profile,
+        "subhalo_x": sub.x,
+        "subhalo_y": sub.y,
+        "subhalo_mass": sub.mass,
         "subhalo_sigma": sub.sigma,
     }
 
@@ -250,8 +297,13 @@ def _line(rng: np.random.Generator, n: int, total: float, length: float, cx: flo
 
 
 def _draw_substructure(cls: str, phys: Physics, rng: np.random.Generator, lens: dict):
-    extra = {"axion_mass": None, "axion_mass_ev": None, "de_broglie_wavelength": None,
-             "vortex_length": None, "vortex_angle": None}
+    extra = {
+        "axion_mass": None,
+        "axion_mass_ev": None,
+        "de_broglie_wavelength": None,
+        "vortex_length": None,
+        "vortex_angle": None,
+    }
     if cls == "no_sub":
         return Substructure(), extra
     if cls == "cdm" and phys.subhalos is not None:
@@ -290,15 +342,20 @@ def _counted_subhalos(phys: Physics, rng: np.random.Generator, lens: dict) -> Su
 
 
 def _vortex_line(cls: str, phys: Physics, rng: np.random.Generator, lens: dict, extra: dict):
-    """DeepLense's vortex: 100 point masses of vortex_mass in all on a line through the lens centre. For
-    the axion class its length is twice the de Broglie wavelength of an axion mass drawn log-uniform."""
-    length = phys.vortex_length
+    """DeepLense's vortex: 100 point masses of vortex_mass in all on a line through the lens centre, at a
+    uniform angle. Its length is log-uniform in vortex_length (DeepLenseSim: from -lambda to +lambda, the de
+    Broglie wavelength of an axion mass log-uniform in 1e-24..1e-22 eV, so 0.06"-6"); for the axion class it
+    is twice the de Broglie wavelength of an axion mass drawn log-uniform."""
+    lo, hi = phys.vortex_length
+    length = lo * (hi / lo) ** rng.random()
     if cls == "axion":
         log_ma = _lerp(LOG_AXION_MASS, rng.random())
         wavelength = de_broglie_wavelength(10.0**log_ma, lens["z_lens"])
         length = 2 * wavelength
         extra.update(axion_mass=log_ma, axion_mass_ev=10.0**log_ma, de_broglie_wavelength=wavelength)
-    sub, angle = _line(rng, DEEPLENSE_VORTEX_ELEMENTS, phys.vortex_mass, length, lens["lens_x"], lens["lens_y"])
+    sub, angle = _line(
+        rng, DEEPLENSE_VORTEX_ELEMENTS, phys.vortex_mass, length, lens["lens_x"], lens["lens_y"]
+    )
     extra.update(vortex_length=length, vortex_angle=angle)
     return sub, extra
 
@@ -319,12 +376,20 @@ def _granules(rng: np.random.Generator, total: float, lens: dict, extra: dict):
 
 
 def smooth_twin(params: dict) -> dict:
-    """The same sample without substructure: its mass back in the main lens, everything else equal.
+    """The same sample without substructure, everything else equal: the substructure's mass goes back
+    into the main lens when it was taken from it, and is simply gone when it was added on top.
 
     Rendering it gives the smooth-lens counterpart of an image; its residual is the substructure's signal.
     """
-    return {**params, "subhalo_profile": None, "subhalo_x": [], "subhalo_y": [], "subhalo_mass": [],
-            "subhalo_sigma": [], "sie_einstein_radius": params["einstein_radius"]}
+    return {
+        **params,
+        "subhalo_profile": None,
+        "subhalo_x": [],
+        "subhalo_y": [],
+        "subhalo_mass": [],
+        "subhalo_sigma": [],
+        "sie_einstein_radius": params["einstein_radius"],
+    }
 
 
 # --------------------------------------------------------------------------------------------- rendering
@@ -333,9 +398,19 @@ def lenstronomy_kwargs(params: dict) -> tuple[list[str], list[dict], list[str], 
     source models, kwargs_source)."""
     lens_models = ["SIE", "SHEAR"]
     kwargs_lens = [
-        {"theta_E": params["sie_einstein_radius"], "e1": params["lens_e1"], "e2": params["lens_e2"],
-         "center_x": params["lens_x"], "center_y": params["lens_y"]},
-        {"gamma1": params["gamma1"], "gamma2": params["gamma2"], "ra_0": params["lens_x"], "dec_0": params["lens_y"]},
+        {
+            "theta_E": params["sie_einstein_radius"],
+            "e1": params["lens_e1"],
+            "e2": params["lens_e2"],
+            "center_x": params["lens_x"],
+            "center_y": params["lens_y"],
+        },
+        {
+            "gamma1": params["gamma1"],
+            "gamma2": params["gamma2"],
+            "ra_0": params["lens_x"],
+            "dec_0": params["lens_y"],
+        },
     ]
     profile = params["subhalo_profile"]
     theta = einstein_radius(np.asarray(params["subhalo_mass"]), params["z_lens"], params["z_source"])
@@ -345,15 +420,22 @@ def lenstronomy_kwargs(params: dict) -> tuple[list[str], list[dict], list[str], 
             kwargs_lens.append({"theta_E": t, "center_x": x, "center_y": y})
     elif profile == "GAUSSIAN":
         # A Gaussian convergence of total lensing mass pi theta_E^2 deflects like a point mass far away.
-        for x, y, t, s in zip(params["subhalo_x"], params["subhalo_y"], theta.tolist(), params["subhalo_sigma"], strict=True):
+        for x, y, t, s in zip(
+            params["subhalo_x"], params["subhalo_y"], theta.tolist(), params["subhalo_sigma"], strict=True
+        ):
             lens_models.append("GAUSSIAN")
             kwargs_lens.append({"amp": math.pi * t * t, "sigma": s, "center_x": x, "center_y": y})
-    kwargs_source = [{
-        "amp": params["source_flux"] / _sersic_unit_flux(params["source_radius"], params["source_index"]),
-        "R_sersic": params["source_radius"], "n_sersic": params["source_index"],
-        "e1": params["source_e1"], "e2": params["source_e2"],
-        "center_x": params["source_x"], "center_y": params["source_y"],
-    }]
+    kwargs_source = [
+        {
+            "amp": params["source_flux"] / _sersic_unit_flux(params["source_radius"], params["source_index"]),
+            "R_sersic": params["source_radius"],
+            "n_sersic": params["source_index"],
+            "e1": params["source_e1"],
+            "e2": params["source_e2"],
+            "center_x": params["source_x"],
+            "center_y": params["source_y"],
+        }
+    ]
     return lens_models, kwargs_lens, ["SERSIC_ELLIPSE"], kwargs_source
 
 
@@ -399,12 +481,19 @@ def build_image_model(instrument: Instrument, lens_models: list[str], source_mod
 
     n, scale = instrument.size, instrument.pixel_scale
     _, _, ra0, dec0, _, _, pix2angle, _ = util.make_grid_with_coordtransform(
-        num_pix=n, delta_pix=scale, center_ra=0, center_dec=0, subgrid_res=1, inverse=False)
-    data = ImageData(image_data=np.zeros((n, n)), ra_at_xy_0=ra0, dec_at_xy_0=dec0, transform_pix2angle=pix2angle)
+        num_pix=n, delta_pix=scale, center_ra=0, center_dec=0, subgrid_res=1, inverse=False
+    )
+    data = ImageData(
+        image_data=np.zeros((n, n)), ra_at_xy_0=ra0, dec_at_xy_0=dec0, transform_pix2angle=pix2angle
+    )
     psf = PSF(psf_type="GAUSSIAN", fwhm=instrument.psf_fwhm, truncation=3)
-    return ImageModel(data, psf, lens_model_class=LensModel(lens_models),
-                      source_model_class=LightModel(source_models),
-                      kwargs_numerics={"supersampling_factor": 1, "supersampling_convolution": False})
+    return ImageModel(
+        data,
+        psf,
+        lens_model_class=LensModel(lens_models),
+        source_model_class=LightModel(source_models),
+        kwargs_numerics={"supersampling_factor": 1, "supersampling_convolution": False},
+    )
 
 
 def noise_sigma(clean: np.ndarray, instrument: Instrument, exposure: float) -> np.ndarray:

@@ -45,7 +45,13 @@ class Physics:
     subhalo_radius: Range = (0.25, 2.0)  # arcsec from the lens centre, uniform (with subhalos)
     subhalo_fraction: Range = (0.01, 0.05)  # M_sub / M (without subhalos; and the realistic vortex)
     vortex_mass: float | None = None  # M_sun: a line through the lens centre; None: a fraction-based string
-    vortex_length: float = 2.0  # arcsec (with vortex_mass): twice the de Broglie wavelength
+    vortex_length: Range = (
+        0.06,
+        6.0,
+    )  # arcsec, log-uniform (with vortex_mass): twice the de Broglie wavelength
+    substructure_mass: str = (
+        "taken"  # "taken" from the main lens (class-independent total), or "added" on top
+    )
     scaling: str = "none"  # "max": each stored image divided by its maximum, as DeepLense's files
 
     def as_dict(self) -> dict:
@@ -70,13 +76,21 @@ class Knob:
 
 
 KNOBS: dict[str, Knob] = {
-    "lens": Knob("choice", choices=("fixed", "drawn"), help="main lens and source shape: DeepLense's fixed "
-                 "SIE (e1 0.1) + shear (gamma1 0.05), R=0.25\" n=1 round source within +-0.35\"; or all drawn"),
+    "lens": Knob(
+        "choice",
+        choices=("fixed", "drawn"),
+        help="main lens and source shape: DeepLense's fixed "
+        'SIE (e1 0.1) + shear (gamma1 0.05), R=0.25" n=1 round source within +-0.35"; or all drawn',
+    ),
     "halo_mass": Knob("range", 10.0, 13.0, help="log10 halo mass / M_sun"),
     "z_lens": Knob("range", 0.05, 3.0, help="lens redshift"),
     "z_source": Knob("range", 0.1, 6.0, help="source redshift (above the highest lens redshift)"),
-    "mass_scatter": Knob("float", 0.0, 1.0, help="dex of lognormal scatter between halo mass and lensing "
-                         "mass (concentration, mass-to-light)"),
+    "mass_scatter": Knob(
+        "float",
+        0.0,
+        1.0,
+        help="dex of lognormal scatter between halo mass and lensing mass (concentration, mass-to-light)",
+    ),
     "source_mag": Knob("range", 15.0, 30.0, help="unlensed source AB magnitude"),
     "exposure": Knob("range", 1.0, 1e6, help="exposure in seconds, log-uniform"),
     "subhalos": Knob("int", 1, 1000, help="CDM: exactly this many point-mass subhalos of --subhalo-mass"),
@@ -84,10 +98,29 @@ KNOBS: dict[str, Knob] = {
     "subhalo_slope": Knob("float", -3.0, 0.0, help="CDM: slope of dN/dm ~ m^slope (with --subhalos)"),
     "subhalo_radius": Knob("range", 0.0, 10.0, help="CDM subhalo distance from the lens centre, arcsec"),
     "subhalo_fraction": Knob("range", 0.0, 0.5, help="substructure mass fraction (without --subhalos)"),
-    "vortex_mass": Knob("float", 1e6, 1e12, help="vortex: a line of 100 point masses of this total M_sun "
-                        "through the lens centre"),
-    "vortex_length": Knob("float", 0.01, 20.0, help="vortex line length in arcsec (with --vortex-mass)"),
-    "scaling": Knob("choice", choices=("none", "max"), help="stored images: e-/s, or divided by their maximum"),
+    "vortex_mass": Knob(
+        "float",
+        1e6,
+        1e12,
+        help="vortex: a line of 100 point masses of this total M_sun through the lens centre",
+    ),
+    "vortex_length": Knob(
+        "range",
+        0.01,
+        20.0,
+        help="vortex line length in arcsec, log-uniform (with "
+        "--vortex-mass): twice the de Broglie wavelength",
+    ),
+    "substructure_mass": Knob(
+        "choice",
+        choices=("taken", "added"),
+        help="substructure mass taken from the main "
+        "lens (the total lensing mass does not depend on the class), or added on top of it "
+        "as DeepLenseSim does",
+    ),
+    "scaling": Knob(
+        "choice", choices=("none", "max"), help="stored images: e-/s, or divided by their maximum"
+    ),
 }
 
 
@@ -135,8 +168,10 @@ def with_overrides(physics: Physics, overrides: dict) -> Physics:
     checked = {name: check_knob(name, value) for name, value in overrides.items() if value is not None}
     out = dataclasses.replace(physics, **checked)
     if out.z_source[0] <= out.z_lens[1]:
-        raise KnobError("--z-source", f"must lie above --z-lens (lens up to {out.z_lens[1]:g}, source from "
-                        f"{out.z_source[0]:g})")
+        raise KnobError(
+            "--z-source",
+            f"must lie above --z-lens (lens up to {out.z_lens[1]:g}, source from {out.z_source[0]:g})",
+        )
     return out
 
 
@@ -149,19 +184,40 @@ class Preset:
 
 
 # DeepLense's common physics: fixed lens, bright source, 25 CDM subhalos, a 1e10 M_sun vortex line.
-_DEEPLENSE = Physics(lens="fixed", halo_mass=(12.0, 12.0), source_mag=(20.0, 20.0), subhalos=25,
-                     vortex_mass=1e10, scaling="max")
+_DEEPLENSE = Physics(
+    lens="fixed",
+    halo_mass=(12.0, 12.0),
+    source_mag=(20.0, 20.0),
+    subhalos=25,
+    vortex_mass=1e10,
+    substructure_mass="added",
+    scaling="max",
+)
 EUCLID_VIS_COADD = 4 * 565.0  # s: lenstronomy's Euclid VIS configuration, 4 exposures of 565 s
 
 PRESETS: dict[str, Preset] = {
-    "deeplense1": Preset("deeplense1", "model1", dataclasses.replace(_DEEPLENSE, exposure=(180.0, 180.0)),
-                         "DeepLense Model I physics: 150x150 at 0.05\"/px, 0.087\" Gaussian PSF, peak S/N ~25"),
-    "deeplense2": Preset("deeplense2", "euclid",
-                         dataclasses.replace(_DEEPLENSE, exposure=(EUCLID_VIS_COADD, EUCLID_VIS_COADD)),
-                         "DeepLense Model II physics: Euclid VIS 64x64 at 0.101\"/px, 4 x 565 s"),
-    "deeplense3": Preset("deeplense3", "hst", dataclasses.replace(_DEEPLENSE, exposure=(5400.0, 5400.0)),
-                         "DeepLense Model III physics: HST-like 64x64 at 0.08\"/px, 5400 s"),
-    **{name: Preset(name, name, Physics(), f"realistic, {inst.description}") for name, inst in INSTRUMENTS.items()},
+    "deeplense1": Preset(
+        "deeplense1",
+        "model1",
+        dataclasses.replace(_DEEPLENSE, exposure=(180.0, 180.0)),
+        'DeepLense Model I physics: 150x150 at 0.05"/px, 0.087" Gaussian PSF, peak S/N ~25',
+    ),
+    "deeplense2": Preset(
+        "deeplense2",
+        "euclid",
+        dataclasses.replace(_DEEPLENSE, exposure=(EUCLID_VIS_COADD, EUCLID_VIS_COADD)),
+        'DeepLense Model II physics: Euclid VIS 64x64 at 0.101"/px, 4 x 565 s',
+    ),
+    "deeplense3": Preset(
+        "deeplense3",
+        "hst",
+        dataclasses.replace(_DEEPLENSE, exposure=(5400.0, 5400.0)),
+        'DeepLense Model III physics: HST-like 64x64 at 0.08"/px, 5400 s',
+    ),
+    **{
+        name: Preset(name, name, Physics(), f"realistic, {inst.description}")
+        for name, inst in INSTRUMENTS.items()
+    },
 }
 
 # The realistic halo_mass task breaks the one-to-one map from mass to ring size the way real lenses do.
@@ -178,12 +234,15 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def resolve(preset: str, task: str, overrides: dict, *, size: int | None = None,
-            pixel_scale: float | None = None) -> tuple[Instrument, Physics]:
+def resolve(
+    preset: str, task: str, overrides: dict, *, size: int | None = None, pixel_scale: float | None = None
+) -> tuple[Instrument, Physics]:
     """The instrument and physics of ``preset`` for ``task`` with ``overrides`` applied."""
     spec = get_preset(preset)
     physics = spec.physics
     if task == "halo_mass" and physics.lens == "drawn":
         physics = dataclasses.replace(physics, **REALISTIC_HALO_MASS)
-    return (get_instrument(spec.instrument, size=size, pixel_scale=pixel_scale),
-            with_overrides(physics, overrides))
+    return (
+        get_instrument(spec.instrument, size=size, pixel_scale=pixel_scale),
+        with_overrides(physics, overrides),
+    )

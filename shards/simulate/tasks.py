@@ -38,25 +38,33 @@ _HAS_SUB = TargetSpec("has_substructure", "classification", ["no_sub", "sub"])  
 
 TASKS: dict[str, Task] = {
     "substructure": Task(
-        name="substructure", code=1, classes=_SUB3,
+        name="substructure",
+        code=1,
+        classes=_SUB3,
         primary=TargetSpec("substructure", "classification", list(_SUB3)),
         secondary=(_HAS_SUB, _HALO, _THETA, _FSUB),
         description="classify the dark-matter substructure: no_sub / cdm / vortex (balanced)",
     ),
     "halo_mass": Task(
-        name="halo_mass", code=2, classes=_SUB3,
+        name="halo_mass",
+        code=2,
+        classes=_SUB3,
         primary=_HALO,
         secondary=(_THETA, _FSUB, TargetSpec("substructure", "classification", list(_SUB3))),
         description="regress log10 of the main lens mass (M_sun); classes no_sub/cdm/vortex in turn",
     ),
     "axion_mass": Task(
-        name="axion_mass", code=3, classes=("axion",),
+        name="axion_mass",
+        code=3,
+        classes=("axion",),
         primary=TargetSpec("axion_mass", "regression"),
         secondary=(_HALO, _THETA, _FSUB),
         description="regress log10 of the axion mass (eV), axion class only",
     ),
     "subhalo_fraction": Task(
-        name="subhalo_fraction", code=4, classes=("cdm",),
+        name="subhalo_fraction",
+        code=4,
+        classes=("cdm",),
         primary=_FSUB,
         secondary=(_HALO, _THETA),
         description="regress the mass fraction in CDM subhalos, cdm class only",
