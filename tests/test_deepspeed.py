@@ -6,11 +6,12 @@ import random
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from lenstrain.checkpoint import latest_complete, list_checkpoints, load_model_state
+from lenstrain.checkpoint import latest_complete, list_checkpoints, load_model_state, read_meta
 from lenstrain.models import create_model
 from lenstrain.preemption import EXIT_REQUEUE
 from tests.factories import assert_same_weights, write_config
@@ -28,9 +29,13 @@ def extensions_cache(monkeypatch):
 
 
 def ds_config(tmp_path, shards, stage: int, steps: int, every: int):
-    return write_config(tmp_path / "c.yaml", shards, train={"max_steps": steps, "grad_clip": 1.0},
-                        parallel={"strategy": "deepspeed", "zero_stage": stage},
-                        checkpoint={"every_steps": every, "keep": 3, "every_minutes": None})
+    return write_config(
+        tmp_path / "c.yaml",
+        shards,
+        train={"max_steps": steps, "grad_clip": 1.0},
+        parallel={"strategy": "deepspeed", "zero_stage": stage},
+        checkpoint={"every_steps": every, "keep": 3, "every_minutes": None},
+    )
 
 
 def assert_plain_state_dict(state: dict) -> None:
@@ -40,14 +45,15 @@ def assert_plain_state_dict(state: dict) -> None:
     assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
 
 
-def test_zero2_signal_and_resume_is_bit_identical(tmp_path, ring_shards):
+@pytest.mark.parametrize("stage", [1, 2], ids=["zero1", "zero2"])
+def test_zero_signal_and_resume_is_bit_identical(tmp_path, ring_shards, stage):
     steps = 6
-    config = ds_config(tmp_path, ring_shards, stage=2, steps=steps, every=2)
+    config = ds_config(tmp_path, ring_shards, stage=stage, steps=steps, every=2)
     straight = tmp_path / "straight"
     lenstrain("train", config, "--run-dir", straight, "--nproc", 2, check=True)
 
     resumed = tmp_path / "resumed"
-    code, out = train_until_signalled(config, resumed, at_step=random.Random(2).randint(2, 4), nproc=2)
+    code, out = train_until_signalled(config, resumed, at_step=random.Random(stage).randint(2, 4), nproc=2)
     assert code == EXIT_REQUEUE, out
     stopped = max(s for s, _ in list_checkpoints(resumed / "checkpoints"))
     assert stopped < steps
@@ -80,12 +86,56 @@ def test_zero3_resume_from_a_partitioned_checkpoint_is_bit_identical(tmp_path, r
     assert_same_weights(final, load_model_state(latest_complete(resumed / "checkpoints")))
 
 
+def resume_on_one_rank(tmp_path, shards, strategy: str) -> tuple[Path, Path, str]:
+    """A 2-rank run of 8 steps, and a 1-rank run resumed from its step-4 checkpoint: (straight, resumed, output)."""
+    config = write_config(
+        tmp_path / f"{strategy}.yaml",
+        shards,
+        train={"max_steps": 8, "grad_clip": 1.0},
+        parallel={"strategy": strategy, "zero_stage": 2},
+        checkpoint={"every_steps": 4, "keep": 3, "every_minutes": None},
+    )
+    straight, resumed = tmp_path / f"{strategy}-straight", tmp_path / f"{strategy}-resumed"
+    lenstrain("train", config, "--run-dir", straight, "--nproc", 2, check=True)
+    shutil.copytree(straight / "checkpoints" / "step-00000004", resumed / "checkpoints" / "step-00000004")
+    out = lenstrain("train", config, "--run-dir", resumed, "--nproc", 1, check=True).stdout
+    return straight, resumed, out
+
+
+def test_zero2_resumes_on_another_world_size_with_the_samples_accounted_as_ddp(tmp_path, ring_shards):
+    """2 ranks -> 1: the global batch is kept and the cursor goes on exactly as with DDP (and as without the change);
+    ZeRO's partitions are resharded through DeepSpeed's universal layout, buffers included."""
+    runs = {
+        strategy: resume_on_one_rank(tmp_path, ring_shards, strategy) for strategy in ("ddp", "deepspeed")
+    }
+    finals = {}
+    for strategy, (straight, resumed, out) in runs.items():
+        assert "world size changed: keeping the global batch of 8 with 8 samples per rank" in out, out
+        assert "(step 4, epoch 0, 32 samples seen)" in out, out
+        meta, straight_meta = (read_meta(latest_complete(run / "checkpoints")) for run in (resumed, straight))
+        assert meta["world_size"] == 1 and meta["train_state"]["step"] == 8
+        assert meta["cursor"] == straight_meta["cursor"], (strategy, meta["cursor"], straight_meta["cursor"])
+        assert not list((resumed / "checkpoints").glob(".reshard-*"))  # the converted copy is removed
+        finals[strategy] = load_model_state(latest_complete(resumed / "checkpoints"))
+    ddp, zero = finals["ddp"], finals["deepspeed"]
+    assert ddp.keys() == zero.keys()
+    for key in ddp:
+        if ddp[key].is_floating_point():  # ZeRO's reductions differ from DDP's in the last bits only
+            assert torch.allclose(ddp[key], zero[key], atol=1e-3), key
+        else:  # batch-norm step counts: restored, not restarted
+            assert torch.equal(ddp[key], zero[key]), key
+
+
 def test_deepspeed_is_imported_only_when_a_deepspeed_backend_is_built():
-    code = ("import sys, lenstrain.parallel, lenstrain.checkpoint, lenstrain.train, lenstrain.evaluate; "
-            "from lenstrain.parallel import BACKENDS; "
-            "assert set(BACKENDS) == {'single', 'ddp', 'deepspeed'}; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'deepspeed'))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(), cwd=ROOT, check=True)
+    code = (
+        "import sys, lenstrain.parallel, lenstrain.checkpoint, lenstrain.train, lenstrain.evaluate; "
+        "from lenstrain.parallel import BACKENDS; "
+        "assert set(BACKENDS) == {'single', 'ddp', 'deepspeed'}; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'deepspeed'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env(), cwd=ROOT, check=True
+    )
     assert out.stdout.strip() == "[]", out.stdout
 
 

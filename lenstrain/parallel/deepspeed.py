@@ -30,6 +30,7 @@ import datetime
 import logging
 import math
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -269,14 +270,66 @@ class DeepSpeedBackend(DDPBackend):
         super().save_state(directory, objects)
 
     def load_state(self, directory: Path, objects: dict[str, object]) -> None:
-        """Collective: every rank restores the weights and its optimizer partition, then ``objects``."""
-        path, _ = self.engine.load_checkpoint(
-            str(directory),
-            tag=DEEPSPEED_DIR,
-            load_module_strict=True,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=False,
-        )
-        if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint in {Path(directory) / DEEPSPEED_DIR}")
+        """Collective: every rank restores the weights and its optimizer partition, then ``objects``.
+
+        A ZeRO checkpoint written by another world size is first converted to DeepSpeed's universal layout
+        (whole parameters and optimizer states, see :func:`~lenstrain.parallel.deepspeed_files.write_universal`),
+        which this world size then partitions its own way.
+        """
+        from lenstrain.parallel.deepspeed_files import saved_world_size
+
+        saved = saved_world_size(directory)
+        if self.zero_stage > 0 and saved is not None and saved != self.info.world_size:
+            self._load_resharded(Path(directory), saved)
+        else:
+            path, _ = self.engine.load_checkpoint(
+                str(directory),
+                tag=DEEPSPEED_DIR,
+                load_module_strict=True,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+            )
+            if path is None:
+                raise FileNotFoundError(f"no DeepSpeed checkpoint in {Path(directory) / DEEPSPEED_DIR}")
         super().load_state(directory, objects)
+
+    def _load_resharded(self, directory: Path, saved: int) -> None:
+        """Rank 0 converts the checkpoint into ``checkpoints/.reshard-step-N/`` (beside it, on the run's shared
+        file system), every rank loads its partition from there, and rank 0 removes it; the buffers come from
+        the checkpoint itself. (``saved``: the world size that wrote it.)"""
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+        from lenstrain.parallel.deepspeed_files import saved_module_state, write_universal
+
+        universal = directory.parent / f".reshard-{directory.name}"
+        if self.info.is_main:
+            shutil.rmtree(universal, ignore_errors=True)
+            write_universal(directory, universal)
+        self.barrier()
+        listed_files, config = self.engine.checkpoint_engine, self.engine._config
+        self.engine.checkpoint_engine = TorchCheckpointEngine(
+            config
+        )  # files converted here from verified ones
+        config.load_universal_checkpoint = True
+        try:
+            path, _ = self.engine.load_checkpoint(
+                str(universal),
+                tag=DEEPSPEED_DIR,
+                load_module_strict=True,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+            )
+        finally:
+            self.engine.checkpoint_engine, config.load_universal_checkpoint = listed_files, False
+        self.barrier()
+        if self.info.is_main:
+            shutil.rmtree(universal, ignore_errors=True)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {universal / DEEPSPEED_DIR}")
+        module = saved_module_state(
+            directory
+        )  # the universal layout leaves the buffers (batch-norm statistics) out
+        with torch.no_grad():
+            for name, buffer in self.model.named_buffers():
+                if name in module:
+                    buffer.copy_(module[name])

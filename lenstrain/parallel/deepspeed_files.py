@@ -10,11 +10,21 @@ checkpoint's ``COMPLETE`` marker lists it with the same size and sha256
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
+import re
 from pathlib import Path
 
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-from lenstrain.stateio import DEEPSPEED_DIR, UntrustedFileError, load_listed_pickle, save_state_file
+from lenstrain.stateio import (
+    DEEPSPEED_DIR,
+    UntrustedFileError,
+    load_listed_pickle,
+    save_state_file,
+    verify_checkpoint,
+)
 
 
 class ListedFilesCheckpointEngine(TorchCheckpointEngine):
@@ -45,3 +55,52 @@ class ListedFilesCheckpointEngine(TorchCheckpointEngine):
         if path.parent.name != DEEPSPEED_DIR:
             raise UntrustedFileError(f"{path}: not inside a checkpoint's {DEEPSPEED_DIR}/ directory")
         return load_listed_pickle(path, path.parent.parent, map_location=map_location)
+
+
+# ------------------------------------------------------------------------------------ another world size
+
+
+def saved_world_size(step_dir: Path) -> int | None:
+    """The data-parallel world size that wrote the ZeRO checkpoint in ``step_dir`` (None without ZeRO files)."""
+    files = (Path(step_dir) / DEEPSPEED_DIR).glob("zero_pp_rank_*_mp_rank_*_optim_states.pt")
+    ranks = {m.group(1) for path in files if (m := re.match(r"zero_pp_rank_(\d+)_", path.name))}
+    return len(ranks) or None
+
+
+def write_universal(step_dir: Path, out: Path) -> None:
+    """Convert the ZeRO checkpoint of ``step_dir`` into DeepSpeed's universal layout in ``out/deepspeed/``: one
+    folder per parameter with its fp32 value and optimizer state, whole, which any world size can load.
+
+    DeepSpeed's converter unpickles the files, so ``step_dir`` must first match its ``COMPLETE`` marker.
+    """
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    problem = verify_checkpoint(step_dir)
+    if problem is not None:
+        raise UntrustedFileError(
+            f"{step_dir}: not a checkpoint as the run wrote it ({problem}); refusing to convert it"
+        )
+    args = argparse.Namespace(
+        input_folder=str(Path(step_dir) / DEEPSPEED_DIR),
+        output_folder=str(Path(out) / DEEPSPEED_DIR),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # lenstrain's checkpoints do not carry the universal-checkpoint info
+    )
+    with (
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stderr(io.StringIO()),
+    ):  # progress bars
+        ds_to_universal(args)
+
+
+def saved_module_state(step_dir: Path) -> dict:
+    """The ``module`` state dict in a DeepSpeed checkpoint's model states (buffers whole, under every ZeRO stage)."""
+    ckpt = Path(step_dir) / DEEPSPEED_DIR
+    candidates = [ckpt / "mp_rank_00_model_states.pt", ckpt / "zero_pp_rank_0_mp_rank_00_model_states.pt"]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise FileNotFoundError(f"{ckpt} holds no DeepSpeed model states")
+    return load_listed_pickle(path, step_dir, map_location="cpu")["module"]
