@@ -57,40 +57,101 @@ class Experiment:
 _SUB = ("--task", "substructure", "--seed", "2")
 _DRAWN = ("--lens", "drawn", "--halo-mass", "11.2,12.1")
 DATA: dict[str, DataSet] = {
-    "deeplense2": DataSet(("--task", "substructure", "--seed", "1", "--preset", "deeplense2"), 11250, 33750),
-    "euclid": DataSet(("--task", "substructure", "--seed", "1", "--preset", "euclid"), 11250, 33750),
+    "deeplense2": DataSet(("--task", "substructure", "--seed", "1", "--preset", "deeplense2"), 7500, 33750),
+    "euclid": DataSet(("--task", "substructure", "--seed", "1", "--preset", "euclid"), 7500, 33750),
     "ladder-dl2": DataSet((*_SUB, "--preset", "deeplense2"), 3750, 33750),
     "ladder-drawn": DataSet((*_SUB, "--preset", "deeplense2", *_DRAWN), 3750, 33750),
-    "ladder-faint": DataSet((*_SUB, "--preset", "deeplense2", *_DRAWN, "--source-mag", "22.5,24.5"), 3750, 33750),
+    "ladder-faint": DataSet(
+        (*_SUB, "--preset", "deeplense2", *_DRAWN, "--source-mag", "22.5,24.5"), 3750, 33750
+    ),
     "ladder-euclid": DataSet((*_SUB, "--preset", "euclid"), 3750, 33750),
-    "halo-euclid": DataSet(("--task", "halo_mass", "--seed", "3", "--preset", "euclid", "--val", "0.1",
-                            "--test", "0"), 5000, 50000),
+    "halo-euclid": DataSet(
+        ("--task", "halo_mass", "--seed", "3", "--preset", "euclid", "--val", "0.1", "--test", "0"),
+        5000,
+        50000,
+    ),
 }
 
 _LADDER = ("train.epochs=6", "train.val_every_steps=0", "checkpoint.every_steps=0")
 _FULL = ("data.batch_size=128", "data.workers=8", "train.epochs=30", "train.val_every_steps=0")
-_HALO_SETS = ("data.workers=1", "train.val_every_steps=0", "checkpoint.every_steps=0", "checkpoint.best_metric=null")
+_HALO_SETS = (
+    "data.workers=1",
+    "train.val_every_steps=0",
+    "checkpoint.every_steps=0",
+    "checkpoint.best_metric=null",
+)
 EXPERIMENTS: list[Experiment] = [
-    Experiment("resnet18-deeplense2", "must", "jobs/resnet18_substructure_deeplense2.yaml", "deeplense2",
-               sets_full=_FULL),
-    Experiment("alternet18-deeplense2", "must", "jobs/alternet18_substructure_deeplense2.yaml", "deeplense2",
-               sets_full=_FULL),
-    Experiment("resnet18-euclid", "must", "jobs/resnet18_substructure_euclid.yaml", "euclid", sets_full=_FULL),
-    *(Experiment(f"resnet18-{rung}", "ladder", "jobs/resnet18_substructure_deeplense2.yaml", rung, _LADDER, _FULL)
-      for rung in ("ladder-dl2", "ladder-drawn", "ladder-faint", "ladder-euclid")),
-    Experiment("resnet18-halo-euclid", "halo", "jobs/resnet18_halo_mass.yaml", "halo-euclid", _HALO_SETS,
-               split="val", note="the reference protocol: Adam 5e-5, MSE, 5 epochs"),
-    Experiment("resnet18-halo-euclid-onecycle", "halo", "jobs/resnet18_halo_mass.yaml", "halo-euclid",
-               (*_HALO_SETS, "optim.name=adamw", "optim.lr=1e-3", "optim.weight_decay=0.05",
-                "schedule.name=onecycle", "train.epochs=8"), split="val", note="AdamW 1e-3, one-cycle, 8 epochs"),
-    *(Experiment(f"{job}-halo-full", "zoo", f"jobs/{job}.yaml", "halo-euclid", sets_full=("train.epochs=10",),
-                 split="val", cpu=False)
-      for job in ("mresunet_halo_mass", "attention_unet_halo_mass", "residual_attention_halo_mass",
-                  "resnet18_halo_mass", "xresnet_alternet_halo_mass", "efficientnetv2_halo_mass")),
+    Experiment(
+        "resnet18-deeplense2",
+        "must",
+        "jobs/resnet18_substructure_deeplense2.yaml",
+        "deeplense2",
+        sets_full=_FULL,
+    ),
+    Experiment(
+        "alternet18-deeplense2",
+        "must",
+        "jobs/alternet18_substructure_deeplense2.yaml",
+        "deeplense2",
+        sets_full=_FULL,
+    ),
+    Experiment(
+        "resnet18-euclid", "must", "jobs/resnet18_substructure_euclid.yaml", "euclid", sets_full=_FULL
+    ),
+    *(
+        Experiment(
+            f"resnet18-{rung}", "ladder", "jobs/resnet18_substructure_deeplense2.yaml", rung, _LADDER, _FULL
+        )
+        for rung in ("ladder-dl2", "ladder-drawn", "ladder-faint", "ladder-euclid")
+    ),
+    Experiment(
+        "resnet18-halo-euclid",
+        "halo",
+        "jobs/resnet18_halo_mass.yaml",
+        "halo-euclid",
+        _HALO_SETS,
+        split="val",
+        note="the reference protocol: Adam 5e-5, MSE, 5 epochs",
+    ),
+    Experiment(
+        "resnet18-halo-euclid-onecycle",
+        "halo",
+        "jobs/resnet18_halo_mass.yaml",
+        "halo-euclid",
+        (
+            *_HALO_SETS,
+            "optim.name=adamw",
+            "optim.lr=1e-3",
+            "optim.weight_decay=0.05",
+            "schedule.name=onecycle",
+            "train.epochs=8",
+        ),
+        split="val",
+        note="AdamW 1e-3, one-cycle, 8 epochs",
+    ),
+    *(
+        Experiment(
+            f"{job}-halo-full",
+            "zoo",
+            f"jobs/{job}.yaml",
+            "halo-euclid",
+            sets_full=("train.epochs=10",),
+            split="val",
+            cpu=False,
+        )
+        for job in (
+            "mresunet_halo_mass",
+            "attention_unet_halo_mass",
+            "residual_attention_halo_mass",
+            "resnet18_halo_mass",
+            "xresnet_alternet_halo_mass",
+            "efficientnetv2_halo_mass",
+        )
+    ),
 ]
 
 TABLES = {
-    "must": "Three classes (no_sub / cdm / vortex), 9,000 training images, 8 epochs: deeplense2 and realistic euclid",
+    "must": "Three classes (no_sub / cdm / vortex), 6,000 training images, 8 epochs: deeplense2 and realistic euclid",
     "ladder": "The difficulty ladder: ResNet-18, 3,000 training images, 6 epochs, from DeepLense physics to realistic",
     "halo": "Halo-mass regression on the realistic `euclid` preset (drawn redshifts, 0.12 dex mass scatter)",
     "zoo": "The regression zoo on one set (GPU size only: `--full`)",
@@ -106,8 +167,13 @@ def _run(cmd: list[str], log: Path) -> None:
     with log.open("a") as out:
         out.write("$ " + shlex.join(cmd) + "\n")
         out.flush()
-        code = subprocess.call(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                               env={**os.environ, "LENSTRAIN_NO_PROGRESS": "1"})
+        code = subprocess.call(
+            cmd,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "LENSTRAIN_NO_PROGRESS": "1"},
+        )
     if code != 0:
         raise SystemExit(f"failed ({code}): {shlex.join(cmd)}; see {log}")
 
@@ -116,7 +182,9 @@ def ensure_data(name: str, root: Path, full: bool, workers: int, log: Path) -> t
     spec = DATA[name]
     out = root / name
     n = spec.n_full if full else spec.n
-    cmd = _python("-m", "shards", "simulate", *spec.args, "--n", str(n), "--out", str(out), "--workers", str(workers))
+    cmd = _python(
+        "-m", "shards", "simulate", *spec.args, "--n", str(n), "--out", str(out), "--workers", str(workers)
+    )
     stamp = out / "science-args.json"
     wanted = {"args": list(spec.args), "n": n}
     if not (stamp.is_file() and json.loads(stamp.read_text()) == wanted):
@@ -136,9 +204,20 @@ def run_experiment(exp: Experiment, args: argparse.Namespace) -> dict:
     log = args.runs / f"{exp.name}.log"
     data, sim_cmd = ensure_data(exp.data, args.data, args.full, args.workers, log)
     sets = exp.sets_full if args.full else exp.sets
-    train = _python("-m", "lenstrain", "train", exp.job, "--run-dir", str(run_dir), "--set", f"data.shards={data}",
-                    *(x for s in sets for x in ("--set", s)))
-    evaluate = _python("-m", "lenstrain", "eval", str(run_dir), "--split", exp.split, "--checkpoint", "latest")
+    train = _python(
+        "-m",
+        "lenstrain",
+        "train",
+        exp.job,
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        f"data.shards={data}",
+        *(x for s in sets for x in ("--set", s)),
+    )
+    evaluate = _python(
+        "-m", "lenstrain", "eval", str(run_dir), "--split", exp.split, "--checkpoint", "latest"
+    )
     if run_dir.exists():
         subprocess.call(["rm", "-rf", str(run_dir)])
     wall, cpu = time.perf_counter(), _child_cpu()
@@ -148,12 +227,23 @@ def run_experiment(exp: Experiment, args: argparse.Namespace) -> dict:
     metrics = json.loads((run_dir / "eval" / exp.split / "metrics.json").read_text())
     progress = json.loads((run_dir / "progress.json").read_text())
     found = re.findall(r"([\d,]+) parameters", log.read_text())
-    result = {"experiment": exp.name, "table": exp.table, "job": exp.job, "data": exp.data, "note": exp.note,
-              "split": exp.split, "samples": metrics["samples"], "model": metrics["model"],
-              "metrics": metrics["metrics"], "steps": progress.get("step"),
-              "parameters": int(found[-1].replace(",", "")) if found else None,
-              "train_wall_s": round(wall, 1), "train_cpu_s": round(cpu, 1), "full": args.full,
-              "commands": [shlex.join(c[1:]).replace(str(ROOT) + "/", "") for c in (sim_cmd, train, evaluate)]}
+    result = {
+        "experiment": exp.name,
+        "table": exp.table,
+        "job": exp.job,
+        "data": exp.data,
+        "note": exp.note,
+        "split": exp.split,
+        "samples": metrics["samples"],
+        "model": metrics["model"],
+        "metrics": metrics["metrics"],
+        "steps": progress.get("step"),
+        "parameters": int(found[-1].replace(",", "")) if found else None,
+        "train_wall_s": round(wall, 1),
+        "train_cpu_s": round(cpu, 1),
+        "full": args.full,
+        "commands": [shlex.join(c[1:]).replace(str(ROOT) + "/", "") for c in (sim_cmd, train, evaluate)],
+    }
     (run_dir / "science.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -162,8 +252,10 @@ def run_experiment(exp: Experiment, args: argparse.Namespace) -> dict:
 RUNGS = {  # preset and knobs of each rung, as the simulate options of the ladder's data sets
     "deeplense2": ("deeplense2", {}),
     "deeplense2, lens drawn": ("deeplense2", {"lens": "drawn", "halo_mass": (11.2, 12.1)}),
-    "deeplense2, lens drawn, source 22.5-24.5 mag": ("deeplense2", {"lens": "drawn", "halo_mass": (11.2, 12.1),
-                                                                    "source_mag": (22.5, 24.5)}),
+    "deeplense2, lens drawn, source 22.5-24.5 mag": (
+        "deeplense2",
+        {"lens": "drawn", "halo_mass": (11.2, 12.1), "source_mag": (22.5, 24.5)},
+    ),
     "euclid (realistic)": ("euclid", {}),
     "deeplense1": ("deeplense1", {}),
     "deeplense3": ("deeplense3", {}),
@@ -193,10 +285,18 @@ def oracle_ladder(per_class: int) -> list[dict]:
             p = P.draw_params(config, i)
             smooth = P.render_clean(config, P.smooth_twin(p))
             sigma = P.noise_sigma(smooth, config.instrument, p["exposure"])
-            chi2[p["substructure_name"]].append(float(np.mean(((P.render(config, p)[0] - smooth) / sigma) ** 2)))
-        rows.append({"rung": rung, "cdm": _auc(chi2["cdm"], chi2["no_sub"]),
-                     "vortex": _auc(chi2["vortex"], chi2["no_sub"]),
-                     "median_chi2": {c: float(np.median(v)) for c, v in chi2.items()}, "per_class": per_class})
+            chi2[p["substructure_name"]].append(
+                float(np.mean(((P.render(config, p)[0] - smooth) / sigma) ** 2))
+            )
+        rows.append(
+            {
+                "rung": rung,
+                "cdm": _auc(chi2["cdm"], chi2["no_sub"]),
+                "vortex": _auc(chi2["vortex"], chi2["no_sub"]),
+                "median_chi2": {c: float(np.median(v)) for c, v in chi2.items()},
+                "per_class": per_class,
+            }
+        )
     return rows
 
 
@@ -238,11 +338,16 @@ def small_cnn_ladder(n_train: int, n_test: int, positives: tuple[str, ...]) -> l
 def render_small(rows: list[dict]) -> list[str]:
     if not rows:
         return []
-    lines = ["### The difficulty ladder, learned: a small CNN (tests/test_learnability.py)", "",
-             f"Four conv blocks (16-64 channels, 61k parameters), AdamW 3e-3 one-cycle, {rows[0]['n_train']} "
-             f"training images (no_sub and the other class in turn), 8 epochs, tested on {rows[0]['n_test']} new "
-             "ones; images divided by their maximum.", "",
-             "| rung | cdm vs no_sub AUC | vortex vs no_sub AUC |", "|---|---|---|"]
+    lines = [
+        "### The difficulty ladder, learned: a small CNN (tests/test_learnability.py)",
+        "",
+        f"Four conv blocks (16-64 channels) and a linear head on the flattened 4x4 map (62k parameters), AdamW "
+        f"3e-3 one-cycle, batch 32, {rows[0]['n_train']} training images (no_sub and the other class in turn), 8 "
+        f"epochs, tested on {rows[0]['n_test']} new ones; images divided by their maximum.",
+        "",
+        "| rung | cdm vs no_sub AUC | vortex vs no_sub AUC |",
+        "|---|---|---|",
+    ]
     cell = lambda r, c: f"{r[c]:.3f}" if c in r else "not run"  # noqa: E731
     lines += [f"| {r['rung']} | {cell(r, 'cdm')} | {cell(r, 'vortex')} |" for r in rows]
     ran = " ".join(c for c in ("cdm", "vortex") if any(c in r for r in rows))
@@ -264,29 +369,43 @@ def halo_ceiling(n: int = 5000) -> dict:
     mass = np.asarray([p["halo_mass"] for p in params])
     train, held = split == "train", split != "train"
     fit = np.polyval(np.polyfit(np.log(theta[train]), mass[train], 3), np.log(theta[held]))
-    return {"n": n, "corr2_train": float(np.corrcoef(theta[train], mass[train])[0, 1] ** 2),
-            "r2_ceiling": float(1 - np.mean((fit - mass[held]) ** 2) / np.var(mass[held]))}
+    return {
+        "n": n,
+        "corr2_train": float(np.corrcoef(theta[train], mass[train])[0, 1] ** 2),
+        "r2_ceiling": float(1 - np.mean((fit - mass[held]) ** 2) / np.var(mass[held])),
+    }
 
 
 def render_oracle(rows: list[dict]) -> list[str]:
     if not rows:
         return []
-    lines = ["### Oracle detectability by rung (no training)", "",
-             f"AUC of the reduced chi^2 of each image against its own smooth lens (the true main lens and source, "
-             f"no substructure), {rows[0]['per_class']} images per class, seed 7: what an ideal model could reach.",
-             "", "| rung | cdm vs no_sub | vortex vs no_sub | median chi^2 no_sub / cdm / vortex |", "|---|---|---|---|"]
+    lines = [
+        "### Oracle detectability by rung (no training)",
+        "",
+        f"AUC of the reduced chi^2 of each image against its own smooth lens (the true main lens and source, "
+        f"no substructure), {rows[0]['per_class']} images per class, seed 7: what an ideal model could reach.",
+        "",
+        "| rung | cdm vs no_sub | vortex vs no_sub | median chi^2 no_sub / cdm / vortex |",
+        "|---|---|---|---|",
+    ]
     for r in (r for r in rows if "rung" in r):
         m = r["median_chi2"]
-        lines.append(f"| {r['rung']} | {r['cdm']:.3f} | {r['vortex']:.3f} | {m['no_sub']:.3f} / {m['cdm']:.3f} / "
-                     f"{m['vortex']:.3f} |")
+        lines.append(
+            f"| {r['rung']} | {r['cdm']:.3f} | {r['vortex']:.3f} | {m['no_sub']:.3f} / {m['cdm']:.3f} / "
+            f"{m['vortex']:.3f} |"
+        )
     lines += ["", "Command: `python benchmarks/science.py --oracle`", ""]
     if "halo" in rows[-1]:
         h = rows[-1]["halo"]
-        lines += ["### Halo mass is not a lookup (no training)", "",
-                  f"Realistic `halo_mass` task (`--preset euclid`, {h['n']} samples, seed 3): squared correlation of "
-                  f"`einstein_radius` with `halo_mass` in the train split {h['corr2_train']:.3f}; a model that reads "
-                  f"the Einstein radius exactly reaches at most R² {h['r2_ceiling']:.3f} on the held-out splits "
-                  "(cubic in log theta_E). Command: `python benchmarks/science.py --oracle`.", ""]
+        lines += [
+            "### Halo mass is not a lookup (no training)",
+            "",
+            f"Realistic `halo_mass` task (`--preset euclid`, {h['n']} samples, seed 3): squared correlation of "
+            f"`einstein_radius` with `halo_mass` in the train split {h['corr2_train']:.3f}; a model that reads "
+            f"the Einstein radius exactly reaches at most R² {h['r2_ceiling']:.3f} on the held-out splits "
+            "(cubic in log theta_E). Command: `python benchmarks/science.py --oracle`.",
+            "",
+        ]
     return lines
 
 
@@ -297,12 +416,17 @@ def _fmt(value, digits: int = 3) -> str:
 
 def _row(r: dict) -> str:
     m = r["metrics"]
-    score = (f"AUC {_fmt(m.get('auc'))}, acc {_fmt(m.get('accuracy'))}" if "auc" in m
-             else f"R² {_fmt(m.get('r2'))}, MSE {_fmt(m.get('mse'), 4)}")
+    score = (
+        f"AUC {_fmt(m.get('auc'))}, acc {_fmt(m.get('accuracy'))}"
+        if "auc" in m
+        else f"R² {_fmt(m.get('r2'))}, MSE {_fmt(m.get('mse'), 4)}"
+    )
     params = f"{r['parameters'] / 1e6:.1f} M" if r.get("parameters") else "-"
-    return (f"| `{r['experiment']}` | {r['model']} | {DATA_LABEL.get(r['data'], r['data'])} | {score} "
-            f"({r['split']}, {r['samples']}) | {params} | {r['steps']} | {r['train_wall_s'] / 60:.1f} min "
-            f"({r['train_cpu_s'] / 60:.1f} CPU-min) | {r['note'] or '-'} |")
+    return (
+        f"| `{r['experiment']}` | {r['model']} | {DATA_LABEL.get(r['data'], r['data'])} | {score} "
+        f"({r['split']}, {r['samples']}) | {params} | {r['steps']} | {r['train_wall_s'] / 60:.1f} min "
+        f"({r['train_cpu_s'] / 60:.1f} CPU-min) | {r['note'] or '-'} |"
+    )
 
 
 DATA_LABEL = {
@@ -324,8 +448,15 @@ def render_report(results: list[dict], oracle: list[dict], small: list[dict]) ->
         if not rows:
             lines += ["Not run at this size.", ""]
             continue
-        lines += ["| experiment | model | data | test metrics | params | steps | train time | note |",
-                  "|---|---|---|---|---|---|---|---|", *(_row(r) for r in rows), "", "Commands:", "", "```"]
+        lines += [
+            "| experiment | model | data | test metrics | params | steps | train time | note |",
+            "|---|---|---|---|---|---|---|---|",
+            *(_row(r) for r in rows),
+            "",
+            "Commands:",
+            "",
+            "```",
+        ]
         for r in rows:
             lines += [f"# {r['experiment']}", *(f"python {c}" for c in r["commands"])]
         lines += ["```", ""]
@@ -351,17 +482,35 @@ def write_report(runs: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--full", action="store_true", help="GPU sizes (more images and epochs; the zoo)")
-    p.add_argument("--only", nargs="+", metavar="NAME", choices=[e.name for e in EXPERIMENTS],
-                   help="run these experiments only")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        choices=[e.name for e in EXPERIMENTS],
+        help="run these experiments only",
+    )
     p.add_argument("--data", type=Path, default=ROOT / "data" / "science", help="where the data sets go")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "science", help="where the runs go")
     p.add_argument("--workers", type=int, default=2, help="simulating processes (default 2)")
     p.add_argument("--report", action="store_true", help="only rewrite SCIENCE.md from the results there")
-    p.add_argument("--oracle", type=int, nargs="?", const=60, default=None, metavar="PER_CLASS",
-                   help="only measure the oracle ladder (default 60 images per class), then rewrite SCIENCE.md")
-    p.add_argument("--small-ladder", nargs="*", choices=("cdm", "vortex"), default=None, metavar="CLASS",
-                   help="only train the small CNN of the learnability test on each rung, CLASS (cdm, vortex; "
-                        "default both) against no_sub, then rewrite SCIENCE.md")
+    p.add_argument(
+        "--oracle",
+        type=int,
+        nargs="?",
+        const=60,
+        default=None,
+        metavar="PER_CLASS",
+        help="only measure the oracle ladder (default 60 images per class), then rewrite SCIENCE.md",
+    )
+    p.add_argument(
+        "--small-ladder",
+        nargs="*",
+        choices=("cdm", "vortex"),
+        default=None,
+        metavar="CLASS",
+        help="only train the small CNN of the learnability test on each rung, CLASS (cdm, vortex; "
+        "default both) against no_sub, then rewrite SCIENCE.md",
+    )
     args = p.parse_args(argv)
     if args.small_ladder is not None:
         args.runs.mkdir(parents=True, exist_ok=True)
