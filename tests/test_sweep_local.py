@@ -15,9 +15,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from optuna.trial import TrialState
 
+from launcher import runs
 from launcher.__main__ import main
 from lenstrain.checkpoint import read_meta
 from lenstrain.rundir import RunDir
@@ -69,9 +71,23 @@ def test_a_diverging_trial_is_pruned_and_keeps_its_checkpoint(tmp_path, ring_sha
     assert json.loads(run.progress.read_text())["state"] == "pruned"
     assert runs_outcome(root / "trial-0001") == "pruned"
     assert hparams_of(run.tb)["optim.lr"] == 5.0  # TensorBoard's HPARAMS tab compares pruned trials too
-    # The study's value of the complete trial is its run's own metric at its final checkpoint.
-    final = read_meta(RunDir(root / "trial-0000").checkpoints / "step-00000012")
-    assert first.value == final["metrics"]["val/loss"]
+    # The study's best is the best trial's own `lenstrain eval` metric on the validation split: eval loads
+    # the run's best checkpoint (by checkpoint.best_metric), which here is not its last (the val/loss of this
+    # trial is lowest at step 4), and the trial's value is the metric recorded at that checkpoint.
+    study = study_of(root)
+    assert study.best_trial.number == 0
+    trial_dir = root / "trial-0000"
+    done = subprocess.run(
+        [sys.executable, "-m", "lenstrain", "eval", str(trial_dir), "--split", "val"],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    evaluated = json.loads((trial_dir / "eval" / "val" / "metrics.json").read_text())
+    assert evaluated["step"] == first.user_attrs["value_step"]
+    assert study.best_value == pytest.approx(evaluated["metrics"]["loss"], rel=1e-6, abs=0)
 
     capsys.readouterr()
     assert sweep_cli("status", "prune", "--runs-dir", tmp_path / "runs") == 0
@@ -157,3 +173,104 @@ def test_a_killed_worker_fails_its_trial_which_is_reenqueued(tmp_path, ring_shar
     assert retry.params == killed.params and retry.state == TrialState.COMPLETE
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
     assert not [t for t in trials if t.state == TrialState.RUNNING]
+
+
+def launcher_proc(*argv, **kw) -> subprocess.Popen:
+    """``python -m launcher ARGV`` as its own process, output captured as text."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "launcher", *map(str, argv)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
+
+
+def launcher_run(*argv, timeout: float = 240) -> tuple[int, str]:
+    proc = launcher_proc(*argv)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return any((p / "COMPLETE").is_file() for p in (run_dir / "checkpoints").glob("step-*"))
+
+
+def reported_steps(root: Path) -> list[tuple[int, int]]:
+    """Every (trial id, step) the journal holds a report of, in the order written, repeats included."""
+    ops = (json.loads(line) for line in (root / "study.journal").read_text().splitlines() if line)
+    return [(op["trial_id"], op["step"]) for op in ops if op["op_code"] == 7]  # SET_TRIAL_INTERMEDIATE_VALUE
+
+
+def test_a_cancelled_sweep_resumes_its_stopped_trials_under_their_numbers(tmp_path, ring_shards):
+    steps = 60
+    base = write_base(tmp_path, ring_shards, steps=steps)
+    sweep = write_sweep(tmp_path, base, name="cr", trials=3, parallel=2, sampler="random")
+    runs_dir, root = tmp_path / "runs", tmp_path / "runs" / "cr"
+    proc = launcher_proc("sweep", sweep, "--local", "--runs-dir", runs_dir)
+    try:
+        wait_for(
+            lambda: all(has_checkpoint(root / f"trial-{n:04d}") for n in (0, 1)),
+            120,
+            interval=0.05,
+            what="both workers' trials to checkpoint",
+        )
+        pids = json.loads((root / "jobs.json").read_text())["jobs"][-1]["worker_pids"]
+        code, said = launcher_run("cancel", "cr", "--runs-dir", runs_dir, timeout=60)
+        assert code == 0 and "cancelled sweep cr" in said, said
+        assert "python -m launcher resume cr --local" in said
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 42 and "sweep cr: stopped" in out, out  # EXIT_REQUEUE: stopped, resumable
+    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+
+    # A trial that was training stopped at a checkpoint of its own last step; one claimed a moment before the
+    # cancel and not started yet (a worker that had just finished its first) was handed back at once.
+    # Both stay RUNNING for resume.
+    trials = study_of(root).get_trials()
+    assert not [t for t in trials if t.state == TrialState.FAIL]
+    stopped = {t.number: t for t in trials if t.state == TrialState.RUNNING}
+    started = {n for n in stopped if has_checkpoint(root / f"trial-{n:04d}")}
+    assert started & {0, 1}, [t.state for t in trials]
+    for number in started:
+        run = root / f"trial-{number:04d}"
+        step = json.loads((run / "progress.json").read_text())["step"]
+        assert 0 < step < steps
+        ckpt = RunDir(run).checkpoints / f"step-{step:08d}"
+        assert read_meta(ckpt)["reason"] == "signal 15" and (ckpt / "COMPLETE").is_file()
+        assert runs_outcome(run) == "cancelled"
+    for number in set(stopped) - started:
+        assert stopped[number].user_attrs["orphaned"], stopped[number].user_attrs
+
+    # status reaps: the owners are gone, the trials wait ownerless (orphaned) for the next worker.
+    code, shown = launcher_run("status", "cr", "--runs-dir", runs_dir, timeout=60)
+    assert code == 0 and "waiting for a worker to resume it" in shown, shown
+    for trial in study_of(root).get_trials(states=(TrialState.RUNNING,)):
+        assert trial.user_attrs["orphaned"] and trial.user_attrs["owner"] is None
+    assert set(stopped) == {t.number for t in study_of(root).get_trials(states=(TrialState.RUNNING,))}
+
+    code, out = launcher_run("resume", "cr", "--local", "--runs-dir", runs_dir)
+    assert code == 0, out
+    trials = study_of(root).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3  # the count, no extra trial
+    for number, before in stopped.items():
+        trial = trials[number]
+        assert trial.params == before.params
+        assert sorted(trial.intermediate_values) == list(range(4, steps + 1, 4))
+        jobs = runs.read_jobs(root / f"trial-{number:04d}")["jobs"]
+        outcomes = [a["outcome"] for j in jobs for a in j["attempts"]]
+        if number in started:
+            assert f"trial {number} (resuming)" in out
+            assert outcomes == ["cancelled", "completed"]
+        else:
+            assert outcomes == ["completed"]
+    reports = reported_steps(root)
+    assert len(reports) == len(set(reports)) == 3 * (steps // 4)  # no step reported twice

@@ -13,7 +13,8 @@ from optuna.trial import TrialState
 
 from launcher import runs
 from launcher.__main__ import main
-from lenstrain.checkpoint import read_meta
+from lenstrain.checkpoint import best_checkpoint, read_meta
+from lenstrain.rundir import RunDir
 from tests.factories import assert_same_weights, final_weights
 from tests.slurm_helpers import sacct_records, sbatch, scancel, squeue_jobs, wait_for
 from tests.sweep_helpers import study_of, write_base, write_sweep
@@ -78,8 +79,14 @@ def test_a_tpe_sweep_runs_as_one_array_to_its_count(cluster, tmp_path, ring_shar
     assert {r["jobid"] for r in sacct_records(array, duplicates=False)} >= {f"{array}_0", f"{array}_1"}
     study = study_of(root)
     best = study.best_trial
-    meta = read_meta(runs.newest_checkpoint(root / f"trial-{best.number:04d}"))
-    assert study.best_value == meta["metrics"]["val/loss"] and meta["step"] == 16
+    # The trial's value is the metric at the checkpoint `lenstrain eval` loads: the run's best by val/loss
+    # (tests/test_sweep_local.py runs eval itself and compares).
+    checkpoints = RunDir(root / f"trial-{best.number:04d}").checkpoints
+    chosen = best_checkpoint(checkpoints, "val/loss", "min")
+    meta = read_meta(chosen)
+    assert chosen.name == f"step-{best.user_attrs['value_step']:08d}"
+    assert study.best_value == meta["metrics"]["val/loss"]
+    assert read_meta(runs.newest_checkpoint(checkpoints.parent))["step"] == 16
     capsys.readouterr()
     assert cli("status", "tpe", "--runs-dir", tmp_path / "runs") == 0
     out = capsys.readouterr().out

@@ -101,7 +101,7 @@ def cancel(root: Path) -> int:
 
     from launcher import slurm
     from launcher.sweep.status import refresh_arrays
-    from launcher.sweep.study import SweepDir, open_study, read_sweep_dir
+    from launcher.sweep.study import SweepDir, local_worker_alive, open_study, read_sweep_dir
     from launcher.sweep.submit import live_local
 
     spec, _ = read_sweep_dir(root)
@@ -126,11 +126,12 @@ def cancel(root: Path) -> int:
         raise UsageError(f"scancel {' '.join(active)} failed; is SLURM reachable (SLURM_CONF)?")
     runs.set_states(root, dict.fromkeys(active, "CANCELLED"))
     for job in here:
-        for pid in job.get("worker_pids", []):
+        for pid in filter(local_worker_alive, job.get("worker_pids", [])):  # not a reused pid
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
     print(
         f"cancelled sweep {root.name} ({', '.join(active + [j['job_id'] for j in here])}); running trials "
         f"checkpoint if the grace time allows. Continue with: python -m launcher resume {root.name}"
+        + (" --local" if here and not active else "")
     )
     return 0

@@ -211,8 +211,7 @@ def reap(root: Path, study: optuna.Study, spec: SweepSpec, slurm_ok: bool | None
             continue
         gone = "its worker is gone" if owner else "it was never started"
         if stopped_after_checkpoint(SweepDir(root).trial(trial.number)):
-            study._storage.set_trial_user_attr(trial._trial_id, "owner", None)
-            study._storage.set_trial_user_attr(trial._trial_id, "orphaned", True)
+            disown(study, trial._trial_id)
             said.append(f"trial {trial.number}: {gone} after a checkpoint; the next worker resumes it")
         else:
             said.append(fail_and_retry(study, spec, trial, f"{gone} (no checkpoint-and-requeue)"))
@@ -245,3 +244,10 @@ def claim(root: Path, study: optuna.Study, spec: SweepSpec, owner: dict) -> tupl
 def _own(study: optuna.Study, trial_id: int, owner: dict) -> None:
     study._storage.set_trial_user_attr(trial_id, "owner", owner)
     study._storage.set_trial_user_attr(trial_id, "orphaned", False)
+
+
+def disown(study: optuna.Study, trial_id: int) -> None:
+    """Leave a RUNNING trial ownerless and ``orphaned``: the next worker to claim adopts it under its number.
+    Call under :func:`ask_lock`."""
+    study._storage.set_trial_user_attr(trial_id, "owner", None)
+    study._storage.set_trial_user_attr(trial_id, "orphaned", True)

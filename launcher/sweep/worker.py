@@ -26,7 +26,17 @@ from optuna.trial import FrozenTrial, TrialState
 
 from launcher import runs
 from launcher.sweep.spec import SweepSpec, with_params
-from launcher.sweep.study import DONE, WAIT, SweepDir, claim, open_study, read_sweep_dir, this_owner
+from launcher.sweep.study import (
+    DONE,
+    WAIT,
+    SweepDir,
+    ask_lock,
+    claim,
+    disown,
+    open_study,
+    read_sweep_dir,
+    this_owner,
+)
 from lenstrain import hooks
 from lenstrain.checkpoint import read_meta
 from lenstrain.preemption import EXIT_REQUEUE, PreemptionFlag
@@ -93,14 +103,27 @@ def prepare_run(sweep_root: Path, job: dict, trial: FrozenTrial, owner: dict) ->
     return run_dir
 
 
-def final_value(run_dir: Path, metric: str) -> float | None:
-    """The metric at the run's final checkpoint (measured at its last validation)."""
-    newest = runs.newest_checkpoint(run_dir)
-    if newest is None:
-        return None
-    meta = read_meta(newest)
-    value = (meta.get("metrics") or {}).get(metric, (meta.get("last_metrics") or {}).get(metric))
-    return float(value) if value is not None and math.isfinite(value) else None
+def trial_value(run_dir: Path, metric: str) -> tuple[float | None, int | None]:
+    """The trial's value and the step it was measured at: ``metric`` as recorded (by the validation at that
+    step) with the checkpoint ``python -m lenstrain eval RUN`` loads by default, the best by the run's
+    ``checkpoint.best_metric``, else the newest. So the study's best is the best trial's own ``eval`` metric
+    on the validation split, and the model ``eval``, ``predict`` and ``export --best`` use."""
+    from lenstrain.evaluate import choose_checkpoint
+    from shards.clikit import UsageError
+
+    cfg = runs.load_training_config(run_dir)
+    try:
+        path, _ = choose_checkpoint(
+            run_dir, "best", cfg.checkpoint.best_metric, cfg.checkpoint.best_mode, log=_say
+        )
+    except UsageError:
+        return None, None
+    meta = read_meta(path)
+    value = (meta.get("metrics") or {}).get(metric)
+    if value is None and meta.get("last_metrics_step") == meta["step"]:
+        value = (meta.get("last_metrics") or {}).get(metric)
+    finite = value is not None and math.isfinite(value)
+    return (float(value) if finite else None), meta["step"]
 
 
 def tell(
@@ -120,9 +143,19 @@ def tell(
 
 
 def run_trial(
-    sweep_root: Path, study: optuna.Study, spec: SweepSpec, job: dict, trial: FrozenTrial, owner: dict
+    sweep_root: Path,
+    study: optuna.Study,
+    spec: SweepSpec,
+    job: dict,
+    trial: FrozenTrial,
+    owner: dict,
+    flag: PreemptionFlag,
 ) -> TrialState:
-    """Train one trial (resuming its run if it has one) and tell the study how it ended."""
+    """Train one trial (resuming its run if it has one) and tell the study how it ended.
+
+    ``flag`` is the worker's signal flag: set before training starts (a cancel while the trial was claimed
+    or prepared), the trial is handed back untouched and the worker stops; training installs its own
+    handlers, and the worker's go back in as soon as it returns."""
     from launcher.entry import TrainingFailed, TrainTask
 
     run_dir = prepare_run(sweep_root, job, trial, owner)
@@ -130,6 +163,8 @@ def run_trial(
     _say(
         f"trial {trial.number}{again}: {', '.join(f'{k}={v!r}' for k, v in trial.params.items())} in {run_dir}"
     )
+    if flag.set:
+        stop_between_trials(flag, sweep_root, study, trial)
     reporter = Reporter(study, trial, spec.metric)
     hooks.install(reporter, hparams={**trial.params, "trial": trial.number})
     task = TrainTask(run_dir, max_requeues=job["resources"]["max_requeues"], name=run_dir.name)
@@ -143,21 +178,34 @@ def run_trial(
         return TrialState.FAIL
     finally:
         hooks.uninstall()
+        flag.install()  # training replaced the handlers; a signal from now on stops this worker
     if code == hooks.EXIT_PRUNED:
         tell(study, trial.number, TrialState.PRUNED)
         _say(f"trial {trial.number} PRUNED at step {reporter.pruned_at}")
         return TrialState.PRUNED
-    value = final_value(run_dir, spec.metric)
+    value, step = trial_value(run_dir, spec.metric)
     if value is None:
-        tell(study, trial.number, TrialState.FAIL, why=f"no finite {spec.metric} at the final checkpoint")
+        tell(study, trial.number, TrialState.FAIL, why=f"no finite {spec.metric} at its best checkpoint")
         return TrialState.FAIL
+    study._storage.set_trial_user_attr(trial._trial_id, "value_step", step)
     tell(study, trial.number, TrialState.COMPLETE, value)
-    _say(f"trial {trial.number} COMPLETE: {spec.metric} {value:.6g}")
+    _say(f"trial {trial.number} COMPLETE: {spec.metric} {value:.6g} (its checkpoint of step {step})")
     return TrialState.COMPLETE
 
 
-def stop_between_trials(flag: PreemptionFlag) -> None:
-    """A signal while no trial trains: requeue this array task (SLURM) and leave, as a run would."""
+def stop_between_trials(
+    flag: PreemptionFlag,
+    sweep_root: Path | None = None,
+    study: optuna.Study | None = None,
+    claimed: FrozenTrial | None = None,
+) -> None:
+    """A signal while no trial trains: requeue this array task (SLURM) and leave, as a run would. A trial
+    claimed but not started yet is handed back (orphaned), so that the next worker takes it under its number
+    rather than the reaper taking it for a dead worker's and failing it."""
+    if claimed is not None:
+        with ask_lock(sweep_root):
+            disown(study, claimed._trial_id)
+        _say(f"trial {claimed.number} handed back before it started")
     job = os.environ.get("SLURM_JOB_ID")
     if job:
         subprocess.run(["scontrol", "requeue", job], capture_output=True, timeout=60)
@@ -184,19 +232,17 @@ class SweepWorker:
         ended: dict[str, int] = {}
         flag = PreemptionFlag().install()  # training installs its own while a trial runs
         while True:
+            if flag.set:
+                stop_between_trials(flag)
             trial, said = claim(root, study, spec, owner)
             for line in said:
                 _say(line)
-            if flag.set:
-                stop_between_trials(flag)
             if trial == DONE:
                 break
             if trial == WAIT:
                 time.sleep(POLL_S)
                 continue
-            flag.restore()
-            state = run_trial(root, study, spec, job, trial, owner)
-            flag.install()
+            state = run_trial(root, study, spec, job, trial, owner, flag)
             ended[state.name] = ended.get(state.name, 0) + 1
         _say(f"worker {index}: the study has its {spec.trials} trials; this worker ran {ended or 'none'}")
         return {"sweep": self.sweep_dir, "ran": ended}
