@@ -64,10 +64,23 @@ class Backend:
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
+        if getattr(self, "_grads_spent", False):  # see _release_grads
+            self.optimizer.zero_grad(set_to_none=True)
+            self._grads_spent = False
         self.scaler.scale(loss).backward()
 
+    def _release_grads(self) -> None:
+        """Drop the gradients once the update has used them: at once on a GPU, where that lowers the peak
+        memory of the next forward pass; on a CPU just before the next backward, as a bare loop does, since
+        there the allocator hands freshly freed gradient memory back to the OS and the next backward pays
+        page faults for it (+4% of a resnet18 CPU step)."""
+        if self.info.device.type == "cuda":
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self._grads_spent = True
+
     def step(self, skip: bool | torch.Tensor = False) -> torch.Tensor:
-        """Unscale, clip, apply the update (unless ``skip``) and zero the gradients; return the grad norm
+        """Unscale, clip, apply the update (unless ``skip``) and release the gradients; return the grad norm
         (a 0-dim tensor on the device).
 
         ``skip`` as a 0-dim bool tensor on the device skips the update there, exactly, without reading
@@ -92,7 +105,7 @@ class Backend:
             fill_momentum_buffers(self.optimizer)
             self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._release_grads()
         return norm.detach()
 
     @property
