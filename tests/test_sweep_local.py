@@ -19,12 +19,19 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from launcher import runs
 from launcher.__main__ import main
 from lenstrain.checkpoint import read_meta
 from lenstrain.rundir import RunDir
 from tests.slurm_helpers import wait_for
-from tests.sweep_helpers import study_of, write_base, write_sweep
+from tests.sweep_helpers import (
+    check_orphaned,
+    check_resumed,
+    has_checkpoint,
+    stopped_trials,
+    study_of,
+    write_base,
+    write_sweep,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -198,16 +205,6 @@ def launcher_run(*argv, timeout: float = 240) -> tuple[int, str]:
     return proc.returncode, out
 
 
-def has_checkpoint(run_dir: Path) -> bool:
-    return any((p / "COMPLETE").is_file() for p in (run_dir / "checkpoints").glob("step-*"))
-
-
-def reported_steps(root: Path) -> list[tuple[int, int]]:
-    """Every (trial id, step) the journal holds a report of, in the order written, repeats included."""
-    ops = (json.loads(line) for line in (root / "study.journal").read_text().splitlines() if line)
-    return [(op["trial_id"], op["step"]) for op in ops if op["op_code"] == 7]  # SET_TRIAL_INTERMEDIATE_VALUE
-
-
 def test_a_cancelled_sweep_resumes_its_stopped_trials_under_their_numbers(tmp_path, ring_shards):
     steps = 60
     base = write_base(tmp_path, ring_shards, steps=steps)
@@ -235,42 +232,16 @@ def test_a_cancelled_sweep_resumes_its_stopped_trials_under_their_numbers(tmp_pa
     # A trial that was training stopped at a checkpoint of its own last step; one claimed a moment before the
     # cancel and not started yet (a worker that had just finished its first) was handed back at once.
     # Both stay RUNNING for resume.
-    trials = study_of(root).get_trials()
-    assert not [t for t in trials if t.state == TrialState.FAIL]
-    stopped = {t.number: t for t in trials if t.state == TrialState.RUNNING}
-    started = {n for n in stopped if has_checkpoint(root / f"trial-{n:04d}")}
-    assert started & {0, 1}, [t.state for t in trials]
-    for number in started:
-        run = root / f"trial-{number:04d}"
-        step = json.loads((run / "progress.json").read_text())["step"]
-        assert 0 < step < steps
-        ckpt = RunDir(run).checkpoints / f"step-{step:08d}"
-        assert read_meta(ckpt)["reason"] == "signal 15" and (ckpt / "COMPLETE").is_file()
-        assert runs_outcome(run) == "cancelled"
-    for number in set(stopped) - started:
-        assert stopped[number].user_attrs["orphaned"], stopped[number].user_attrs
+    stopped, started = stopped_trials(root, steps)
+    assert started & {0, 1}, stopped
 
     # status reaps: the owners are gone, the trials wait ownerless (orphaned) for the next worker.
     code, shown = launcher_run("status", "cr", "--runs-dir", runs_dir, timeout=60)
     assert code == 0 and "waiting for a worker to resume it" in shown, shown
-    for trial in study_of(root).get_trials(states=(TrialState.RUNNING,)):
-        assert trial.user_attrs["orphaned"] and trial.user_attrs["owner"] is None
-    assert set(stopped) == {t.number for t in study_of(root).get_trials(states=(TrialState.RUNNING,))}
+    check_orphaned(root, stopped)
 
     code, out = launcher_run("resume", "cr", "--local", "--runs-dir", runs_dir)
     assert code == 0, out
-    trials = study_of(root).get_trials()
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3  # the count, no extra trial
-    for number, before in stopped.items():
-        trial = trials[number]
-        assert trial.params == before.params
-        assert sorted(trial.intermediate_values) == list(range(4, steps + 1, 4))
-        jobs = runs.read_jobs(root / f"trial-{number:04d}")["jobs"]
-        outcomes = [a["outcome"] for j in jobs for a in j["attempts"]]
-        if number in started:
-            assert f"trial {number} (resuming)" in out
-            assert outcomes == ["cancelled", "completed"]
-        else:
-            assert outcomes == ["completed"]
-    reports = reported_steps(root)
-    assert len(reports) == len(set(reports)) == 3 * (steps // 4)  # no step reported twice
+    check_resumed(root, stopped, started, steps, trials=3)
+    for number in started:
+        assert f"trial {number} (resuming)" in out

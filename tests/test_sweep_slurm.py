@@ -17,7 +17,15 @@ from lenstrain.checkpoint import best_checkpoint, read_meta
 from lenstrain.rundir import RunDir
 from tests.factories import assert_same_weights, final_weights
 from tests.slurm_helpers import sacct_records, sbatch, scancel, squeue_jobs, wait_for
-from tests.sweep_helpers import study_of, write_base, write_sweep
+from tests.sweep_helpers import (
+    check_orphaned,
+    check_resumed,
+    has_checkpoint,
+    stopped_trials,
+    study_of,
+    write_base,
+    write_sweep,
+)
 
 pytestmark = pytest.mark.slurm
 
@@ -157,3 +165,44 @@ def test_a_preempted_trial_resumes_under_its_number_bit_identically(cluster, tmp
         == 0
     )
     assert_same_weights(final_weights(tmp_path / "ref" / "ref"), final_weights(root / "trial-0000"))
+
+
+def arrays_of(root: Path) -> list[str]:
+    return [j["job_id"] for j in runs.read_jobs(root)["jobs"] if j["kind"] == "slurm"]
+
+
+def test_a_cancelled_sweep_array_resumes_its_trials_under_their_numbers(cluster, tmp_path, ring_shards, capsys):
+    steps = 40
+    base = write_base(tmp_path, ring_shards, steps=steps)
+    sweep = write_sweep(tmp_path, base, name="cr", trials=3, parallel=2, sampler="random")
+    runs_dir, root = tmp_path / "runs", tmp_path / "runs" / "cr"
+    assert cli("sweep", sweep, "--runs-dir", runs_dir) == 0
+    (first,) = arrays_of(root)
+    wait_for(
+        lambda: all(has_checkpoint(root / f"trial-{n:04d}") for n in (0, 1)),
+        120,
+        interval=0.05,
+        what="both array tasks' trials to checkpoint",
+    )
+    capsys.readouterr()
+    assert cli("cancel", "cr", "--runs-dir", runs_dir) == 0
+    assert f"cancelled sweep cr ({first})" in capsys.readouterr().out
+    wait_for(
+        lambda: not [j for j in squeue_jobs() if j["jobid"].startswith(f"{first}_")],
+        90,
+        what=f"array {first} to leave the queue",
+    )
+    stopped, started = stopped_trials(root, steps)
+    assert started & {0, 1}, stopped
+    assert cli("status", "cr", "--runs-dir", runs_dir) == 0  # reaps: the array tasks are gone
+    assert "waiting for a worker to resume it" in capsys.readouterr().out
+    check_orphaned(root, stopped)
+
+    assert cli("resume", "cr", "--runs-dir", runs_dir) == 0
+    second = arrays_of(root)[-1]
+    assert second != first and "--array=0-1%2" in capsys.readouterr().out
+    wait_sweep(root, second, 3)
+    check_resumed(root, stopped, started, steps, trials=3)
+    for number in stopped:  # the resumed array's tasks finished them
+        jobs = runs.read_jobs(root / f"trial-{number:04d}")["jobs"]
+        assert jobs[-1]["array"].startswith(f"{second}_"), jobs
