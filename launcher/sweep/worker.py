@@ -127,16 +127,21 @@ def trial_value(run_dir: Path, metric: str) -> tuple[float | None, int | None]:
 
 
 def tell(
-    study: optuna.Study, number: int, state: TrialState, value: float | None = None, why: str = ""
+    study: optuna.Study,
+    number: int,
+    state: TrialState,
+    value: float | None = None,
+    why: str = "",
+    attrs: dict[str, Any] | None = None,
 ) -> None:
+    """End the trial: its user ``attrs`` (and for a FAIL, why), then its state and value."""
+    attrs = dict(attrs or {})
+    if state == TrialState.FAIL:
+        attrs.update(fail_reason=why, final=True)
     try:
-        if state == TrialState.FAIL:
-            study._storage.set_trial_user_attr(
-                study.get_trials(deepcopy=False)[number]._trial_id, "fail_reason", why
-            )
-            study._storage.set_trial_user_attr(
-                study.get_trials(deepcopy=False)[number]._trial_id, "final", True
-            )
+        trial_id = study.get_trials(deepcopy=False)[number]._trial_id
+        for key, item in attrs.items():
+            study._storage.set_trial_user_attr(trial_id, key, item)
         study.tell(number, value if state == TrialState.COMPLETE else None, state=state)
     except (ValueError, RuntimeError) as exc:  # reaped meanwhile by someone who took this worker for dead
         _say(f"trial {number}: could not tell {state.name}: {exc}")
@@ -187,8 +192,7 @@ def run_trial(
     if value is None:
         tell(study, trial.number, TrialState.FAIL, why=f"no finite {spec.metric} at its best checkpoint")
         return TrialState.FAIL
-    study._storage.set_trial_user_attr(trial._trial_id, "value_step", step)
-    tell(study, trial.number, TrialState.COMPLETE, value)
+    tell(study, trial.number, TrialState.COMPLETE, value, attrs={"value_step": step})
     _say(f"trial {trial.number} COMPLETE: {spec.metric} {value:.6g} (its checkpoint of step {step})")
     return TrialState.COMPLETE
 
