@@ -409,6 +409,120 @@ def render_oracle(rows: list[dict]) -> list[str]:
     return lines
 
 
+# ------------------------------------------------------------------------------------------ C8 vs ResNet-18
+EQUIVARIANT_MODELS = {"escnn_c8": {"canvas": 65}, "resnet18": {}}  # canvas 65: the CPU size (129 on GPU)
+
+
+def _sub_images(n: int, first: int, seed: int = 5):
+    """``n`` deeplense2 images, no_sub and sub (cdm and vortex in turn) alternately, labels 0/1."""
+    import numpy as np
+
+    from shards.simulate import physics as P
+    from shards.simulate.cli import plan
+
+    config = plan("substructure", 3 * (first + n), preset="deeplense2", seed=seed)
+    sim, cdm, vortex = P.Simulator(config), config.classes.index("cdm"), config.classes.index("vortex")
+    idx = [3 * (first + k // 2) + (0 if k % 2 == 0 else cdm if k % 4 == 1 else vortex) for k in range(n)]
+    x = np.stack([sim(i)[0] for i in idx]).astype(np.float32)
+    x /= x.max(axis=(1, 2, 3), keepdims=True)  # as per_image_max
+    return x, np.asarray([k % 2 for k in range(n)], dtype=np.float32)
+
+
+def rotate_arbitrary(x, seed: int = 11):
+    """Each image turned by its own uniform angle: upsampled 3x (bicubic), rotated (bilinear, corners
+    zero), downsampled back (3x3 means), then divided by its maximum again."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(seed)
+    angle = torch.rand(len(x), generator=gen) * 2 * math.pi
+    big = F.interpolate(x, scale_factor=3, mode="bicubic", align_corners=False)
+    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta, list(big.shape), align_corners=False)
+    out = F.avg_pool2d(F.grid_sample(big, grid, align_corners=False), 3).clamp_min(0)
+    return out / out.amax(dim=(1, 2, 3), keepdim=True)
+
+
+def _scores(model, x, batch: int = 64):
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model(x[i : i + batch]).squeeze(1) for i in range(0, len(x), batch)]).numpy()
+
+
+def _train_bce(model, x, y, steps: int, batch: int = 32) -> float:
+    """Adam 5e-5, weight decay 1e-5, BCE, constant rate (the reference protocol); returns the wall time."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-5, weight_decay=1e-5)
+    model.train()
+    start = time.perf_counter()
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (batch,), generator=gen)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x[idx]).squeeze(1), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - start
+
+
+def equivariant_rotation(n_train: int, n_test: int, steps: int) -> list[dict]:
+    """C8 steerable CNN against ResNet-18 on deeplense2 no_sub vs sub: test accuracy and AUC on the test
+    images as simulated and turned by arbitrary angles (:func:`rotate_arbitrary`)."""
+    import numpy as np
+    import torch
+
+    from lenstrain.models import create_model
+
+    torch.set_num_threads(1)
+    x, y = (torch.from_numpy(a) for a in _sub_images(n_train, 0))
+    tx, ty = _sub_images(n_test, n_train)
+    tests = {"upright": torch.from_numpy(tx), "rotated": rotate_arbitrary(torch.from_numpy(tx))}
+    rows = []
+    for name, kwargs in EQUIVARIANT_MODELS.items():
+        torch.manual_seed(0)
+        model = create_model(name, in_channels=1, num_outputs=1, image_size=64, **kwargs)
+        row = {"model": name, "options": kwargs, "n_train": n_train, "n_test": n_test, "steps": steps,
+               "parameters": sum(p.numel() for p in model.parameters())}
+        row["train_wall_s"] = round(_train_bce(model, x, y, steps), 1)
+        for test, images in tests.items():
+            s = _scores(model, images)
+            row[test] = {"auc": _auc(s[ty == 1], s[ty == 0]), "accuracy": float(np.mean((s > 0) == (ty == 1)))}
+        print(f"[science] {name}: {row}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def render_equivariant(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    r0 = rows[0]
+    lines = [
+        "### C8-equivariant vs ResNet-18: no_sub vs sub on deeplense2, test images turned by arbitrary angles",
+        "",
+        f"BCE, Adam 5e-5 (weight decay 1e-5, constant), batch 32, {r0['steps']} steps on {r0['n_train']} training "
+        f"images (no_sub, and cdm and vortex in turn), no augmentation; {r0['n_test']} test images as simulated "
+        "and each turned by a uniform random angle (upsampled 3x, rotated, downsampled). `escnn_c8` on a 65 px "
+        "canvas (129 on GPU) for CPU time.",
+        "",
+        "| model | params | upright AUC / acc | rotated AUC / acc | train time |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        u, t = r["upright"], r["rotated"]
+        lines.append(
+            f"| {r['model']} | {r['parameters'] / 1e6:.2f} M | {u['auc']:.3f} / {u['accuracy']:.3f} | "
+            f"{t['auc']:.3f} / {t['accuracy']:.3f} | {r['train_wall_s'] / 60:.1f} min |"
+        )
+    ran = f"--equivariant {r0['n_train']} {r0['n_test']} {r0['steps']}"
+    return [*lines, "", f"Command: `python benchmarks/science.py {ran}`", ""]
+
+
 # ------------------------------------------------------------------------------------------ report
 def _fmt(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
@@ -440,8 +554,8 @@ DATA_LABEL = {
 }
 
 
-def render_report(results: list[dict], oracle: list[dict], small: list[dict]) -> str:
-    lines = [BEGIN, "", *render_oracle(oracle), *render_small(small)]
+def render_report(results: list[dict], oracle: list[dict], small: list[dict], equi: list[dict]) -> str:
+    lines = [BEGIN, "", *render_oracle(oracle), *render_small(small), *render_equivariant(equi)]
     for table, title in TABLES.items():
         rows = [r for r in results if r["table"] == table]
         lines += [f"### {title}", ""]
@@ -471,11 +585,13 @@ def write_report(runs: Path) -> Path:
     oracle = json.loads(oracle_file.read_text()) if oracle_file.is_file() else []
     small_file = runs / "small_cnn_ladder.json"
     small = json.loads(small_file.read_text()) if small_file.is_file() else []
+    equi_file = runs / "equivariant.json"
+    equi = json.loads(equi_file.read_text()) if equi_file.is_file() else []
     results.sort(key=lambda r: order.get(r["experiment"], len(order)))
     text = REPORT.read_text() if REPORT.is_file() else f"# Science results\n\n{BEGIN}\n{END}\n"
     head, rest = text.split(BEGIN, 1)
     tail = rest.split(END, 1)[1]
-    REPORT.write_text(head + render_report(results, oracle, small) + tail)
+    REPORT.write_text(head + render_report(results, oracle, small, equi) + tail)
     return REPORT
 
 
@@ -511,8 +627,21 @@ def main(argv: list[str] | None = None) -> int:
         help="only train the small CNN of the learnability test on each rung, CLASS (cdm, vortex; "
         "default both) against no_sub, then rewrite SCIENCE.md",
     )
+    p.add_argument(
+        "--equivariant",
+        type=int,
+        nargs="*",
+        default=None,
+        metavar="N",
+        help="only train escnn_c8 and resnet18 on deeplense2 no_sub vs sub and test them upright and turned "
+        "by arbitrary angles: [N_TRAIN [N_TEST [STEPS]]] (default 2000 400 400), then rewrite SCIENCE.md",
+    )
     args = p.parse_args(argv)
-    if args.small_ladder is not None:
+    if args.equivariant is not None:
+        args.runs.mkdir(parents=True, exist_ok=True)
+        rows = equivariant_rotation(*(args.equivariant + [2000, 400, 400][len(args.equivariant) :]))
+        (args.runs / "equivariant.json").write_text(json.dumps(rows, indent=1) + "\n")
+    elif args.small_ladder is not None:
         args.runs.mkdir(parents=True, exist_ok=True)
         rows = small_cnn_ladder(1200, 300, tuple(args.small_ladder) or ("cdm", "vortex"))
         (args.runs / "small_cnn_ladder.json").write_text(json.dumps(rows, indent=1) + "\n")
