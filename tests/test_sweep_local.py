@@ -3,7 +3,9 @@
 A grid runs each combination exactly once with 2 workers racing; a pruner stops a diverging trial (PRUNED,
 checkpoint kept, TensorBoard hparams written); a worker killed with SIGKILL leaves its trial FAIL, its
 parameters re-enqueued, and the study still reaches its count; status shows the trials and the report
-writes best.yaml, trials.csv and the plots.
+writes best.yaml, trials.csv and the plots; the study's best is the best trial's own `lenstrain eval`
+metric; `launcher cancel` stops the workers at checkpoints and `launcher resume --local` finishes the
+stopped trials under their numbers and the study at its count.
 """
 
 from __future__ import annotations

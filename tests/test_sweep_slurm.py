@@ -1,6 +1,7 @@
 """Sweeps on the real devcluster: one job array of workers runs a TPE study to its count, and a trial
 preempted by the urgent partition checkpoints, requeues, resumes under the same number and ends with the
-weights of an unpreempted run of the same parameters. ``-s`` prints the wall time and the steps pruning saved."""
+weights of an unpreempted run of the same parameters; a cancelled array's trials wait for `resume`, whose
+array finishes them under their numbers. ``-s`` prints the wall time and the steps pruning saved."""
 
 from __future__ import annotations
 
