@@ -113,6 +113,7 @@ def bench_model(
     steps: int,
     warmup: int,
     clock: str = "wall",
+    control: bool = False,
 ) -> dict:
     torch.manual_seed(0)
     base = create_model(name, in_channels=1, num_outputs=1, image_size=size)
@@ -123,6 +124,8 @@ def bench_model(
         "bare": make_bare(models["bare"], optim, 1.0),
         "lenstrain": make_ours(models["lenstrain"], optim, 1.0, total, "fp32"),
     }
+    if control:  # a second bare loop on its own copy: its "overhead" is what this machine can resolve
+        runs["control"] = make_bare(copy.deepcopy(base).train(), optim, 1.0)
     for fn in runs.values():
         for _ in range(warmup):
             fn(data)
@@ -149,6 +152,15 @@ def bench_model(
         "ours_ms": ours,
         "overhead_pct": 100 * (statistics.median(ratios) - 1),
         "overhead_iqr": (100 * (quartiles[0] - 1), 100 * (quartiles[2] - 1)),
+        "control_pct": (
+            100
+            * (
+                statistics.median(o / b for o, b in zip(per_step["control"], per_step["bare"], strict=True))
+                - 1
+            )
+            if control
+            else None
+        ),
     }
 
 
@@ -162,6 +174,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="steps per block")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--control", action="store_true", help="also time a second bare loop (A/A control)")
     parser.add_argument(
         "--clock", choices=list(CLOCKS), default="wall", help="cpu: process CPU time (loaded machines)"
     )
@@ -189,11 +202,13 @@ def main(argv=None) -> int:
             args.steps,
             args.warmup,
             args.clock,
+            args.control,
         )
         lo, hi = r["overhead_iqr"]
         print(
             f"{name:>14} | {r['params']:>10,} | {r['bare_ms']:>14.1f} | {r['ours_ms']:>19.1f} | "
-            f"{r['overhead_pct']:>+7.1f}% | {lo:>+6.1f}%..{hi:>+5.1f}%",
+            f"{r['overhead_pct']:>+7.1f}% | {lo:>+6.1f}%..{hi:>+5.1f}%"
+            + (f" | control {r['control_pct']:+.1f}%" if r["control_pct"] is not None else ""),
             flush=True,
         )
     return 0
