@@ -125,6 +125,7 @@ def run_summary(run_dir: Path, data: dict) -> dict:
         "step": f"{step}/{total}" if step is not None else "-",
         "loss": fmt_number(progress.get("loss")),
         "tflops": fmt_number(progress.get("tflops")),  # per device, at the last log
+        "mfu": f"{progress['mfu']:.1%}" if progress.get("mfu") is not None else "-",  # GPUs with a known peak
         "best": f"{fmt_number(best)} ({progress.get('best_metric_name')})" if best is not None else "-",
         "requeues": requeue_count(run_dir, data),
         "elapsed": fmt_duration(elapsed if jobs else None),
@@ -133,13 +134,13 @@ def run_summary(run_dir: Path, data: dict) -> dict:
 
 
 COLUMNS = [("run", "RUN"), ("state", "STATE"), ("jobs", "SLURM JOBS"), ("step", "STEP"), ("loss", "LOSS"),
-           ("tflops", "TFLOP/S"), ("best", "BEST"), ("requeues", "REQUEUES"), ("elapsed", "ELAPSED"), ("eta", "ETA")]
+           ("tflops", "TFLOP/S"), ("mfu", "MFU"), ("best", "BEST"), ("requeues", "REQUEUES"), ("elapsed", "ELAPSED"), ("eta", "ETA")]
 
 
 def runs_table(rows: list[dict]) -> Table:
     table = Table(title="lenstrain runs", header_style="bold")
     for key, title in COLUMNS:
-        table.add_column(title, no_wrap=True, justify="right" if key in ("loss", "tflops", "requeues", "elapsed", "eta")
+        table.add_column(title, no_wrap=True, justify="right" if key in ("loss", "tflops", "mfu", "requeues", "elapsed", "eta")
                          else "left")
     for row in rows:
         style = STATE_STYLES.get(row["state"], "")

@@ -94,6 +94,7 @@ class Carried:
     time_due: bool = False  # read from the flags: a timed checkpoint at this step's boundary
     logged_loss: float | None = None  # the mean loss last logged
     logged_tflops: float | None = None  # the TFLOP/s per device last logged
+    logged_mfu: float | None = None  # and the model FLOPs utilisation (where the device's peak is known)
     metrics: dict[str, float] = field(default_factory=dict)  # the last validation's
     metrics_step: int = -1  # the step they were measured at
     saved_at: float = field(default_factory=time.monotonic)  # of the last checkpoint
@@ -370,6 +371,7 @@ def log_step(run: Run) -> None:
     run.log(f"step {step}/{run.steps} loss {mean_loss:.4g} lr {lr:.3g} grad {grad_norm:.3g} {rate:.1f} samples/s "
             f"{perf['perf/tflops']:.3g} TFLOP/s{mfu}")
     carried.logged_tflops = perf["perf/tflops"]
+    carried.logged_mfu = perf.get("perf/mfu")
     write_progress(run, "running", mean_loss, rate)
     carried.logged_loss = mean_loss
     carried.window_start, carried.window_samples = time.perf_counter(), 0
@@ -459,9 +461,11 @@ def write_hparams(run: Run) -> None:
 
 
 def write_progress(run: Run, state: str, loss: float | None = None, rate: float | None = None) -> None:
-    """``progress.json``; ``tflops`` is the last logged TFLOP/s per device, also once the run has stopped."""
+    """``progress.json``; ``tflops`` and ``mfu`` are the last logged TFLOP/s per device and model FLOPs
+    utilisation, also once the run has stopped."""
     if run.info.is_main:
         write_json_atomic(run.paths.progress, {
             "state": state, "step": run.state.step, "total_steps": run.steps, "loss": loss,
             "best_metric": run.state.best_metric, "best_metric_name": run.cfg.checkpoint.best_metric,
-            "samples_per_s": rate, "tflops": run.carried.logged_tflops, "epoch": run.stream.cursor.epoch, "updated": time.time()})
+            "samples_per_s": rate, "tflops": run.carried.logged_tflops, "mfu": run.carried.logged_mfu,
+            "epoch": run.stream.cursor.epoch, "updated": time.time()})

@@ -10,6 +10,7 @@ import signal
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from launcher.status import fmt_number, run_summary
 from lenstrain.config import load_config
 from lenstrain.preemption import DEFAULT_SIGNALS, EXIT_NONFINITE
 from lenstrain.rundir import RunDir
@@ -48,3 +49,6 @@ def test_tflops_reach_tensorboard_and_progress_and_mfu_follows_the_peak_override
     assert all(abs(mfu[step] - tflops[step] / 0.5) < 1e-6 * mfu[step] for step in mfu)
     progress = json.loads(run.progress.read_text())
     assert progress["state"] == "done" and progress["tflops"] == pytest.approx(tflops[4], rel=1e-6)
+    assert progress["mfu"] == pytest.approx(mfu[4], rel=1e-6)
+    row = run_summary(run.root, {"jobs": []})  # what `launcher status` shows of the run
+    assert row["tflops"] == fmt_number(progress["tflops"]) and row["mfu"] == f"{progress['mfu']:.1%}"
