@@ -150,3 +150,42 @@ def test_a_failed_deepspeed_file_write_is_raised_after_the_engine_save(tmp_path)
     with pytest.raises(FileNotFoundError, match="mp_rank_00_model_states.pt"):
         files.raise_write_error()
     files.raise_write_error()  # raised once
+
+
+FLAGGED_STEP = """
+import torch
+from lenstrain.config import OptimConfig
+from lenstrain.distributed import DistInfo
+from lenstrain.optim import build_optimizer
+from lenstrain.parallel import build_backend
+
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+backend = build_backend("deepspeed", model, build_optimizer(OptimConfig(name="{name}"), model), info,
+                        precision="fp32", grad_clip=1.0, zero_stage=2)
+x = torch.randn(16, 4)
+
+def step(skip):
+    backend.accumulating(last=True)
+    backend.backward(backend.train_module(x).pow(2).mean())  # finite: only the flag says skip
+    backend.step(skip=torch.tensor(skip))
+
+step(False)
+before = [p.detach().clone() for p in model.parameters()]
+step(True)
+print("flagged", all(torch.equal(a, p) for a, p in zip(before, model.parameters())))
+step(False)
+print("next", not all(torch.equal(a, p) for a, p in zip(before, model.parameters())))
+"""
+
+
+def test_zero_skips_a_flagged_step_even_with_finite_gradients(tmp_path):
+    """The flag reaches the fused optimizer that ZeRO steps on its partition: the weights stay as they were."""
+    script = tmp_path / "flagged.py"
+    script.write_text(FLAGGED_STEP.replace("{name}", "adamw"))
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "flagged True" in out.stdout and "next True" in out.stdout, out.stdout

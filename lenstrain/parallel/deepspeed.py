@@ -41,6 +41,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from lenstrain.distributed import DistInfo, free_port
 from lenstrain.parallel.base import Backend
 from lenstrain.parallel.ddp import DDPBackend
+from lenstrain.parallel.skip import skip_kind
 from lenstrain.stateio import DEEPSPEED_DIR
 
 
@@ -225,13 +226,24 @@ class DeepSpeedBackend(DDPBackend):
         reads its overflow check on the host, and without ZeRO a tensor ``skip`` is read here.)
 
         With ZeRO the engine itself skips an update whose gradients are not finite (which a
-        non-finite loss gives) and clears them; without ZeRO this backend skips it.
+        non-finite loss gives) and clears them. A tensor ``skip`` also reaches the fused optimizers (Adam,
+        AdamW, SGD) that ZeRO steps on each rank's partition, as their ``found_inf`` flag: their kernel leaves
+        the fp32 partition as it was, which the engine then copies back to the weights, so a flagged step
+        is skipped exactly even where its gradients are finite (RAdam and Lion rely on the engine's check).
+        Without ZeRO this backend skips it.
         """
         self.engine.set_gradient_accumulation_boundary(True)
         self._buffers_synced = False
         if self.zero_stage == 0:
             return self._step_without_zero(skip)
-        self.engine.step()
+        if torch.is_tensor(skip) and skip_kind(self.optimizer) == "found_inf":
+            self.optimizer.grad_scale, self.optimizer.found_inf = None, skip.to(torch.float32)
+            try:
+                self.engine.step()
+            finally:
+                del self.optimizer.grad_scale, self.optimizer.found_inf
+        else:
+            self.engine.step()
         norm = self.engine.get_global_grad_norm()
         if norm is None:
             return 0.0
