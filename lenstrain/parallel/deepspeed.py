@@ -41,7 +41,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from lenstrain.distributed import DistInfo, free_port
 from lenstrain.parallel.base import Backend
 from lenstrain.parallel.ddp import DDPBackend
-from lenstrain.parallel.skip import skip_kind
+from lenstrain.parallel.skip import fill_momentum_buffers, skip_kind
 from lenstrain.stateio import DEEPSPEED_DIR
 
 
@@ -237,6 +237,7 @@ class DeepSpeedBackend(DDPBackend):
         if self.zero_stage == 0:
             return self._step_without_zero(skip)
         if torch.is_tensor(skip) and skip_kind(self.optimizer) == "found_inf":
+            fill_momentum_buffers(self.optimizer, every=True)
             self.optimizer.grad_scale, self.optimizer.found_inf = None, skip.to(torch.float32)
             try:
                 self.engine.step()

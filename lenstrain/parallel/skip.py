@@ -12,6 +12,9 @@ yet the host must not wait to read that flag. Two ways, chosen per optimizer by 
 
 With fp16 the GradScaler already skips a step whose gradients are not finite (and reads its check on
 the host, unless the optimizer is fused); :func:`poison_gradients` makes a non-finite loss one of those.
+Under DeepSpeed ZeRO the flag reaches the fused optimizer that steps each partition the same way
+(``DeepSpeedBackend.step``); with RAdam or Lion there, DeepSpeed's own overflow check (non-finite
+gradients, read on the host) is what skips.
 """
 
 from __future__ import annotations
@@ -31,12 +34,14 @@ def skip_kind(optimizer: torch.optim.Optimizer) -> str:
     return "masked" if dampened else "found_inf"
 
 
-def fill_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:
+def fill_momentum_buffers(optimizer: torch.optim.Optimizer, every: bool = False) -> None:
     """Give fused SGD a zero momentum buffer for every parameter about to be stepped that has none.
 
     Fused SGD's first step allocates its buffers with ``empty_like`` and lets the kernel fill them; a
     step skipped by ``found_inf`` leaves them uninitialised and kept. A zero buffer gives the first
-    step's buffer, the gradient, bit for bit (``momentum * 0 + grad``, without dampening).
+    step's buffer, the gradient, bit for bit (``momentum * 0 + grad``, without dampening). ``every``: all
+    parameters, also those without a gradient yet (ZeRO's partitions, whose gradients appear inside the
+    engine's step, and all of which it steps).
     """
     if not isinstance(optimizer, torch.optim.SGD) or not optimizer.defaults.get("fused"):
         return
@@ -44,7 +49,7 @@ def fill_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:
         if not group["momentum"]:
             continue
         for p in group["params"]:
-            if p.grad is not None and optimizer.state[p].get("momentum_buffer") is None:
+            if (every or p.grad is not None) and optimizer.state[p].get("momentum_buffer") is None:
                 optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
 
 
