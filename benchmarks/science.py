@@ -300,9 +300,10 @@ def oracle_ladder(per_class: int) -> list[dict]:
     return rows
 
 
-def small_cnn_ladder(n_train: int, n_test: int, positives: tuple[str, ...]) -> list[dict]:
+def small_cnn_ladder(positives: tuple[str, ...], budget: dict | None = None) -> list[dict]:
     """Test AUC of the learnability test's small CNN (tests/test_learnability.py), trained per rung on
-    ``n_train`` images of no_sub and each of ``positives`` in turn and tested on ``n_test`` new ones."""
+    no_sub and each of ``positives`` in turn with the test's budget (training images, epochs; ``budget``
+    overrides it) and tested on the test's number of new images."""
     import numpy as np
     import torch
 
@@ -311,21 +312,22 @@ def small_cnn_ladder(n_train: int, n_test: int, positives: tuple[str, ...]) -> l
     from tests import test_learnability as T
 
     torch.set_num_threads(1)
-    rows = []
+    budget, n_test, rows = budget or T.BUDGET, T.N_TEST, []
     for rung, (preset, knobs) in RUNGS.items():
-        config = plan("substructure", 3 * (n_train + n_test), preset=preset, physics=knobs, seed=0)
         if preset in ("deeplense1", "deeplense3"):  # the ladder proper: deeplense2 down to euclid
             continue
-        sim, row = P.Simulator(config), {"rung": rung, "n_train": n_train, "n_test": n_test}
+        row = {"rung": rung, "n_test": n_test, "budget": {c: list(budget[c]) for c in positives}}
         for positive in positives:
-            offset = config.classes.index(positive)
+            n_train, epochs = budget[positive]
+            config = plan("substructure", 3 * (n_train + n_test), preset=preset, physics=knobs, seed=0)
+            sim, offset = P.Simulator(config), config.classes.index(positive)
             idx = [3 * (k // 2) + (0 if k % 2 == 0 else offset) for k in range(n_train + n_test)]
             x = np.stack([sim(i)[0] for i in idx])
             x /= x.max(axis=(1, 2, 3), keepdims=True)  # as per_image_max
             y = np.asarray([k % 2 for k in range(len(idx))], dtype=np.float32)
             torch.manual_seed(0)
             model = T._small_cnn()
-            T._train(model, x[:n_train], y[:n_train], seed=0)
+            T._train(model, x[:n_train], y[:n_train], seed=0, epochs=epochs)
             model.eval()
             with torch.no_grad():
                 scores = model(torch.from_numpy(x[n_train:])).squeeze(1).numpy()
@@ -338,12 +340,13 @@ def small_cnn_ladder(n_train: int, n_test: int, positives: tuple[str, ...]) -> l
 def render_small(rows: list[dict]) -> list[str]:
     if not rows:
         return []
+    sizes = "; ".join(f"{c}: {n:,} training images, {e} epochs" for c, (n, e) in rows[0]["budget"].items())
     lines = [
         "### The difficulty ladder, learned: a small CNN (tests/test_learnability.py)",
         "",
-        f"Four conv blocks (16-64 channels) and a linear head on the flattened 4x4 map (62k parameters), AdamW "
-        f"3e-3 one-cycle, batch 32, {rows[0]['n_train']} training images (no_sub and the other class in turn), 8 "
-        f"epochs, tested on {rows[0]['n_test']} new ones; images divided by their maximum.",
+        "Four conv blocks (16-64 channels) and a linear head on the flattened 4x4 map (62k parameters), AdamW "
+        f"3e-3 one-cycle, batch 32, flips, trained on no_sub and the other class in turn with the learnability "
+        f"test's budget ({sizes}), tested on {rows[0]['n_test']} new ones; images divided by their maximum; seed 0.",
         "",
         "| rung | cdm vs no_sub AUC | vortex vs no_sub AUC |",
         "|---|---|---|",
@@ -643,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.runs / "equivariant.json").write_text(json.dumps(rows, indent=1) + "\n")
     elif args.small_ladder is not None:
         args.runs.mkdir(parents=True, exist_ok=True)
-        rows = small_cnn_ladder(1200, 300, tuple(args.small_ladder) or ("cdm", "vortex"))
+        rows = small_cnn_ladder(tuple(args.small_ladder) or ("cdm", "vortex"))
         (args.runs / "small_cnn_ladder.json").write_text(json.dumps(rows, indent=1) + "\n")
     elif args.oracle:
         args.runs.mkdir(parents=True, exist_ok=True)
