@@ -141,9 +141,30 @@ def simulate(
         raise SimulateError(f"workers must be at least 1, got {workers}")
     split_of, _ = split_plan(config, n, val=val, test=test)
     spec = get_task(task)
+    packed = pack_shard_set(
+        out,
+        sample_fn=Simulator(config),
+        split_of=split_of,
+        targets=spec.targets,
+        primary_target=spec.primary.name,
+        source=_source_record(config, spec, n, val=val, test=test),
+        options=PackOptions(val=val, test=test, seed=seed, shard_size=shard_size, dtype=dtype, workers=workers,
+                            overwrite=overwrite),
+        desc=f"simulate {spec.name}",
+    )
+    if grid is not None:
+        from shards.grid import write_grid
+
+        first = "train" if "train" in packed.manifest.splits else next(iter(packed.manifest.splits))
+        write_grid(out, grid, per_class=8, split=first)
+    return packed if result else packed.manifest
+
+
+def _source_record(config, spec, n: int, *, val: float, test: float) -> dict:
+    """The manifest's ``source``: what was simulated, with which physics and which software."""
     import lenstronomy
 
-    source = {
+    return {
         "kind": "simulate",
         "generator": f"lenstronomy {lenstronomy.__version__}",
         "task": spec.name,
@@ -159,34 +180,6 @@ def simulate(
         "stratify": "class" if not spec.regression else f"quantiles of {spec.primary.name}",
         "physics": _physics_record(),
     }
-    packed = pack_shard_set(
-        out,
-        sample_fn=Simulator(config),
-        split_of=split_of,
-        targets=spec.targets,
-        primary_target=spec.primary.name,
-        source=source,
-        options=PackOptions(
-            val=val,
-            test=test,
-            seed=seed,
-            shard_size=shard_size,
-            dtype=dtype,
-            workers=workers,
-            overwrite=overwrite,
-        ),
-        desc=f"simulate {spec.name}",
-    )
-    if grid is not None:
-        from shards.grid import write_grid
-
-        write_grid(
-            out,
-            grid,
-            per_class=8,
-            split="train" if "train" in packed.manifest.splits else next(iter(packed.manifest.splits)),
-        )
-    return packed if result else packed.manifest
 
 
 # --------------------------------------------------------------------------------------------- command line
