@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from launcher import runs
+from launcher.cliargs import add_job_args, add_runs_dir
 from launcher.spec import read_job
 from launcher.sweep import cli as sweep_cli
 from launcher.sweep.cli import sweep, sweep_args  # noqa: F401 - rows of the COMMANDS table
@@ -21,19 +22,6 @@ from lenstrain.rundir import RunDir
 from shards.clikit import UsageError
 
 # ------------------------------------------------------------------------------------ arguments
-
-
-def add_job_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key, e.g. optim.lr=3e-4 or resources.nodes=2 (repeatable)")
-    p.add_argument("--dry-run", action="store_true", help="print the sbatch script and the resolved job; submit nothing")
-    p.add_argument("--local", action="store_true", help="run on this machine in the foreground (CPU, or its GPUs)")
-    p.add_argument("--nproc", type=int, default=None,
-                   help="local processes (default: resources.tasks_per_node, capped to this machine)")
-
-
-def add_runs_dir(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--runs-dir", type=Path, default=None, help="where runs live (default: runs/)")
 
 
 def submit_args(p: argparse.ArgumentParser) -> None:

@@ -11,12 +11,11 @@ import time
 from pathlib import Path
 
 from launcher import runs
+from launcher.cliargs import add_job_args, add_runs_dir
 from shards.clikit import UsageError
 
 
 def sweep_args(p: argparse.ArgumentParser) -> None:
-    from launcher.cli import add_job_args, add_runs_dir
-
     p.add_argument("file", help="a sweep YAML (e.g. jobs/sweeps/NAME.yaml); or `report` followed by SWEEP")
     p.add_argument(
         "sweep", nargs="?", help="with `report`: the sweep (its name under runs/, or its directory)"
