@@ -295,16 +295,15 @@ class DeepSpeedBackend(DDPBackend):
         if self.zero_stage > 0 and saved is not None and saved != self.info.world_size:
             self._load_resharded(Path(directory), saved)
         else:
-            path, _ = self.engine.load_checkpoint(
-                str(directory),
-                tag=DEEPSPEED_DIR,
-                load_module_strict=True,
-                load_optimizer_states=True,
-                load_lr_scheduler_states=False,
-            )
-            if path is None:
-                raise FileNotFoundError(f"no DeepSpeed checkpoint in {Path(directory) / DEEPSPEED_DIR}")
+            self._load_engine(Path(directory))
         super().load_state(directory, objects)
+
+    def _load_engine(self, directory: Path) -> None:
+        """DeepSpeed's own load of the model and optimizer partitions (the scheduler is ours)."""
+        path, _ = self.engine.load_checkpoint(str(directory), tag=DEEPSPEED_DIR, load_module_strict=True,
+                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory / DEEPSPEED_DIR}")
 
     def _load_resharded(self, directory: Path, saved: int) -> None:
         """Rank 0 converts the checkpoint into ``checkpoints/.reshard-step-N/`` (beside it, on the run's shared
@@ -320,28 +319,16 @@ class DeepSpeedBackend(DDPBackend):
             write_universal(directory, universal)
         self.barrier()
         listed_files, config = self.engine.checkpoint_engine, self.engine._config
-        self.engine.checkpoint_engine = TorchCheckpointEngine(
-            config
-        )  # files converted here from verified ones
+        self.engine.checkpoint_engine = TorchCheckpointEngine(config)  # files converted here from verified ones
         config.load_universal_checkpoint = True
         try:
-            path, _ = self.engine.load_checkpoint(
-                str(universal),
-                tag=DEEPSPEED_DIR,
-                load_module_strict=True,
-                load_optimizer_states=True,
-                load_lr_scheduler_states=False,
-            )
+            self._load_engine(universal)
         finally:
             self.engine.checkpoint_engine, config.load_universal_checkpoint = listed_files, False
-        self.barrier()
-        if self.info.is_main:
-            shutil.rmtree(universal, ignore_errors=True)
-        if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint in {universal / DEEPSPEED_DIR}")
-        module = saved_module_state(
-            directory
-        )  # the universal layout leaves the buffers (batch-norm statistics) out
+            self.barrier()
+            if self.info.is_main:
+                shutil.rmtree(universal, ignore_errors=True)
+        module = saved_module_state(directory)  # the universal layout leaves the buffers (batch-norm statistics) out
         with torch.no_grad():
             for name, buffer in self.model.named_buffers():
                 if name in module:
