@@ -600,7 +600,7 @@ def write_report(runs: Path) -> Path:
     return REPORT
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--full", action="store_true", help="GPU sizes (more images and epochs; the zoo)")
     p.add_argument(
@@ -641,7 +641,11 @@ def main(argv: list[str] | None = None) -> int:
         help="only train escnn_c8 and resnet18 on deeplense2 no_sub vs sub and test them upright and turned "
         "by arbitrary angles: [N_TRAIN [N_TEST [STEPS]]] (default 2000 400 400), then rewrite SCIENCE.md",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.equivariant is not None:
         args.runs.mkdir(parents=True, exist_ok=True)
         rows = equivariant_rotation(*(args.equivariant + [2000, 400, 400][len(args.equivariant) :]))
