@@ -418,7 +418,7 @@ def test_a_lost_node_fails_the_job_which_slurm_requeues_and_it_completes_when_th
     devcluster_node("crash", "n2")  # slurmd and the job's processes on n2 stop answering
     try:
         # No collective timeout (the default 10 min) is involved: SLURM's SlurmdTimeout ends the job.
-        wait_for(lambda: any(r["state"] == "NODE_FAIL" for r in sacct_records(job_id)), 90,
+        wait_for(lambda: any(r["state"] == "NODE_FAIL" for r in sacct_records(job_id)), 150,
                  what=f"job {job_id} to fail with its node")
         assert scontrol_job(job_id).get("Requeue") == "1"  # SLURM requeues it, nobody else
     finally:
