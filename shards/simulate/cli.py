@@ -220,7 +220,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=list(PRESETS),
         help="scenario: deeplense1/2/3 reproduce the physics of DeepLense's Model I/II/III (fixed "
         "lens, magnitude-20 source, images divided by their maximum: CDM subhalos are plainly "
-        "visible, the vortex as ~8% of the peak); model1, euclid, hst are the realistic ones (everything drawn, faint sources, "
+        "visible, the vortex as ~8%% of the peak); model1, euclid, hst are the realistic ones (everything drawn, faint sources, "
         "1-5%% substructure mass: hard). Default model1",
     )
     which.add_argument(
