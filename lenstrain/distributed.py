@@ -37,9 +37,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Above Linux's default ephemeral range (32768-60999): a port in that range may be held at any moment as
+# the local end of some outgoing connection, and the job's store then fails to listen on it.
+MASTER_PORT_BASE, MASTER_PORT_SPAN = 61000, 4500
+
+
 def master_port_for_job(job_id: str | int) -> int:
-    """A port derived from the job id, so every task of a job agrees without talking."""
-    return 20000 + int(str(job_id).split("_")[0]) % 20000
+    """A port derived from the job id, so every task of a job agrees without talking; outside the default
+    ephemeral range (``MASTER_PORT`` in the environment overrides it)."""
+    return MASTER_PORT_BASE + int(str(job_id).split("_")[0]) % MASTER_PORT_SPAN
 
 
 def first_host(nodelist: str) -> str:

@@ -41,7 +41,7 @@ from tests.slurm_helpers import (
 pytestmark = pytest.mark.slurm
 
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
-STEPS = 40
+STEPS = 80  # long enough that a preemption (about 1-2 s from an urgent submission) lands mid-run on an idle machine
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -165,7 +165,7 @@ def cluster(slurm_cluster):
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, launcher_shards) -> Path:
-    """The job every test runs: 2 nodes x 1 task, 40 steps, checkpoints every 10."""
+    """The job every test runs: 2 nodes x 1 task, STEPS (80) steps, checkpoints every 10."""
     path = tmp_path_factory.mktemp("jobs") / "train.yaml"
     path.write_text(yaml.safe_dump(launcher_job_dict(launcher_shards, train={"max_steps": STEPS})))
     return path

@@ -43,7 +43,7 @@ def extensions_cache():
 
 @pytest.fixture(scope="module")
 def zero2_job(tmp_path_factory, launcher_shards) -> Path:
-    """The launcher tests' job (2 nodes x 1 task, 40 steps, checkpoints every 10) under DeepSpeed ZeRO-2."""
+    """The launcher tests' job (2 nodes x 1 task, STEPS steps, checkpoints every 10) under DeepSpeed ZeRO-2."""
     path = tmp_path_factory.mktemp("jobs") / "zero2.yaml"
     job = launcher_job_dict(
         launcher_shards,
