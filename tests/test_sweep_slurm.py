@@ -19,6 +19,7 @@ from lenstrain.rundir import RunDir
 from tests.factories import assert_same_weights, final_weights
 from tests.slurm_helpers import sacct_records, sbatch, scancel, squeue_jobs, wait_for
 from tests.sweep_helpers import (
+    ONE_TASK,
     check_orphaned,
     check_resumed,
     has_checkpoint,
@@ -207,3 +208,43 @@ def test_a_cancelled_sweep_array_resumes_its_trials_under_their_numbers(cluster,
     for number in stopped:  # the resumed array's tasks finished them
         jobs = runs.read_jobs(root / f"trial-{number:04d}")["jobs"]
         assert jobs[-1]["array"].startswith(f"{second}_"), jobs
+
+
+def test_a_two_node_trial_trains_on_both_nodes_and_survives_preemption(cluster, tmp_path, ring_shards):
+    """Any job may be the base: with 2 nodes x 1 task, each array task is 2 SLURM tasks; the first claims the
+    trials and the other follows, so each trial is one 2-rank run. Preempted, trial 0 requeues with its array
+    task, resumes under its number on both nodes, and ends identical to the same job run by hand."""
+    two_nodes = {"nodes": 2, "tasks_per_node": 1}
+    base = write_base(
+        tmp_path,
+        ring_shards,
+        steps=40,
+        resources={**ONE_TASK, **two_nodes},
+        checkpoint={"every_steps": 10, "keep": 10},
+        train={"val_every_steps": 10},
+    )
+    space = {"optim.lr": {"choice": [1.0e-3, 3.0e-3]}}
+    sweep = write_sweep(tmp_path, base, name="wide", sampler="grid", trials=None, parallel=1, space=space)
+    root = tmp_path / "runs" / "wide"
+    assert cli("sweep", sweep, "--runs-dir", tmp_path / "runs") == 0
+    progress = root / "trial-0000" / "progress.json"
+    wait_for(
+        lambda: progress.is_file() and json.loads(progress.read_text())["step"] >= 5,
+        120,
+        interval=0.05,
+        what="trial 0 to train",
+    )
+    sbatch("-p", "urgent", "-N2", "-c2", "-J", "urgent", "-o", "/dev/null", "--wrap", "sleep 2")
+    trials = wait_sweep(root, array_of(root), 2)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert len({t.user_attrs["owner"]["job"] for t in trials}) == 1  # one array task ran both, in turn
+    outcomes = {}
+    for trial in trials:
+        (job,) = runs.read_jobs(root / f"trial-{trial.number:04d}")["jobs"]
+        assert all(a["world_size"] == 2 and a["nodes"] == "n[1-2]" for a in job["attempts"]), job
+        outcomes[trial.number] = [a["outcome"] for a in job["attempts"]]
+    assert outcomes == {0: ["requeued", "completed"], 1: ["completed"]}
+    assert sorted(trials[0].intermediate_values) == [10, 20, 30, 40]
+    job = root / "trial-0000" / "job.yaml"
+    assert cli("submit", job, "--local", "--nproc", "2", "--runs-dir", tmp_path / "ref", "--name", "ref") == 0
+    assert_same_weights(final_weights(tmp_path / "ref" / "ref"), final_weights(root / "trial-0000"))

@@ -90,7 +90,7 @@ def test_ready_sweeps_validate(path, monkeypatch):
     monkeypatch.chdir(ROOT)
     spec, job, _ = read_sweep(path)
     assert spec.name == path.stem and spec.trials and spec.metric and spec.direction
-    assert job.resources.world_size == 1  # a trial is one task
+    assert job.resources.world_size == 1  # each of these trials takes one GPU
 
 
 def test_three_ready_sweeps(monkeypatch):
@@ -112,3 +112,12 @@ def test_dry_run_prints_the_array_script_and_first_trials(tmp_path, base, capsys
     assert "#SBATCH --array=0-1%2" in out and "launcher.sweep.recover" in out
     assert "#   trial 0: optim.lr=" in out and "#   trial 3: " in out
     assert "dry run: nothing submitted" in out and not (tmp_path / "runs").exists()
+
+
+def test_a_multi_node_base_job_makes_each_array_task_that_many_tasks(tmp_path, ring_shards, capsys):
+    resources = {"cluster": "devcluster", "nodes": 2, "tasks_per_node": 1, "cpus_per_task": 1, "time": 10}
+    sweep = write_sweep(tmp_path, write_base(tmp_path, ring_shards, resources=resources), parallel=2)
+    assert main(["sweep", str(sweep), "--runs-dir", str(tmp_path / "runs"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --array=0-1%2" in out and "#SBATCH --nodes=2" in out and "#SBATCH --ntasks-per-node=1" in out
+    assert "problem" not in out

@@ -41,20 +41,11 @@ def workers(spec: SweepSpec) -> int:
 
 
 def trial_problems(job: JobSpec, profile: ClusterProfile | None, here: bool) -> list[tuple[str, str]]:
-    """The base job's problems as each trial would meet them (one task per trial)."""
-    problems = check_job(job, profile, world_size=1)
+    """The base job's problems as each trial would meet them: on SLURM a trial has the base job's tasks
+    (nodes x tasks_per_node, one array task); here it runs as one process."""
     if here:
-        problems += local.check_local(job, 1)
-    elif job.resources.world_size > 1:
-        problems.append(
-            (
-                "base.resources",
-                f"{job.resources.nodes} node(s) x {job.resources.ntasks_per_node} task(s): "
-                "a sweep's trial runs as one task; set resources.nodes=1 and "
-                "resources.tasks_per_node=1 (one GPU per trial)",
-            )
-        )
-    return problems
+        return check_job(job, profile, world_size=1) + local.check_local(job, 1)
+    return check_job(job, profile)
 
 
 def check_sweep_dir(root: Path, spec: SweepSpec, job: dict) -> str:
@@ -75,6 +66,11 @@ def check_sweep_dir(root: Path, spec: SweepSpec, job: dict) -> str:
             f"{root} exists and is not a sweep directory; choose another --name or --run-dir"
         )
     return "new"
+
+
+def tasks_per_trial(job: JobSpec) -> str:
+    r = job.resources
+    return "1 task" if r.world_size == 1 else f"{r.nodes} node(s) x {r.ntasks_per_node} task(s)"
 
 
 def array_parameters(job: JobSpec, profile: ClusterProfile, root: Path, spec: SweepSpec) -> dict:
@@ -239,7 +235,7 @@ def submit_array(root: Path, spec: SweepSpec, job: JobSpec, profile: ClusterProf
     rel = runs.display_path(root)
     print(
         f"submitted sweep {spec.name} as SLURM job array {array_id} (--array=0-{workers(spec) - 1}%{spec.parallel}): "
-        f"{spec.trials} trials of 1 task each, partition {partition or '(default)'}, cluster {profile.name}"
+        f"{spec.trials} trials of {tasks_per_trial(job)} each, partition {partition or '(default)'}, cluster {profile.name}"
     )
     print(f"  sweep dir:   {rel}")
     print(f"  status:      python -m launcher status {spec.name}")

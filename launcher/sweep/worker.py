@@ -7,6 +7,10 @@ owner is this job id) and resumes it from its run directory. Each validation rea
 :mod:`lenstrain.hooks`: the value is reported at its step (a step already reported by an earlier attempt
 is not reported again) and the study's pruner decides whether the run stops there (exit 46: PRUNED).
 
+A base job with several tasks (nodes x tasks_per_node) makes each array task that many SLURM tasks: the
+first leads (claims, reports, tells), the others follow its orders (:mod:`launcher.sweep.orders`), and each
+trial trains as one multi-rank run.
+
 ``python -m launcher.sweep.worker SWEEP_DIR --index K`` is one local worker (``sweep --local``).
 """
 
@@ -25,6 +29,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from launcher import runs
+from launcher.sweep.orders import DONE as ORDER_DONE
+from launcher.sweep.orders import TRAIN, Orders, task_count, task_rank
 from launcher.sweep.spec import SweepSpec, with_params
 from launcher.sweep.study import (
     DONE,
@@ -155,12 +161,14 @@ def run_trial(
     trial: FrozenTrial,
     owner: dict,
     flag: PreemptionFlag,
+    orders: Orders | None = None,
 ) -> TrialState:
     """Train one trial (resuming its run if it has one) and tell the study how it ended.
 
     ``flag`` is the worker's signal flag: set before training starts (a cancel while the trial was claimed
     or prepared), the trial is handed back untouched and the worker stops; training installs its own
-    handlers, and the worker's go back in as soon as it returns."""
+    handlers, and the worker's go back in as soon as it returns. ``orders``: a multi-task trial's channel to its
+    other tasks, which then train the trial with this one (:mod:`launcher.sweep.orders`)."""
     from launcher.entry import TrainingFailed, TrainTask
 
     run_dir = prepare_run(sweep_root, job, trial, owner)
@@ -170,6 +178,8 @@ def run_trial(
     )
     if flag.set:
         stop_between_trials(flag, sweep_root, study, trial)
+    if orders is not None:
+        orders.give(TRAIN, trial.number)
     reporter = Reporter(study, trial, spec.metric)
     hooks.install(reporter, hparams={**trial.params, "trial": trial.number})
     task = TrainTask(run_dir, max_requeues=job["resources"]["max_requeues"], name=run_dir.name)
@@ -219,7 +229,8 @@ def stop_between_trials(
 
 
 class SweepWorker:
-    """The picklable callable of each array task: ``SweepWorker(SWEEP_DIR)(index)``."""
+    """The picklable callable of each array task: ``SweepWorker(SWEEP_DIR)(index)``. A trial with several tasks
+    has every task call it: the first leads (claims, trains, tells), the others follow its orders."""
 
     def __init__(self, sweep_dir: str | Path) -> None:
         self.sweep_dir = str(sweep_dir)
@@ -227,29 +238,72 @@ class SweepWorker:
     def __call__(self, index: int = 0) -> dict[str, Any]:
         root = Path(self.sweep_dir)
         spec, job = read_sweep_dir(root)
-        restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-        # A worker started later (a resume, a requeue, a replacement) must not replay an earlier one's draws.
-        earlier = len(open_study(root, spec).get_trials(deepcopy=False))
-        study = open_study(root, spec, seed_offset=1000 * index + restart + 100_003 * earlier)
-        owner = this_owner(index)
-        _say(f"worker {index} of sweep {root.name} ({spec.sampler}, pruner {spec.pruner}) started")
-        ended: dict[str, int] = {}
+        orders = Orders.for_this_task(root) if task_count() > 1 else None
         flag = PreemptionFlag().install()  # training installs its own while a trial runs
-        while True:
-            if flag.set:
-                stop_between_trials(flag)
-            trial, said = claim(root, study, spec, owner)
-            for line in said:
-                _say(line)
-            if trial == DONE:
-                break
-            if trial == WAIT:
-                time.sleep(POLL_S)
-                continue
-            state = run_trial(root, study, spec, job, trial, owner, flag)
-            ended[state.name] = ended.get(state.name, 0) + 1
-        _say(f"worker {index}: the study has its {spec.trials} trials; this worker ran {ended or 'none'}")
-        return {"sweep": self.sweep_dir, "ran": ended}
+        if orders is not None and task_rank() > 0:
+            return follow(root, job, orders, flag)
+        return lead(root, spec, job, index, flag, orders)
+
+
+def lead(
+    root: Path, spec: SweepSpec, job: dict, index: int, flag: PreemptionFlag, orders: Orders | None
+) -> dict[str, Any]:
+    """Claim trials and train them until the study has its count (with ``orders``, for all the tasks)."""
+    restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    # A worker started later (a resume, a requeue, a replacement) must not replay an earlier one's draws.
+    earlier = len(open_study(root, spec).get_trials(deepcopy=False))
+    study = open_study(root, spec, seed_offset=1000 * index + restart + 100_003 * earlier)
+    owner = this_owner(index)
+    tasks = f", {task_count()} tasks per trial" if orders is not None else ""
+    _say(f"worker {index} of sweep {root.name} ({spec.sampler}, pruner {spec.pruner}{tasks}) started")
+    ended: dict[str, int] = {}
+    while True:
+        if flag.set:
+            stop_between_trials(flag)
+        trial, said = claim(root, study, spec, owner)
+        for line in said:
+            _say(line)
+        if trial == DONE:
+            break
+        if trial == WAIT:
+            if orders is not None:
+                orders.heartbeat()
+            time.sleep(POLL_S)
+            continue
+        state = run_trial(root, study, spec, job, trial, owner, flag, orders)
+        ended[state.name] = ended.get(state.name, 0) + 1
+    if orders is not None:
+        orders.give(ORDER_DONE)
+    _say(f"worker {index}: the study has its {spec.trials} trials; this worker ran {ended or 'none'}")
+    return {"sweep": str(root), "ran": ended}
+
+
+def follow(root: Path, job: dict, orders: Orders, flag: PreemptionFlag) -> dict[str, Any]:
+    """A task other than the first of a multi-task trial: train each trial the leader orders, as one rank of
+    its run. The leader alone talks to the study. A signal between trials is the leader's to act on (it
+    requeues the array task, and SLURM ends this task with it: every task runs under --kill-on-bad-exit);
+    a leader silent for ``parallel.timeout_s`` ends this task as a lost peer."""
+    from launcher.entry import TrainTask
+    from launcher.recovery import EXIT_RANK_LOST
+
+    trained = 0
+    while True:
+        order = orders.take(float(job["parallel"]["timeout_s"]))
+        if order is None:
+            _say(f"task {task_rank()}: no order from the leader for parallel.timeout_s; leaving")
+            sys.stdout.flush()
+            os._exit(EXIT_RANK_LOST)
+        if order["order"] == ORDER_DONE:
+            return {"sweep": str(root), "followed": trained}
+        run_dir = SweepDir(root).trial(order["trial"])
+        task = TrainTask(run_dir, max_requeues=job["resources"]["max_requeues"], name=run_dir.name)
+        try:
+            task()
+        except Exception as exc:  # noqa: BLE001 - the leader tells the study how this trial ended
+            _say(f"task {task_rank()}: trial {order['trial']} ended with {type(exc).__name__}: {exc}")
+        finally:
+            flag.install()
+        trained += 1
 
 
 def main(argv: list[str] | None = None) -> int:
