@@ -65,6 +65,16 @@ def wait_sweep(root: Path, array: str, trials: int, timeout: float = 300) -> lis
     return study_of(root).get_trials()
 
 
+def wait_until_trial_zero_trains(root: Path) -> None:
+    progress = root / "trial-0000" / "progress.json"
+    wait_for(
+        lambda: progress.is_file() and json.loads(progress.read_text())["step"] >= 5,
+        120,
+        interval=0.05,
+        what="trial 0 to train",
+    )
+
+
 def test_a_tpe_sweep_runs_as_one_array_to_its_count(cluster, tmp_path, ring_shards, capsys):
     base = write_base(tmp_path, ring_shards, steps=16)
     sweep = write_sweep(
@@ -136,13 +146,7 @@ def test_a_preempted_trial_resumes_under_its_number_bit_identically(cluster, tmp
     root = tmp_path / "runs" / "pre"
     assert cli("sweep", sweep, "--runs-dir", tmp_path / "runs") == 0
     array = array_of(root)
-    progress = root / "trial-0000" / "progress.json"
-    wait_for(
-        lambda: progress.is_file() and json.loads(progress.read_text())["step"] >= 5,
-        120,
-        interval=0.05,
-        what="trial 0 to train",
-    )
+    wait_until_trial_zero_trains(root)
     urgent = sbatch("-p", "urgent", "-N2", "-c2", "-J", "urgent", "-o", "/dev/null", "--wrap", "sleep 2")
     (trial,) = wait_sweep(root, array, 1)
     assert trial.number == 0 and trial.state == TrialState.COMPLETE
@@ -227,13 +231,7 @@ def test_a_two_node_trial_trains_on_both_nodes_and_survives_preemption(cluster, 
     sweep = write_sweep(tmp_path, base, name="wide", sampler="grid", trials=None, parallel=1, space=space)
     root = tmp_path / "runs" / "wide"
     assert cli("sweep", sweep, "--runs-dir", tmp_path / "runs") == 0
-    progress = root / "trial-0000" / "progress.json"
-    wait_for(
-        lambda: progress.is_file() and json.loads(progress.read_text())["step"] >= 5,
-        120,
-        interval=0.05,
-        what="trial 0 to train",
-    )
+    wait_until_trial_zero_trains(root)
     sbatch("-p", "urgent", "-N2", "-c2", "-J", "urgent", "-o", "/dev/null", "--wrap", "sleep 2")
     trials = wait_sweep(root, array_of(root), 2)
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
