@@ -48,7 +48,7 @@ def write_csv(root: Path, study, spec) -> Path:
     with open(path, "w", newline="") as fh:
         out = csv.writer(fh)
         out.writerow(
-            ["number", "state", *keys, spec.metric, "last_step", "pruned_at", "duration_s", "run_dir"]
+            ["number", "state", *keys, spec.metric, "value_step", "last_step", "pruned_at", "duration_s", "run_dir"]
         )
         for t in study.get_trials(deepcopy=False):
             last = max(t.intermediate_values) if t.intermediate_values else ""
@@ -63,6 +63,7 @@ def write_csv(root: Path, study, spec) -> Path:
                     t.state.name,
                     *[t.params.get(k, "") for k in keys],
                     "" if t.value is None else t.value,
+                    t.user_attrs.get("value_step", ""),
                     last,
                     last if t.state == TrialState.PRUNED else "",
                     took,
