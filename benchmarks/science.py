@@ -129,6 +129,7 @@ METHOD_CHANGES = {  # name: (changes to the zoo protocol, note)
         ("schedule.name=plateau", "schedule.patience=1", "train.val_every_steps={half_epoch}"),
         "plateau: halve the rate after 1 validation (every half epoch) without a lower val loss",
     ),
+    "seed1": (("seed=1",), "no change but the seed (weights, data order): the spread between seeds"),
 }
 METHODS = [
     Experiment(
