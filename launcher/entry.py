@@ -89,10 +89,13 @@ class TrainTask:
     """The picklable callable one SLURM task (or one local process) runs: it carries the run directory,
     and trains from the ``config.yaml`` there."""
 
-    def __init__(self, run_dir: str | Path, *, max_requeues: int, name: str) -> None:
+    def __init__(self, run_dir: str | Path, *, max_requeues: int, name: str, restart_offset: int = 0) -> None:
+        """``restart_offset``: the job's SLURM restart count when it started this run. A sweep worker's array
+        task runs many trials, and each trial counts (and records) only the requeues since it began."""
         self.run_dir = str(run_dir)
         self.max_requeues = max_requeues
         self.name = name
+        self.restart_offset = restart_offset
 
     def __call__(self) -> dict:
         early = PreemptionFlag().install()  # until training installs its own
@@ -106,7 +109,7 @@ class TrainTask:
             os.environ.setdefault("LENSTRAIN_JOB_ID", os.environ["SLURM_JOB_ID"])
         rank = int(os.environ.get("RANK", "0"))
         job_id = os.environ.get("LENSTRAIN_JOB_ID", f"local-{os.getpid()}")
-        restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        restart = int(os.environ.get("SLURM_RESTART_COUNT", "0")) - self.restart_offset
         run_dir = Path(self.run_dir)
         _set_threads()
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from lenstrain.config import ConfigError, LenstrainConfig, dump_config, load_config
 from lenstrain.rundir import RunDir, write_atomic
@@ -50,7 +52,19 @@ def _train(args) -> int:
         return spawn_local(["train", str(run.config), "--run-dir", str(run.root)], args.nproc)
     from lenstrain.train import run_training
 
-    return run_training(config, run.root)
+    code = run_training(config, run.root)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        leave_rank(code)
+    return code
+
+
+def leave_rank(code: int) -> NoReturn:
+    """End one rank of a ``--nproc`` run once training has closed its files and the process group: gloo may
+    abort at interpreter exit ("terminate called without an active exception"), which would turn a finished
+    rank into a failed one, so the rank leaves without the C++ teardown."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def _command(module: str, function: str):

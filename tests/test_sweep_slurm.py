@@ -236,12 +236,16 @@ def test_a_two_node_trial_trains_on_both_nodes_and_survives_preemption(cluster, 
     trials = wait_sweep(root, array_of(root), 2)
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
     assert len({t.user_attrs["owner"]["job"] for t in trials}) == 1  # one array task ran both, in turn
-    outcomes = {}
+    outcomes, restarts = {}, {}
     for trial in trials:
         (job,) = runs.read_jobs(root / f"trial-{trial.number:04d}")["jobs"]
         assert all(a["world_size"] == 2 and a["nodes"] == "n[1-2]" for a in job["attempts"]), job
         outcomes[trial.number] = [a["outcome"] for a in job["attempts"]]
+        restarts[trial.number] = (job["requeues"], [a["restart_count"] for a in job["attempts"]])
     assert outcomes == {0: ["requeued", "completed"], 1: ["completed"]}
+    # Trial 1 began on the array task's second attempt, and counts only its own requeues (none) against
+    # resources.max_requeues: a worker's preemptions in one trial do not use up the next trial's.
+    assert restarts == {0: (1, [0, 1]), 1: (0, [0])}
     assert sorted(trials[0].intermediate_values) == [10, 20, 30, 40]
     job = root / "trial-0000" / "job.yaml"
     assert cli("submit", job, "--local", "--nproc", "2", "--runs-dir", tmp_path / "ref", "--name", "ref") == 0

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -47,6 +47,9 @@ from lenstrain import hooks
 from lenstrain.checkpoint import read_meta
 from lenstrain.preemption import EXIT_REQUEUE, PreemptionFlag
 from lenstrain.rundir import JOB_FILE
+
+if TYPE_CHECKING:
+    from launcher.entry import TrainTask
 
 POLL_S = 2.0  # how often a worker with nothing to claim looks again (others' trials may fail and come back)
 
@@ -103,10 +106,32 @@ def prepare_run(sweep_root: Path, job: dict, trial: FrozenTrial, owner: dict) ->
             if owner["kind"] == "slurm"
             else {"host": owner["host"], "pid": owner["pid"]}
         )
+        restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         runs.add_job(
-            run_dir, job_id, kind=owner["kind"], state="RUNNING", sweep_worker=owner.get("worker"), **info
+            run_dir,
+            job_id,
+            kind=owner["kind"],
+            state="RUNNING",
+            sweep_worker=owner.get("worker"),
+            restart_offset=restart,
+            **info,
         )
     return run_dir
+
+
+def trial_task(run_dir: Path, job: dict) -> TrainTask:
+    """The trial's training task, counting only the requeues of its array task since this trial began there
+    (the array task's own restart count grows with every trial it runs)."""
+    from launcher.entry import TrainTask
+
+    job_id = os.environ.get("LENSTRAIN_JOB_ID") or os.environ.get("SLURM_JOB_ID", "")
+    entry = runs.find_job(runs.read_jobs(run_dir), job_id) or {}
+    return TrainTask(
+        run_dir,
+        max_requeues=job["resources"]["max_requeues"],
+        name=run_dir.name,
+        restart_offset=int(entry.get("restart_offset", 0)),
+    )
 
 
 def trial_value(run_dir: Path, metric: str) -> tuple[float | None, int | None]:
@@ -169,7 +194,7 @@ def run_trial(
     or prepared), the trial is handed back untouched and the worker stops; training installs its own
     handlers, and the worker's go back in as soon as it returns. ``orders``: a multi-task trial's channel to its
     other tasks, which then train the trial with this one (:mod:`launcher.sweep.orders`)."""
-    from launcher.entry import TrainingFailed, TrainTask
+    from launcher.entry import TrainingFailed
 
     run_dir = prepare_run(sweep_root, job, trial, owner)
     again = " (resuming)" if runs.newest_checkpoint(run_dir) else ""
@@ -182,7 +207,7 @@ def run_trial(
         orders.give(TRAIN, trial.number)
     reporter = Reporter(study, trial, spec.metric)
     hooks.install(reporter, hparams={**trial.params, "trial": trial.number})
-    task = TrainTask(run_dir, max_requeues=job["resources"]["max_requeues"], name=run_dir.name)
+    task = trial_task(run_dir, job)
     try:
         code = task()["exit"]
     except TrainingFailed as exc:
@@ -283,7 +308,6 @@ def follow(root: Path, job: dict, orders: Orders, flag: PreemptionFlag) -> dict[
     its run. The leader alone talks to the study. A signal between trials is the leader's to act on (it
     requeues the array task, and SLURM ends this task with it: every task runs under --kill-on-bad-exit);
     a leader silent for ``parallel.timeout_s`` ends this task as a lost peer."""
-    from launcher.entry import TrainTask
     from launcher.recovery import EXIT_RANK_LOST
 
     trained = 0
@@ -296,7 +320,7 @@ def follow(root: Path, job: dict, orders: Orders, flag: PreemptionFlag) -> dict[
         if order["order"] == ORDER_DONE:
             return {"sweep": str(root), "followed": trained}
         run_dir = SweepDir(root).trial(order["trial"])
-        task = TrainTask(run_dir, max_requeues=job["resources"]["max_requeues"], name=run_dir.name)
+        task = trial_task(run_dir, job)
         try:
             task()
         except Exception as exc:  # noqa: BLE001 - the leader tells the study how this trial ended
