@@ -138,7 +138,7 @@ class TrainTask:
                 runs.record_end(run_dir, job_id, state="COMPLETED", outcome="completed", exit=0, step=step)
                 _say(f"training complete at step {step}")
             if slurm:
-                atexit.register(_exit_clean_after_result)
+                atexit.register(exit_clean_after_result)
             return {"run_dir": self.run_dir, "step": step, "exit": 0}
         if code == EXIT_PRUNED:  # a sweep's pruner stopped the run after a checkpoint (lenstrain.hooks)
             if rank == 0:
@@ -232,7 +232,7 @@ def _wait_for_rank0(run_dir: Path, job_id: str, restart: int, timeout_s: float =
         time.sleep(0.1)
 
 
-def _exit_clean_after_result() -> None:
+def exit_clean_after_result() -> None:
     """After submitit has written the result pickle, leave without running C++ teardown.
 
     gloo sometimes aborts at interpreter exit ("terminate called without an active exception"),

@@ -17,6 +17,7 @@ trial trains as one multi-rank run.
 from __future__ import annotations
 
 import argparse
+import atexit
 import math
 import os
 import subprocess
@@ -263,6 +264,10 @@ class SweepWorker:
     def __call__(self, index: int = 0) -> dict[str, Any]:
         root = Path(self.sweep_dir)
         spec, job = read_sweep_dir(root)
+        if "SLURM_JOB_ID" in os.environ:  # after the last trial (even a pruned one), leave as a run's task does
+            from launcher.entry import exit_clean_after_result
+
+            atexit.register(exit_clean_after_result)
         orders = Orders.for_this_task(root) if task_count() > 1 else None
         flag = PreemptionFlag().install()  # training installs its own while a trial runs
         if orders is not None and task_rank() > 0:
