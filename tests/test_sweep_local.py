@@ -249,3 +249,14 @@ def test_a_cancelled_sweep_resumes_its_stopped_trials_under_their_numbers(tmp_pa
     check_resumed(root, stopped, started, steps, trials=3)
     for number in started:
         assert f"trial {number} (resuming)" in out
+
+
+def test_local_workers_get_one_gpu_each_round_robin(monkeypatch):
+    from launcher import local
+    from launcher.sweep.submit import worker_gpus
+
+    assert worker_gpus(3) == [None, None, None]  # this machine: no GPU, nothing to pin
+    # No CUDA here: local_devices is made to report GPUs, the one thing this test cannot have for real.
+    monkeypatch.setattr(local, "local_devices", lambda: ("cuda", 2))
+    assert worker_gpus(3, {}) == ["0", "1", "0"]
+    assert worker_gpus(3, {"CUDA_VISIBLE_DEVICES": "4, 6"}) == ["4", "6", "4"]

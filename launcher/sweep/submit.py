@@ -247,7 +247,20 @@ def submit_array(root: Path, spec: SweepSpec, job: JobSpec, profile: ClusterProf
 # ------------------------------------------------------------------------------------ local workers
 
 
-def start_worker(root: Path, index: int, env: dict, ranks: local.Ranks) -> None:
+def worker_gpus(n: int, environ: dict | None = None) -> list[str | None]:
+    """The GPU each of ``n`` local workers gets (its ``CUDA_VISIBLE_DEVICES``), round robin over the GPUs this
+    process may use; None for each on a machine without GPUs."""
+    kind, count = local.local_devices()
+    if kind != "cuda" or count == 0:
+        return [None] * n
+    visible = (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES")
+    ids = [i.strip() for i in visible.split(",") if i.strip()] if visible else [str(i) for i in range(count)]
+    return [ids[k % len(ids)] for k in range(n)]
+
+
+def start_worker(root: Path, index: int, env: dict, ranks: local.Ranks, gpu: str | None = None) -> None:
+    if gpu is not None:  # one GPU per worker: each trial's single process sees its own as cuda:0
+        env = {**env, "CUDA_VISIBLE_DEVICES": gpu}
     log_dir = root / LOGS_DIR
     log_dir.mkdir(exist_ok=True)
     log = open(log_dir / f"worker-{index}.log", "a")  # noqa: SIM115 - closed by Ranks.close
@@ -289,14 +302,17 @@ def run_local_workers(root: Path, spec: SweepSpec) -> int:
         flush=True,
     )
     ranks = local.Ranks()
+    gpus = worker_gpus(n)
+    if gpus[0] is not None:
+        print(f"[launcher] one GPU per worker: {', '.join(f'worker {k} -> GPU {g}' for k, g in enumerate(gpus))}")
     for index in range(n):
-        start_worker(root, index, env, ranks)
+        start_worker(root, index, env, ranks, gpus[index])
     previous = {
         sig: signal.signal(sig, local._forwarder(ranks))
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
     }
     try:
-        code = supervise(root, spec, env, ranks, job_id)
+        code = supervise(root, spec, env, ranks, job_id, gpus)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -316,8 +332,11 @@ def run_local_workers(root: Path, spec: SweepSpec) -> int:
     return 0 if done else (code or EXIT_REQUEUE)
 
 
-def supervise(root: Path, spec: SweepSpec, env: dict, ranks: local.Ranks, job_id: str) -> int:
-    """Wait for the workers; reap and replace one that died. Returns the first abnormal status (0: none)."""
+def supervise(
+    root: Path, spec: SweepSpec, env: dict, ranks: local.Ranks, job_id: str, gpus: list[str | None]
+) -> int:
+    """Wait for the workers; reap and replace one that died (on its GPU). Returns the first abnormal status
+    (0: none). ``gpus`` grows with the workers: the GPU of each."""
     from launcher.sweep.study import ask_lock
 
     runs.record_start(root, job_id, restart_count=0, host=socket.gethostname())
@@ -347,7 +366,8 @@ def supervise(root: Path, spec: SweepSpec, env: dict, ranks: local.Ranks, job_id
                 and not stopping(ranks)
             ):
                 replaced += 1
-                start_worker(root, len(ranks.children), env, ranks)
+                gpus.append(gpus[i])
+                start_worker(root, len(ranks.children), env, ranks, gpus[i])
         if all(c.poll() is not None for c in ranks.children) and len(seen) == len(ranks.children):
             return first_bad
         time.sleep(0.2)
