@@ -127,7 +127,7 @@ METHOD_CHANGES = {  # name: (changes to the zoo protocol, note)
     "onecycle": (("schedule.name=onecycle",), "one-cycle (peak 1e-3, 30% rising) instead of cosine"),
     "plateau": (
         ("schedule.name=plateau", "schedule.patience=1", "train.val_every_steps={half_epoch}"),
-        "plateau: halve the rate after 1 validation (every half epoch) without a lower val loss",
+        "plateau (patience 1): halve the rate after 2 validations in a row (every half epoch) with no lower val loss",
     ),
     "seed1": (("seed=1",), "no change but the seed (weights, data order): the spread between seeds"),
 }
