@@ -73,7 +73,7 @@ DATA: dict[str, DataSet] = {
 }
 
 # The regression zoo and the methods on ResNet-18: one protocol (MSE, Adam, cosine) for every model, each from
-# its own halo-mass job where there is one (else a job of its family with model.name set), and on ResNet-18
+# its own halo-mass job in jobs/ (the methods: jobs/resnet18_halo_mass.yaml), and on ResNet-18
 # one change to that protocol at a time. CPU size: 3 epochs of the 4,500 halo-euclid training images.
 def _zoo_sets(full: bool, *changes: str) -> tuple[str, ...]:
     protocol = {
@@ -101,10 +101,10 @@ ZOO_MODELS = {  # model: (job, extra --set overrides)
     "attention_unet": ("attention_unet_halo_mass", ()),
     "residual_attention_56": ("residual_attention_halo_mass", ()),
     "resnet18": ("resnet18_halo_mass", ()),
-    "resnet34": ("resnet18_halo_mass", ("model.name=resnet34",)),
-    "resnet50": ("resnet18_halo_mass", ("model.name=resnet50",)),
-    "alternet_18": ("resnet18_halo_mass", ("model.name=alternet_18",)),
-    "xresnet_alternet_18": ("xresnet_alternet_halo_mass", ("model.name=xresnet_alternet_18",)),
+    "resnet34": ("resnet34_halo_mass", ()),
+    "resnet50": ("resnet50_halo_mass", ()),
+    "alternet_18": ("alternet18_halo_mass", ()),
+    "xresnet_alternet_18": ("xresnet_alternet18_halo_mass", ()),
     "efficientnetv2_s": ("efficientnetv2_halo_mass", ()),
 }
 ZOO = [
