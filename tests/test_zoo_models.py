@@ -93,7 +93,9 @@ def test_steerable_nearly_invariant_at_45_degrees(steerable, size, record_proper
         err = _rel_err(model(xr), model(x))
     print(f"{name} @ {size}px: relative output error under a 45 degree rotation: {err:.3g}")
     record_property(f"{name}_{size}_rot45_rel_err", err)
-    assert err < 0.1  # measured: C8 about 0.03, D8 about 0.07 (150 and 64 px)
+    # Measured: C8 0.03, D8 0.05-0.10 from run to run (0.101 once on a fresh clone); a ResNet-18 treated the
+    # same way gives 0.49, so the bound still tells an equivariant model from one that is not.
+    assert err < 0.15
 
 
 def test_steerable_group_norm_keeps_invariance():
