@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import fcntl
 import os
+import time
 
 import pytest
 import torch
@@ -19,7 +21,28 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def slurm_cluster():
     """The real devcluster, up for the whole session; SLURM_CONF points at it. Fails (never skips) if
-    ``slurm/devcluster up`` fails."""
+    ``slurm/devcluster up`` fails.
+
+    The devcluster uses fixed ports and /etc/hosts entries, so two test runs on one machine take turns: the
+    second waits here (up to 40 minutes) for the first to bring its cluster down."""
+    lock = open("/tmp/lenstrain-slurm-session.lock", "w")  # noqa: SIM115 - held for the whole session
+    deadline = time.monotonic() + 2400
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                lock.close()
+                raise RuntimeError("another test run holds the devcluster (/tmp/lenstrain-slurm-session.lock)") from None
+            time.sleep(2)
+    try:
+        yield from _cluster_session()
+    finally:
+        lock.close()
+
+
+def _cluster_session():
     try:
         cluster = start_cluster()
     except Exception:
