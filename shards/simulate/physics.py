@@ -8,7 +8,8 @@ scenarios.Physics`). Four independent random streams are used:
   by construction;
 * stream 1, the substructure (its mass fraction, masses and positions, the axion mass);
 * stream 2, the pixel noise;
-* stream 3, the lens population (redshifts, scatter of the lensing mass around the halo mass).
+* stream 3, the lens population (redshifts, scatter of the lensing mass around the halo mass);
+* stream 4, the lens galaxy's light (with ``lens_light: shmr``), so images without it are unchanged.
 
 Units: angles in arcsec, masses in solar masses, images in e-/s per pixel (sky subtracted) unless the
 scenario stores them divided by their maximum.
@@ -66,7 +67,7 @@ FIXED_SOURCE_INDEX = 1.0
 FIXED_SOURCE_E = (-0.1, 0.1)  # source ellipticity (e1, e2)
 DEEPLENSE_VORTEX_ELEMENTS = 100  # point masses along a vortex line through the lens centre
 
-STREAM_SHARED, STREAM_SUBSTRUCTURE, STREAM_NOISE, STREAM_POPULATION = 0, 1, 2, 3
+STREAM_SHARED, STREAM_SUBSTRUCTURE, STREAM_NOISE, STREAM_POPULATION, STREAM_LENS_LIGHT = 0, 1, 2, 3, 4
 
 
 # --------------------------------------------------------------------------------------------- scales
@@ -86,21 +87,41 @@ def _distances_mpc(z_lens: float = Z_LENS, z_source: float = Z_SOURCE) -> tuple[
 
 
 @lru_cache(maxsize=1024)
-def theta_e_per_sqrt_msun(z_lens: float = Z_LENS, z_source: float = Z_SOURCE) -> float:
-    """Einstein radius (arcsec) of a point mass of 1 M_sun: theta_E^2 = 4 G M / c^2 * D_ls / (D_l D_s)."""
+def luminosity_distance_mpc(z: float) -> float:
+    return float(_cosmology().luminosity_distance(z).value)
+
+
+@lru_cache(maxsize=1024)
+def theta_e_per_sqrt_msun(
+    z_lens: float = Z_LENS, z_source: float = Z_SOURCE, convention: str = "angular"
+) -> float:
+    """Einstein radius (arcsec) of a point mass of 1 M_sun: theta_E^2 = 4 G M / c^2 * D_ls / (D_l D_s).
+
+    ``convention="angular"`` uses angular-diameter distances (correct); ``"deeplense"`` reproduces
+    DeepLenseSim's ``mass_to_radius``: luminosity distances, with D_ls = D_s - D_l (0.77 times the
+    correct radius at z 0.5 / 1.0).
+    """
     g, c, m_sun, mpc = 6.67430e-11, 299792458.0, 1.988409870698051e30, 3.0856775814913673e22
-    d_l, d_s, d_ls = _distances_mpc(z_lens, z_source)
+    if convention == "deeplense":
+        d_l, d_s = luminosity_distance_mpc(z_lens), luminosity_distance_mpc(z_source)
+        d_ls = d_s - d_l
+    elif convention == "angular":
+        d_l, d_s, d_ls = _distances_mpc(z_lens, z_source)
+    else:
+        raise ValueError(f"unknown Einstein-radius convention {convention!r}; valid: angular, deeplense")
     theta = math.sqrt(4 * g * m_sun / c**2 * d_ls / (d_l * d_s * mpc))
     return theta * 180 / math.pi * 3600
 
 
-def einstein_radius(mass, z_lens: float = Z_LENS, z_source: float = Z_SOURCE) -> np.ndarray | float:
+def einstein_radius(
+    mass, z_lens: float = Z_LENS, z_source: float = Z_SOURCE, convention: str = "angular"
+) -> np.ndarray | float:
     """theta_E (arcsec) of a lens of ``mass`` M_sun at ``z_lens`` for a source at ``z_source``.
 
     The main lens is an SIE whose mass inside the Einstein radius is ``mass`` (DeepLenseSim's
     convention: its "halo mass" of 1e12 M_sun sets theta_E this way). Subhalos use the same relation.
     """
-    return theta_e_per_sqrt_msun(z_lens, z_source) * np.sqrt(mass)
+    return theta_e_per_sqrt_msun(z_lens, z_source, convention) * np.sqrt(mass)
 
 
 def arcsec_per_kpc(z_lens: float = Z_LENS) -> float:
@@ -183,7 +204,7 @@ def _main_lens(phys: Physics, u: np.ndarray, population: np.random.Generator) ->
         "z_source": z_s,
         "halo_mass": log_m,
         "lensing_mass": lensing_mass,
-        "einstein_radius": float(einstein_radius(lensing_mass, z_l, z_s)),
+        "einstein_radius": float(einstein_radius(lensing_mass, z_l, z_s, phys.theta_e_convention)),
         "axis_ratio": q,
         "lens_angle": phi,
         "lens_e1": e1,
@@ -211,6 +232,9 @@ def _source(phys: Physics, inst: Instrument, u: np.ndarray, lens: dict) -> dict:
         s_q, s_phi = _lerp(SOURCE_AXIS_RATIO, u[11]), math.pi * u[12]
         s_e1, s_e2 = _ellipticity(s_phi, s_q)
     s_mag = _lerp(phys.source_mag, u[13])
+    flux = 10 ** (-0.4 * (s_mag - inst.zero_point))  # e-/s
+    if phys.source_amp is not None:  # DeepLenseSim's Model I sets the Sersic amplitude itself
+        flux = phys.source_amp * _sersic_unit_flux(s_radius, s_index)
     return {
         "source_x": sx,
         "source_y": sy,
@@ -221,8 +245,8 @@ def _source(phys: Physics, inst: Instrument, u: np.ndarray, lens: dict) -> dict:
         "source_e1": s_e1,
         "source_e2": s_e2,
         "source_magnitude": s_mag,
-        "source_flux": 10 ** (-0.4 * (s_mag - inst.zero_point)),
-    }  # e-/s
+        "source_flux": flux,
+    }
 
 
 def draw_params(config: SimConfig, index: int) -> dict:
@@ -242,7 +266,8 @@ def draw_params(config: SimConfig, index: int) -> dict:
     # the ring size and the mean magnification) does not depend on the class. "added": DeepLenseSim's
     # construction, the substructure on top of an unchanged main lens.
     sie_mass = lens["lensing_mass"] * (1.0 - fraction if phys.substructure_mass == "taken" else 1.0)
-    sie_theta_e = float(einstein_radius(sie_mass, lens["z_lens"], lens["z_source"]))
+    sie_theta_e = float(einstein_radius(sie_mass, lens["z_lens"], lens["z_source"], phys.theta_e_convention))
+    light = _lens_light(config, index, lens)
     return {
         "index": index,
         "seed": config.seed,
@@ -253,7 +278,9 @@ def draw_params(config: SimConfig, index: int) -> dict:
         "psf_fwhm": inst.psf_fwhm,
         **lens,
         "sie_einstein_radius": sie_theta_e,
+        "theta_e_convention": phys.theta_e_convention,
         **source,
+        **light,
         "exposure": exposure,
         "substructure": SUBSTRUCTURE_CLASSES.index(cls),
         "substructure_name": cls,
@@ -267,6 +294,21 @@ def draw_params(config: SimConfig, index: int) -> dict:
         "subhalo_mass": sub.mass,
         "subhalo_sigma": sub.sigma,
     }
+
+
+def _lens_light(config: SimConfig, index: int, lens: dict) -> dict:
+    """The lens galaxy's light (``lens_light: shmr``), from its own random stream; {} without it."""
+    if config.physics.lens_light == "none":
+        return {}
+    from shards.simulate.light import draw_lens_light
+
+    return draw_lens_light(
+        lens,
+        _rng(config, index, STREAM_LENS_LIGHT),
+        luminosity_distance_mpc=luminosity_distance_mpc(lens["z_lens"]),
+        arcsec_per_kpc=arcsec_per_kpc(lens["z_lens"]),
+        zero_point=config.instrument.zero_point,
+    )
 
 
 def _annulus(rng: np.random.Generator, n: int, theta_e: float, cx: float, cy: float):
@@ -413,7 +455,12 @@ def lenstronomy_kwargs(params: dict) -> tuple[list[str], list[dict], list[str], 
         },
     ]
     profile = params["subhalo_profile"]
-    theta = einstein_radius(np.asarray(params["subhalo_mass"]), params["z_lens"], params["z_source"])
+    theta = einstein_radius(
+        np.asarray(params["subhalo_mass"]),
+        params["z_lens"],
+        params["z_source"],
+        params.get("theta_e_convention", "angular"),
+    )
     if profile == "POINT_MASS":
         for x, y, t in zip(params["subhalo_x"], params["subhalo_y"], theta.tolist(), strict=True):
             lens_models.append("POINT_MASS")
@@ -439,6 +486,24 @@ def lenstronomy_kwargs(params: dict) -> tuple[list[str], list[dict], list[str], 
     return lens_models, kwargs_lens, ["SERSIC_ELLIPSE"], kwargs_source
 
 
+def lens_light_kwargs(params: dict) -> tuple[list[str], list[dict]]:
+    """The lenstronomy lens-light models and keyword arguments of a sample (none without lens light)."""
+    if "lens_light_flux" not in params:
+        return [], []
+    r, n = params["lens_reff"], params["lens_light_index"]
+    return ["SERSIC_ELLIPSE"], [
+        {
+            "amp": params["lens_light_flux"] / _sersic_unit_flux(r, n),
+            "R_sersic": r,
+            "n_sersic": n,
+            "e1": params["lens_light_e1"],
+            "e2": params["lens_light_e2"],
+            "center_x": params["lens_x"],
+            "center_y": params["lens_y"],
+        }
+    ]
+
+
 def _sersic_unit_flux(r_sersic: float, n: float) -> float:
     """Total flux of lenstronomy's SERSIC_ELLIPSE with amp=1 (its amp is the surface brightness at R_sersic)."""
     from scipy.special import gamma as gamma_fn
@@ -457,21 +522,25 @@ _MODEL_CACHE: OrderedDict = OrderedDict()
 _MODEL_CACHE_SIZE = 128
 
 
-def image_model(instrument: Instrument, lens_models: list[str], source_models: list[str]):
+def image_model(
+    instrument: Instrument, lens_models: list[str], source_models: list[str], light_models: tuple[str, ...] = ()
+):
     """A lenstronomy ImageModel for this grid and these profiles, built once per process and reused."""
-    key = (instrument, tuple(lens_models), tuple(source_models))
+    key = (instrument, tuple(lens_models), tuple(source_models), tuple(light_models))
     model = _MODEL_CACHE.get(key)
     if model is not None:
         _MODEL_CACHE.move_to_end(key)
         return model
-    model = build_image_model(instrument, lens_models, source_models)
+    model = build_image_model(instrument, lens_models, source_models, light_models)
     _MODEL_CACHE[key] = model
     if len(_MODEL_CACHE) > _MODEL_CACHE_SIZE:
         _MODEL_CACHE.popitem(last=False)
     return model
 
 
-def build_image_model(instrument: Instrument, lens_models: list[str], source_models: list[str]):
+def build_image_model(
+    instrument: Instrument, lens_models: list[str], source_models: list[str], light_models=()
+):
     from lenstronomy.Data.imaging_data import ImageData
     from lenstronomy.Data.psf import PSF
     from lenstronomy.ImSim.image_model import ImageModel
@@ -492,6 +561,7 @@ def build_image_model(instrument: Instrument, lens_models: list[str], source_mod
         psf,
         lens_model_class=LensModel(lens_models),
         source_model_class=LightModel(source_models),
+        lens_light_model_class=LightModel(list(light_models)) if light_models else None,
         kwargs_numerics={"supersampling_factor": 1, "supersampling_convolution": False},
     )
 
@@ -508,8 +578,11 @@ def noise_sigma(clean: np.ndarray, instrument: Instrument, exposure: float) -> n
 def render_clean(config: SimConfig, params: dict) -> np.ndarray:
     """The noise-free image (H, W) in e-/s per pixel, float64."""
     lens_models, kwargs_lens, source_models, kwargs_source = lenstronomy_kwargs(params)
-    model = image_model(config.instrument, lens_models, source_models)
-    return model.image(kwargs_lens=kwargs_lens, kwargs_source=kwargs_source)
+    light_models, kwargs_light = lens_light_kwargs(params)
+    model = image_model(config.instrument, lens_models, source_models, tuple(light_models))
+    if not light_models:
+        return model.image(kwargs_lens=kwargs_lens, kwargs_source=kwargs_source)
+    return model.image(kwargs_lens=kwargs_lens, kwargs_source=kwargs_source, kwargs_lens_light=kwargs_light)
 
 
 def render(config: SimConfig, params: dict) -> np.ndarray:
@@ -521,10 +594,28 @@ def render(config: SimConfig, params: dict) -> np.ndarray:
     clean = render_clean(config, params).astype(np.float32)
     seq = np.random.SeedSequence([config.seed, config.task_code, params["index"], STREAM_NOISE])
     rng = np.random.Generator(np.random.SFC64(seq))
+    recipe = config.physics.noise
+    if recipe == "none":  # DeepLenseSim's Model II/III: the noise-free model, doubled
+        return (clean + clean if config.physics.double else clean)[None]
+    if recipe == "deeplense1":
+        return _deeplense1_noise(clean, params["exposure"], rng)[None]
     noise = rng.standard_normal(clean.shape, dtype=np.float32)
     noise *= noise_sigma(clean, config.instrument, params["exposure"])
     noise += clean
     return noise[None]
+
+
+DEEPLENSE1_BACKGROUND_RMS = 0.01
+
+
+def _deeplense1_noise(clean: np.ndarray, exposure: float, rng: np.random.Generator) -> np.ndarray:
+    """DeepLenseSim's Model I recipe (``simple_sim``), noise applied twice: Gaussian Poisson noise of
+    sqrt(|I| / t) and a background of rms 0.01, both scaled to counts by the exposure t, then Poisson
+    counts drawn from the (clipped) noisy image. Returns counts, as their files hold them."""
+    poisson = rng.standard_normal(clean.shape) * np.sqrt(np.abs(clean) / exposure)
+    background = rng.standard_normal(clean.shape) * DEEPLENSE1_BACKGROUND_RMS
+    counts = exposure * (clean + poisson + background)
+    return rng.poisson(np.clip(counts, 0, None)).astype(np.float32)
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,13 @@ class Physics:
         "taken"  # "taken" from the main lens (class-independent total), or "added" on top
     )
     scaling: str = "none"  # "max": each stored image divided by its maximum, as DeepLense's files
+    lens_light: str = "none"  # "shmr": the lens galaxy's light, tied to the halo (see shards/simulate/light.py)
+    fidelity: str = "physical"  # "replica": DeepLenseSim's own conventions (deeplense presets only)
+    # Set by the replica fidelity, not options of their own:
+    theta_e_convention: str = "angular"  # "deeplense": luminosity distances with D_ls = D_s - D_l
+    noise: str = "ccd"  # "ccd": Poisson + sky + read noise; "deeplense1": Model I's recipe; "none"
+    source_amp: float | None = None  # the Sersic amplitude itself (Model I's amp 20) instead of a magnitude
+    double: bool = False  # the stored image is image + image, as DeepLenseSim's Model II/III
 
     def as_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
@@ -120,6 +127,20 @@ KNOBS: dict[str, Knob] = {
     ),
     "scaling": Knob(
         "choice", choices=("none", "max"), help="stored images: e-/s, or divided by their maximum"
+    ),
+    "lens_light": Knob(
+        "choice",
+        choices=("none", "shmr"),
+        help="the lens galaxy's light: none, or a Sersic (n~4) whose stellar mass follows the halo "
+        "(Moster+2013 stellar-to-halo-mass relation), size a mass-size relation and magnitude the "
+        "luminosity distance (default shmr for halo_mass on the realistic presets, none elsewhere)",
+    ),
+    "fidelity": Knob(
+        "choice",
+        choices=("physical", "replica"),
+        help="deeplense presets: physical (correct distances, our noise model) or replica (DeepLenseSim "
+        "exactly: its Einstein-radius convention, 3e10 M_sun vortex, Model I's noise recipe, Model II/III "
+        "noise-free and doubled, Model III's 0.08\" HST PSF)",
     ),
 }
 
@@ -220,8 +241,22 @@ PRESETS: dict[str, Preset] = {
     },
 }
 
-# The realistic halo_mass task breaks the one-to-one map from mass to ring size the way real lenses do.
-REALISTIC_HALO_MASS = {"z_lens": (0.4, 0.7), "z_source": (1.2, 2.5), "mass_scatter": 0.12}
+# The realistic halo_mass task breaks the one-to-one map from mass to ring size the way real lenses do, and
+# shows the lens galaxy's light, which carries information on the halo beyond the ring.
+REALISTIC_HALO_MASS = {"z_lens": (0.4, 0.7), "z_source": (1.2, 2.5), "mass_scatter": 0.2, "lens_light": "shmr"}
+
+# What DeepLenseSim (deeplense/lens.py and the Model_I/II/III scripts) does differently from correct physics:
+# (physics changes, instrument changes), by preset. Every one is tabled in shards/simulate/README.md.
+_REPLICA_COMMON = {"theta_e_convention": "deeplense", "vortex_mass": 3e10}
+REPLICAS: dict[str, tuple[dict, dict]] = {
+    # simple_sim: Sersic amp 20, background rms 0.01, exposure 10^U(3, 3.5) s, Gaussian Poisson noise, then
+    # Poisson counts of the noisy image again.
+    "deeplense1": ({**_REPLICA_COMMON, "noise": "deeplense1", "source_amp": 20.0, "exposure": (1000.0, 3162.3)}, {}),
+    # simple_sim_2 with lenstronomy's Euclid VIS: image_model + image_model, no noise.
+    "deeplense2": ({**_REPLICA_COMMON, "noise": "none", "double": True}, {}),
+    # simple_sim_2 with lenstronomy's HST WFC3/F160W (0.08" Gaussian PSF): no noise, doubled.
+    "deeplense3": ({**_REPLICA_COMMON, "noise": "none", "double": True}, {"psf_fwhm": 0.08}),
+}
 
 
 class UnknownPresetError(ValueError):
@@ -242,7 +277,13 @@ def resolve(
     physics = spec.physics
     if task == "halo_mass" and physics.lens == "drawn":
         physics = dataclasses.replace(physics, **REALISTIC_HALO_MASS)
-    return (
-        get_instrument(spec.instrument, size=size, pixel_scale=pixel_scale),
-        with_overrides(physics, overrides),
-    )
+    instrument = get_instrument(spec.instrument, size=size, pixel_scale=pixel_scale)
+    if overrides.get("fidelity") == "replica":
+        if preset not in REPLICAS:
+            raise KnobError(
+                "--fidelity", f"replica exists for the presets {', '.join(REPLICAS)} only, not {preset!r}"
+            )
+        replica_physics, replica_instrument = REPLICAS[preset]
+        physics = dataclasses.replace(physics, **replica_physics)
+        instrument = dataclasses.replace(instrument, **replica_instrument)
+    return instrument, with_overrides(physics, overrides)
