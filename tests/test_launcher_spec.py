@@ -295,19 +295,20 @@ def test_one_table_maps_subcommands(capsys):
 
 @pytest.fixture(scope="module")
 def simulated_sets(tmp_path_factory):
-    """Small simulated sets of the two tasks the shipped jobs train on."""
+    """Small simulated sets of the tasks the shipped jobs train on."""
     from shards.simulate import simulate
 
     root = tmp_path_factory.mktemp("sim")
     return {task: simulate(task, 48, root / task, instrument="euclid", workers=1) and root / task
-            for task in ("halo_mass", "substructure")}
+            for task in ("halo_mass", "substructure", "axion_mass", "subhalo_fraction")}
 
 
 @pytest.mark.parametrize("job", JOBS, ids=[p.stem for p in JOBS])
 def test_every_shipped_job_validates(job, simulated_sets):
     # The shipped jobs' targets, losses, metrics and model options are checked against a real set of
     # their task; batch 1 lets a small set stand in for a full-size one.
-    shards = simulated_sets["substructure" if "substructure" in job.stem else "halo_mass"]
+    task = next((t for t in ("substructure", "axion_mass", "subhalo_fraction") if t in job.stem), "halo_mass")
+    shards = simulated_sets[task]
     spec, profile = load_job(job, [f"data.shards={shards}", "data.batch_size=1"])
     assert spec.resources.world_size >= 1
     assert profile.name == spec.resources.cluster
