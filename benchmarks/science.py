@@ -90,12 +90,12 @@ DATA: dict[str, DataSet] = {
 
 # The regression zoo and the methods on ResNet-18: one protocol (MSE, Adam, cosine) for every model, each from
 # its own halo-mass job in jobs/ (the methods: jobs/resnet18_halo_mass.yaml), and on ResNet-18
-# one change to that protocol at a time. CPU size: 3 epochs of the 8,000 halo-euclid training images.
+# one change to that protocol at a time. CPU size: 2 epochs of the 8,000 halo-euclid training images.
 def _zoo_sets(full: bool, *changes: str) -> tuple[str, ...]:
     protocol = {
         "data.workers": "8" if full else "1",
         "data.batch_size": "64",
-        "train.epochs": "10" if full else "3",
+        "train.epochs": "10" if full else "2",
         "train.precision": "bf16",
         "train.loss": "mse",
         "optim.name": "adam",
@@ -107,7 +107,7 @@ def _zoo_sets(full: bool, *changes: str) -> tuple[str, ...]:
         "checkpoint.every_steps": "0",
         "checkpoint.best_metric": "null",
     }
-    half_epoch = "350" if full else "62"  # steps
+    half_epoch = "500" if full else "62"  # steps
     protocol.update(change.format(half_epoch=half_epoch).split("=", 1) for change in changes)
     return tuple(f"{key}={value}" for key, value in protocol.items())
 
@@ -258,7 +258,7 @@ TABLES = {
     "halo": "Halo-mass regression on the realistic `euclid` preset with lens light (drawn redshifts, 0.2 dex "
     "lensing-mass scatter), 8,000 training images",
     "zoo": "The regression zoo on the halo-euclid set: MSE, Adam 1e-3 (weight decay 1e-5), cosine after 30 "
-    "warm-up steps, batch 64, bf16, 3 epochs (375 steps; `--full`: 10 epochs of 40,000 images)",
+    "warm-up steps, batch 64, bf16, 2 epochs (250 steps; `--full`: 10 epochs of 40,000 images)",
     "methods": "Methods on ResNet-18: the zoo's protocol with one change at a time (the first row is the zoo's)",
     "axion": "Axion-mass regression on DeepLense replicas (vortex class, log10 m_a in [-24, -22]), 8,000 "
     "training images, 4 epochs; test MAE in dex beside DeepLense's published figures",
