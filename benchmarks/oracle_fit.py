@@ -12,9 +12,10 @@ The fit (:func:`fit_smooth`):
 * 13 non-linear parameters: SIE log theta_E, e1, e2, centre; shear gamma1, gamma2 (its origin tied to the
   lens centre, as the simulator does); Sersic log R, log n, e1, e2, centre. The source amplitude is solved
   linearly at every evaluation (weighted least squares), so it never enters the non-linear search.
-* It starts from the sample's true smooth parameters (``physics.smooth_twin``, with the source amplitude
-  free): allowed for an upper-bound oracle. From there scipy's Levenberg-Marquardt moves every parameter
-  freely, without bounds (the positive ones through their logarithm).
+* Two starts per image: the sample's true smooth parameters (``physics.smooth_twin``, the source amplitude
+  left free), which an upper-bound oracle may know, and a copy of them moved by a random step
+  (:data:`PERTURBATION`); the lower chi^2 is kept. From either, scipy's Levenberg-Marquardt moves every
+  parameter freely, without bounds (the positive ones through their logarithm).
 * Noise: round one weights the pixels with ``physics.noise_sigma`` of the observed image itself; round two,
   started from round one's optimum, with ``noise_sigma`` of the fitted model. The reported chi^2 uses the
   fitted model's sigma, so nothing about the truth enters the score but the starting point and the known
