@@ -12,10 +12,11 @@ The fit (:func:`fit_smooth`):
 * 13 non-linear parameters: SIE log theta_E, e1, e2, centre; shear gamma1, gamma2 (its origin tied to the
   lens centre, as the simulator does); Sersic log R, log n, e1, e2, centre. The source amplitude is solved
   linearly at every evaluation (weighted least squares), so it never enters the non-linear search.
-* Two starts per image: the sample's true smooth parameters (``physics.smooth_twin``, the source amplitude
-  left free), which an upper-bound oracle may know, and a copy of them moved by a random step
-  (:data:`PERTURBATION`); the lower chi^2 is kept. From either, scipy's Levenberg-Marquardt moves every
-  parameter freely, without bounds (the positive ones through their logarithm).
+* It starts from the sample's true smooth parameters (``physics.smooth_twin``, the source amplitude left
+  free), which an upper-bound oracle may know; from there scipy's Levenberg-Marquardt moves every parameter
+  freely, without bounds (the positive ones through their logarithm). ``--starts 2`` adds a start moved
+  from the truth by a random step (:data:`PERTURBATION`) and keeps the lower chi^2: a check that the fit
+  started at the truth is not caught in a local minimum.
 * Noise: round one weights the pixels with ``physics.noise_sigma`` of the observed image itself; round two,
   started from round one's optimum, with ``noise_sigma`` of the fitted model. The reported chi^2 uses the
   fitted model's sigma, so nothing about the truth enters the score but the starting point and the known
@@ -27,6 +28,7 @@ the same images, and ``oracle_fitted.md``)::
 
     python benchmarks/oracle_fit.py --per-class 200 --workers 2
     python benchmarks/oracle_fit.py --per-class 200 --rung deeplense1=100   # fewer images on one rung
+    python benchmarks/oracle_fit.py --per-class 50 --starts 2 --out benchmarks/results/starts2
 """
 
 from __future__ import annotations
@@ -57,16 +59,25 @@ SEED = 7  # the true-smooth oracle's seed: the same images
 LENS_MODELS, SOURCE_MODELS = ["SIE", "SHEAR"], ["SERSIC_ELLIPSE"]
 N_FITTED = 14  # 13 non-linear parameters and the linear source amplitude
 MAX_NFEV = 400  # per round; a round that reaches it keeps its best point so far
-STARTS = 2  # the true smooth parameters, and one perturbed start
+STARTS = 1  # the true smooth parameters; --starts 2 adds a perturbed start (a check of local minima)
 # The perturbed start's step, uniform in +-this on each fit coordinate (see _to_vector): log theta_E, lens e1,
 # e2, centre ("), shear gamma1, gamma2, source log R, log n, e1, e2, centre (").
 PERTURBATION = np.array([0.05, 0.05, 0.05, 0.05, 0.05, 0.03, 0.03, 0.2, 0.2, 0.1, 0.1, 0.1, 0.1])
-METHOD = (
-    "SIE + shear + Sersic source fitted by scipy least_squares (Levenberg-Marquardt, 13 non-linear parameters, "
-    "source amplitude solved linearly) from two starts, the true smooth parameters and a perturbed copy, "
-    "keeping the lower chi^2; two rounds per start: pixels weighted by the noise sigma of the data, then of "
-    "the round-one fit; chi^2 with the fitted model's noise sigma, divided by (pixels - 14)"
-)
+
+
+def _method(starts: int) -> str:
+    begin = (
+        "from the true smooth parameters"
+        if starts == 1
+        else f"from {starts} starts, the true smooth parameters and {starts - 1} perturbed copies, keeping the "
+        "lower chi^2"
+    )
+    return (
+        "SIE + shear + Sersic source fitted by scipy least_squares (Levenberg-Marquardt, 13 non-linear "
+        f"parameters, source amplitude solved linearly) {begin}; two rounds per start: pixels weighted by the "
+        "noise sigma of the data, then of the round-one fit; chi^2 with the fitted model's noise sigma, divided "
+        "by (pixels - 14)"
+    )
 
 
 # --------------------------------------------------------------------------------------------- the fit
@@ -250,7 +261,7 @@ def _rows(rung: str, per_class: int, scores: list[dict], starts: int) -> tuple[d
             }
         )
     rows[0]["fit"] = {
-        "method": METHOD,
+        "method": _method(starts),
         "start": "true smooth parameters" + (f" and {starts - 1} perturbed" if starts > 1 else ""),
         "sigma": "fitted model",
         "cpu_s_per_fit": float(np.mean([s["cpu_s"] for s in scores])),
@@ -359,6 +370,12 @@ def _parser() -> argparse.ArgumentParser:
         help="images per class on one rung (0 skips it); repeatable",
     )
     p.add_argument("--workers", type=int, default=1, help="processes (default 1)")
+    p.add_argument(
+        "--starts",
+        type=int,
+        default=STARTS,
+        help=f"fit starts per image: the truth, then perturbed ones (default {STARTS})",
+    )
     p.add_argument("--out", type=Path, default=RESULTS, help="result folder (default benchmarks/results)")
     return p
 
@@ -376,8 +393,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         counts[name] = int(n)
-    if args.per_class < 0 or args.workers < 1:
-        print("error: --per-class must be >= 0 and --workers >= 1", file=sys.stderr)
+    if args.per_class < 0 or args.workers < 1 or args.starts < 1:
+        print("error: --per-class must be >= 0, --workers and --starts >= 1", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "benchmarks/oracle_fit.py", *(sys.argv[1:] if argv is None else argv)])
@@ -389,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "oracle_fitted.md").write_text(text)
 
     wall = time.perf_counter()
-    ladder(counts, rungs, args.workers, on_rung=write)
+    ladder(counts, rungs, args.workers, on_rung=write, starts=args.starts)
     print(f"[oracle_fit] wrote {args.out} in {time.perf_counter() - wall:.0f} s")
     return 0
 
