@@ -357,6 +357,21 @@ def render_fitted_oracle(rows: list[dict], true_rows: list[dict]) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------- command line
+def _load_rows(path: Path) -> list[dict]:
+    """Rows of an earlier run (an absent file: none); a file that is not a list of rung rows is an error."""
+    if not path.is_file():
+        return []
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(rows, list) or not all(
+        isinstance(r, dict) and isinstance(r.get("rung"), str) for r in rows
+    ):
+        raise ValueError(f"{path}: expected a list of rows, each with a 'rung'")
+    return rows
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -375,6 +390,11 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=STARTS,
         help=f"fit starts per image: the truth, then perturbed ones (default {STARTS})",
+    )
+    p.add_argument(
+        "--keep-other-rungs",
+        action="store_true",
+        help="keep the rows of the rungs this call does not measure from the result files already in --out",
     )
     p.add_argument("--out", type=Path, default=RESULTS, help="result folder (default benchmarks/results)")
     return p
@@ -396,13 +416,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.per_class < 0 or args.workers < 1 or args.starts < 1:
         print("error: --per-class must be >= 0, --workers and --starts >= 1", file=sys.stderr)
         return 2
+    kept: tuple[list[dict], list[dict]] = ([], [])
+    if args.keep_other_rungs:
+        try:
+            kept = (_load_rows(args.out / "oracle_fitted.json"), _load_rows(args.out / "oracle_true.json"))
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     args.out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "benchmarks/oracle_fit.py", *(sys.argv[1:] if argv is None else argv)])
+    order = list(rungs)
+
+    def merged(new: list[dict], old: list[dict]) -> list[dict]:
+        done = {r["rung"] for r in new}
+        rows = [*new, *(r for r in old if r["rung"] not in done)]
+        return sorted(rows, key=lambda r: order.index(r["rung"]) if r["rung"] in order else len(order))
 
     def write(fitted: list[dict], true: list[dict]) -> None:
+        for r in fitted:
+            r.setdefault("command", command)
+        fitted, true = merged(fitted, kept[0]), merged(true, kept[1])
         (args.out / "oracle_fitted.json").write_text(json.dumps(fitted, indent=1) + "\n")
         (args.out / "oracle_true.json").write_text(json.dumps(true, indent=1) + "\n")
-        text = "\n".join([*render_fitted_oracle(fitted, true), f"Command: `{command}`", ""])
+        commands = list(dict.fromkeys(r.get("command", "?") for r in fitted))
+        text = "\n".join([*render_fitted_oracle(fitted, true), *(f"Command: `{c}`" for c in commands), ""])
         (args.out / "oracle_fitted.md").write_text(text)
 
     wall = time.perf_counter()
