@@ -3,6 +3,8 @@ ring-size cue that the true-smooth oracle keeps, on real simulated deeplense2 im
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -76,3 +78,24 @@ def test_unknown_rung_is_a_clear_error(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "--rung 'nowhere=3'" in err and "deeplense2" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_keep_other_rungs_merges_and_names_a_corrupt_file(tmp_path, capsys):
+    other = {"rung": "euclid (realistic)", "cdm": 0.5, "vortex": 0.5, "per_class": 9, "command": "earlier"}
+    (tmp_path / "oracle_fitted.json").write_text(json.dumps([{**other, "median_chi2": MEDIANS, "fit": FIT}]))
+    (tmp_path / "oracle_true.json").write_text(json.dumps([{**other, "median_chi2": MEDIANS}]))
+    args = ["--per-class", "0", "--rung", "deeplense2=1", "--starts", "1", "--out", str(tmp_path)]
+    assert O.main([*args, "--keep-other-rungs"]) == 0
+    fitted = json.loads((tmp_path / "oracle_fitted.json").read_text())
+    assert [r["rung"] for r in fitted] == ["deeplense2", "euclid (realistic)"]  # in the ladder's order
+    assert fitted[0]["per_class"] == 1 and "--rung deeplense2=1" in fitted[0]["command"]
+    md = (tmp_path / "oracle_fitted.md").read_text()
+    assert "Command: `earlier`" in md and "| euclid (realistic) | 9 |" in md
+    (tmp_path / "oracle_true.json").write_text("[{")
+    assert O.main([*args, "--keep-other-rungs"]) == 1
+    assert "oracle_true.json: not readable JSON" in capsys.readouterr().err
+    assert (tmp_path / "oracle_true.json").read_text() == "[{"  # left as it was
+
+
+MEDIANS = {"no_sub": 1.0, "cdm": 1.0, "vortex": 1.0}
+FIT = {"method": "m", "cpu_s_per_fit": 0.1}
