@@ -223,6 +223,13 @@ def _auc(pos, neg) -> float:
     return float((p > n).mean() + 0.5 * (p == n).mean())
 
 
+def _auc_se(auc: float, n_pos: int, n_neg: int) -> float:
+    """Standard error of an AUC from its value and the class sizes (Hanley & McNeil 1982)."""
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc**2) + (n_neg - 1) * (q2 - auc**2)) / (n_pos * n_neg)
+    return math.sqrt(max(var, 0.0))
+
+
 def _score(task: tuple) -> dict:
     """One image of one rung: both oracles' chi^2 and the fit's CPU time (runs in a worker process)."""
     preset, knobs, n, index, starts = task
@@ -251,13 +258,16 @@ def _rows(rung: str, per_class: int, scores: list[dict], starts: int) -> tuple[d
     }
     rows = []
     for k in ("fitted", "true"):
+        auc = {c: _auc(chi2[k][c], chi2[k]["no_sub"]) for c in ("cdm", "vortex")}
         rows.append(
             {
                 "rung": rung,
-                "cdm": _auc(chi2[k]["cdm"], chi2[k]["no_sub"]),
-                "vortex": _auc(chi2[k]["vortex"], chi2[k]["no_sub"]),
+                **auc,
                 "median_chi2": {c: float(np.median(v)) for c, v in chi2[k].items()},
                 "per_class": per_class,
+                "auc_se": {c: _auc_se(a, len(chi2[k][c]), len(chi2[k]["no_sub"])) for c, a in auc.items()},
+                # every image's reduced chi^2 (6 significant digits), in index order within its class
+                "chi2": {c: [float(f"{x:.6g}") for x in v] for c, v in chi2[k].items()},
             }
         )
     rows[0]["fit"] = {
@@ -323,6 +333,11 @@ def fitted_oracle_ladder(
     return ladder(per_class, rungs, workers, starts=starts)[0]
 
 
+def _auc_cell(row: dict, cls: str) -> str:
+    se = row.get("auc_se", {}).get(cls)
+    return f"{row[cls]:.3f}" + (f" ± {se:.3f}" if se is not None else "")
+
+
 def _medians(row: dict) -> str:
     m = row["median_chi2"]
     return f"{m['no_sub']:.3f} / {m['cdm']:.3f} / {m['vortex']:.3f}"
@@ -336,7 +351,8 @@ def render_fitted_oracle(rows: list[dict], true_rows: list[dict]) -> list[str]:
     lines = [
         "### Oracle detectability by rung: fitted smooth model vs true smooth lens (no training)",
         "",
-        "AUC of each image's reduced chi^2, as the score of cdm (or vortex) against no_sub, seed 7. *Fitted*: "
+        "AUC (± its standard error, Hanley & McNeil) of each image's reduced chi^2, as the score of cdm (or "
+        "vortex) against no_sub, seed 7. *Fitted*: "
         "against the best-fitting smooth model: " + rows[0]["fit"]["method"] + ". *True*: "
         "against the sample's own smooth lens (true main lens and source, no substructure), which on the "
         "DeepLense presets also lacks the substructure's added mass.",
@@ -348,7 +364,7 @@ def render_fitted_oracle(rows: list[dict], true_rows: list[dict]) -> list[str]:
     ]
     for r in rows:
         t = true.get(r["rung"])
-        pair = {c: f"{r[c]:.3f} / " + (f"{t[c]:.3f}" if t else "-") for c in ("cdm", "vortex")}
+        pair = {c: f"{_auc_cell(r, c)} / " + (_auc_cell(t, c) if t else "-") for c in ("cdm", "vortex")}
         lines.append(
             f"| {r['rung']} | {r['per_class']} | {pair['cdm']} | {pair['vortex']} "
             f"| {_medians(r)} | {_medians(t) if t else '-'} | {r['fit']['cpu_s_per_fit']:.2f} |"

@@ -70,7 +70,16 @@ def test_ladder_rows_and_table():
     assert f["fit"]["fits"] == 6 and f["fit"]["cpu_s_per_fit"] > 0 and f["fit"]["sigma"] == "fitted model"
     table = O.render_fitted_oracle(fitted, true)
     row = next(line for line in table if line.startswith("| deeplense2 |"))
-    assert f"{f['cdm']:.3f} / {t['cdm']:.3f}" in row and f"{f['vortex']:.3f} / {t['vortex']:.3f}" in row
+    assert f"{f['cdm']:.3f} ± {f['auc_se']['cdm']:.3f} / {t['cdm']:.3f} ± 0.000" in row
+    assert f"{f['vortex']:.3f} ± {f['auc_se']['vortex']:.3f} / {t['vortex']:.3f}" in row
+    assert sorted(f["chi2"]) == ["cdm", "no_sub", "vortex"] and len(f["chi2"]["vortex"]) == 2
+    assert O._auc(f["chi2"]["vortex"], f["chi2"]["no_sub"]) == f["vortex"]  # the AUC can be recomputed
+
+
+def test_auc_standard_error():
+    assert O._auc_se(1.0, 200, 200) == 0.0
+    assert 0.015 < O._auc_se(0.8, 200, 200) < 0.03  # about sqrt(A(1-A)/n) for equal classes
+    assert O._auc_se(0.8, 50, 50) > O._auc_se(0.8, 200, 200)
 
 
 def test_unknown_rung_is_a_clear_error(capsys, tmp_path):
