@@ -72,8 +72,10 @@ def disk_space_note(spec: JobSpec, run_dir: Path) -> str | None:
     shape = tuple(load_manifest(spec.data.shards).image.shape)
     try:
         nbytes = estimate_job_checkpoint_bytes(spec.model.name, spec.model.kwargs, shape)
-    except Exception:  # a model that cannot be built on the meta device: no estimate, no warning
-        return None
+    except RuntimeError as exc:  # NotImplementedError included: some layers cannot be built on the meta device
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        return (f"note: free space for checkpoints not checked: {spec.model.name} cannot be built on the meta "
+                f"device to estimate their size ({type(exc).__name__}: {reason})")
     return free_space_warning(run_dir, nbytes)
 
 

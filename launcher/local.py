@@ -27,16 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher import runs
-from launcher.recovery import EXIT_RANK_LOST
 from launcher.spec import JobSpec
-from lenstrain.preemption import EXIT_CHECKPOINT_FAILED, EXIT_NONFINITE, EXIT_REQUEUE
 from lenstrain.rundir import RunDir
+from shards.exitcodes import EXIT_REQUEUE, MEANINGS
 
 STOP_GRACE_S = 3.0  # survivors of a dead rank get this long to leave on their own, then are killed
 POLL_S = 0.1
-EXIT_MEANINGS = {EXIT_NONFINITE: "a non-finite loss", 1: "an error; its traceback is above",
-                 EXIT_CHECKPOINT_FAILED: "a checkpoint could not be written",
-                 EXIT_RANK_LOST: "a collective failed: another rank died or hung past parallel.timeout_s"}
 
 
 def local_devices() -> tuple[str, int]:
@@ -201,7 +197,7 @@ def wait_ranks(ranks: Ranks) -> tuple[list[int], int | None, int]:
 def describe_exit(code: int) -> str:
     if code < 0:
         return f"was killed by {signal.Signals(-code).name}"
-    meaning = EXIT_MEANINGS.get(code)
+    meaning = MEANINGS.get(code)
     return f"exited with status {code}" + (f" ({meaning})" if meaning else "")
 
 

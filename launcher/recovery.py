@@ -27,8 +27,7 @@ import time
 from pathlib import Path
 
 from launcher import runs
-
-EXIT_RANK_LOST = 45  # a collective failed: another rank died, hung past parallel.timeout_s, or was lost
+from shards.exitcodes import EXIT_RANK_LOST as EXIT_RANK_LOST  # the table with its meaning: shards.exitcodes
 
 # Messages of gloo's transport when a peer is gone or silent (gloo raises a plain RuntimeError).
 _GLOO_PEER_LOST = ("/gloo/transport/", "Connection closed by peer", "Connection reset by peer",

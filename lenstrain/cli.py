@@ -12,6 +12,7 @@ from typing import NoReturn
 from lenstrain.config import ConfigError, LenstrainConfig, dump_config, load_config
 from lenstrain.rundir import RunDir, write_atomic
 from shards.clikit import Command, run_cli
+from shards.exitcodes import EXIT_ERROR
 
 PROG = "lenstrain"
 DESCRIPTION = "Train, evaluate and apply lensing models."
@@ -137,7 +138,7 @@ COMMANDS = (
 
 def _damaged(exc: BaseException) -> int:
     print(f"error: damaged shard set: {exc}\n  check it with: python -m shards verify DIR", file=sys.stderr)
-    return 1
+    return EXIT_ERROR
 
 
 def main(argv: list[str] | None = None) -> int:

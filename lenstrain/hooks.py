@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-EXIT_PRUNED = 46  # the report hook asked the run to stop; a checkpoint was written first
+from shards.exitcodes import EXIT_PRUNED as EXIT_PRUNED  # the table with its meaning: shards.exitcodes
 
 ReportHook = Callable[[int, dict[str, float]], bool]
 

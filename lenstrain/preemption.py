@@ -12,9 +12,11 @@ from __future__ import annotations
 import signal
 import time
 
-EXIT_REQUEUE = 42
-EXIT_NONFINITE = 3
-EXIT_CHECKPOINT_FAILED = 44  # a checkpoint could not be written (full disk, quota, I/O error): no requeue
+# Training's exit statuses, here for their importers; the table with their meanings is shards.exitcodes.
+from shards.exitcodes import EXIT_CHECKPOINT_FAILED as EXIT_CHECKPOINT_FAILED
+from shards.exitcodes import EXIT_NONFINITE as EXIT_NONFINITE
+from shards.exitcodes import EXIT_REQUEUE as EXIT_REQUEUE
+
 DEFAULT_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 

@@ -7,6 +7,7 @@ metric that picks the best checkpoint is one that validation produces.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 
 import torch
@@ -73,8 +74,10 @@ def _model_problems(cfg: LenstrainConfig, task: Task) -> list[Problem]:
         return [("model.kwargs", str(exc))]
     except (TypeError, ValueError) as exc:
         return [("model.kwargs", f"{cfg.model.name}: {exc}")]
-    except Exception:  # noqa: BLE001 - some layers cannot be built on the meta device; training will tell
-        pass
+    except RuntimeError as exc:  # NotImplementedError included: some layers cannot be built on the meta device
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        print(f"note: model.kwargs not checked by building {cfg.model.name} on the meta device "
+              f"({type(exc).__name__}: {reason}); training will check them", file=sys.stderr)
     return []
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from shards.argtypes import positive_int
 from shards.clikit import Command, Group, UsageError, fail, run_cli
+from shards.exitcodes import EXIT_ERROR, EXIT_INTERRUPTED
 from shards.manifest import ManifestError, load_manifest
 from shards.options import PackOptions, add_pack_options
 from shards.pack import BadSample, OutputExistsError, PackResult, check_destination
@@ -181,7 +182,7 @@ def simulate_command() -> Command | None:
 
         def unavailable(args: argparse.Namespace) -> int:
             print(f"error: {message}", file=sys.stderr)
-            return 1
+            return EXIT_ERROR
 
         return Command("simulate", "(unavailable) simulate lensing images", lambda p: None, unavailable,
                        description=message)
@@ -197,12 +198,12 @@ def commands() -> list[Command | Group]:
 
 def _data_error(exc: BaseException) -> int:
     print(f"error: {exc}", file=sys.stderr)
-    return 1
+    return EXIT_ERROR
 
 
 def _interrupted(exc: BaseException) -> int:
     print(f"{PROG}: interrupted", file=sys.stderr)
-    return 130
+    return EXIT_INTERRUPTED
 
 
 ERRORS = {

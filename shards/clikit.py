@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-EXIT_USAGE = 2
+from shards.exitcodes import EXIT_USAGE
 
 Problem = tuple[str, str]  # (dotted path, message)
 

@@ -21,7 +21,7 @@ from shards.labeltable import LabelTableWriter
 from shards.manifest import MANIFEST_NAME, SPLITS, ImageInfo, Manifest, fsync_dir, save_manifest
 from shards.moments import Moments
 from shards.options import PackOptions
-from shards.packstats import PackStatistics
+from shards.packstats import PackStatistics, TargetSpec  # TargetSpec: importers use shards.pack's name
 from shards.progress import progress
 from shards.tarshard import SplitShards, crc32s, encode_image, encode_labels
 
@@ -34,13 +34,6 @@ class BadSample(ValueError):
 
 class OutputExistsError(FileExistsError):
     pass
-
-
-@dataclass(frozen=True)
-class TargetSpec:
-    name: str
-    kind: str  # "regression" | "classification"
-    classes: list[str] | None = None
 
 
 @dataclass

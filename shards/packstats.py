@@ -3,15 +3,20 @@ train split, and class counts per split."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from shards.manifest import Target
 from shards.moments import Moments
 
-if TYPE_CHECKING:
-    from collections.abc import Sequence
 
-    from shards.pack import TargetSpec
+@dataclass(frozen=True)
+class TargetSpec:
+    """A target to pack: its label key, its kind, and a classification target's class names."""
+
+    name: str
+    kind: str  # "regression" | "classification"
+    classes: list[str] | None = None
 
 
 class PackStatistics:

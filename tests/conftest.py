@@ -3,6 +3,7 @@ from __future__ import annotations
 import fcntl
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,86 @@ from tests.slurm_helpers import start_cluster, stop_cluster
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("LENSTRAIN_NO_PROGRESS", "1")
 torch.set_num_threads(1)
+
+EXTENSIONS_DIR = Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"  # DeepSpeed's compiled ops
+
+
+# ------------------------------------------------------------------------------ parallel workers
+
+# The modules of the tests marked ``slurm``; the collection hook below checks that the two agree.
+SLURM_MODULES = frozenset({"test_devcluster.py", "test_launcher_slurm.py", "test_launcher_slurm_deepspeed.py",
+                           "test_sweep_slurm.py"})
+SLURM_GROUP = "slurm"
+
+
+HEAVY = ("slow", "deepspeed", "multiprocess")  # what --quick leaves out
+
+
+def pytest_collection_modifyitems(config, items):
+    """SLURM tests first (the run's longest chain), then the modules with the most heavy tests (so that no
+    worker is left with a long module at the end), each module's tests together and in their own order.
+    SLURM tests may live only in :data:`SLURM_MODULES`."""
+    heavy: dict[str, int] = {}
+    for item in items:
+        heavy[item.nodeid.split("::")[0]] = heavy.get(item.nodeid.split("::")[0], 0) + any(
+            item.get_closest_marker(name) for name in HEAVY)
+    def order(item):
+        slurm = item.get_closest_marker("slurm") is not None
+        return (not slurm, 0 if slurm else -heavy[item.nodeid.split("::")[0]])
+
+    items.sort(key=order)  # stable
+    misplaced = [item.nodeid for item in items
+                 if (item.get_closest_marker("slurm") is not None) != (item.path.name in SLURM_MODULES)]
+    if misplaced:
+        raise pytest.UsageError(f"slurm tests belong in (and only in) {', '.join(sorted(SLURM_MODULES))} of "
+                                f"tests/conftest.py: {', '.join(misplaced[:5])}")
+
+
+@pytest.hookimpl(tryfirst=True)  # before the test's fixtures, which may train with DeepSpeed already
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("deepspeed") is not None:
+        build_deepspeed_ops()
+
+
+_deepspeed_ops_built = False
+
+
+def build_deepspeed_ops() -> None:
+    """DeepSpeed compiles its shared-memory op on its first start in a clone (about 35 s on an idle machine,
+    minutes on a loaded one), into ``.cache/torch_extensions``, which every DeepSpeed test uses. Build it
+    once here, in this process, before the first DeepSpeed test of the worker, rather than inside a test's
+    training subprocess, whose timeout could cut the build short and leave every later test to build again.
+    Once built, a start only checks it (torch's lock makes concurrent workers wait for one build)."""
+    global _deepspeed_ops_built
+    if _deepspeed_ops_built:
+        return
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(EXTENSIONS_DIR)  # every DeepSpeed test and its subprocesses
+    try:
+        from deepspeed.comm.torch import build_shm_op
+    except ImportError:  # the tests skip themselves without DeepSpeed
+        return
+    build_shm_op()
+    _deepspeed_ops_built = True
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook
+def pytest_xdist_make_scheduler(config, log):
+    """How ``pytest -n N`` (``./run test``) shares the tests out, so that workers share nothing:
+
+    - every SLURM test goes to one worker, which runs them all, first, in one devcluster session (the
+      session fixture brings it up once; no other worker touches it), while the others take the rest;
+    - every other module goes to one worker as a whole, so that its module-scoped fixtures (a reference
+      run, a simulated set) are made once, as in a serial run.
+    """
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneDevcluster(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return SLURM_GROUP if module.rpartition("/")[2] in SLURM_MODULES else module
+
+    config.option.loadscopereorder = False  # the collection's order: SLURM first
+    return OneDevcluster(config, log)
 
 
 @pytest.fixture(scope="session")

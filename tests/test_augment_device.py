@@ -76,6 +76,7 @@ def test_auto_is_the_device_on_a_gpu_and_the_workers_on_a_cpu(shards):
     assert augment_place(cfg, torch.device("cpu")) == "device"
 
 
+@pytest.mark.slow  # three training processes
 def test_resume_with_device_augmentation_and_thread_workers_is_bit_identical(tmp_path, ring_shards):
     config = write_config(
         tmp_path / "c.yaml",

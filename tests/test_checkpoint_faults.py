@@ -158,7 +158,8 @@ def train_with_file_size_limit(config, run_dir, limit: int, nproc: int) -> subpr
     return subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300, preexec_fn=limit_files)
 
 
-@pytest.mark.parametrize("nproc", [1, 2], ids=["single", "ddp2"])
+@pytest.mark.slow  # four training processes
+@pytest.mark.parametrize("nproc", [pytest.param(1, id="single"), pytest.param(2, id="ddp2", marks=pytest.mark.multiprocess)])
 def test_a_checkpoint_that_cannot_be_written_exits_cleanly_and_the_run_resumes_exactly(tmp_path, ring_shards, nproc):
     """Rank 0's model.pt passes the limit while rank 1's files do not: every rank must stop, with one line."""
     config = write_config(tmp_path / "c.yaml", ring_shards, checkpoint={"every_steps": 4, "keep": 3, "every_minutes": None})

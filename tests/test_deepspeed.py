@@ -19,7 +19,7 @@ from tests.train_helpers import ROOT, env, lenstrain, train_until_signalled
 
 pytest.importorskip("deepspeed")
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.deepspeed]
 
 
 @pytest.fixture(autouse=True)

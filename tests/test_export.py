@@ -75,6 +75,7 @@ def single_run(tmp_path_factory, ring_shards):
                  checkpoint={"every_steps": 2, "keep": 3})
 
 
+@pytest.mark.slow  # export, predict and a fresh interpreter as subprocesses
 def test_a_single_process_export_predicts_as_the_run_does(tmp_path, single_run, ring_shards):
     out = tmp_path / "export" / "model.safetensors"
     lenstrain("export", single_run, "--out", out, check=True)
@@ -135,6 +136,7 @@ def test_model_json_holds_what_predicting_needs(tmp_path, single_run, ring_shard
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_a_ddp_run_exports_its_replicated_weights(tmp_path, ring_shards):
     run = train(tmp_path, ring_shards, nproc=2, parallel={"strategy": "ddp"}, train={"max_steps": 2},
                 checkpoint={"every_steps": 2})
@@ -145,6 +147,8 @@ def test_a_ddp_run_exports_its_replicated_weights(tmp_path, ring_shards):
 
 
 @pytest.mark.slow
+@pytest.mark.deepspeed
+@pytest.mark.multiprocess
 def test_a_zero3_run_exports_its_consolidated_partitions(tmp_path, ring_shards, monkeypatch):
     pytest.importorskip("deepspeed")
     # DeepSpeed compiles its shared-memory op on first start; keep it across runs (as test_deepspeed does)

@@ -32,6 +32,8 @@ def test_without_a_gpu_it_stops_with_a_clear_error():
 
 
 @pytest.mark.slow
+@pytest.mark.deepspeed
+@pytest.mark.multiprocess
 def test_cpu_smoke_runs_both_backends_compiled_and_appends_a_results_block(tmp_path):
     pytest.importorskip("deepspeed")
     results = tmp_path / "RESULTS.md"

@@ -31,6 +31,7 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
+@pytest.mark.multiprocess
 def test_local_run_resubmit_status_and_logs(capsys, launcher_job, tmp_path):
     job = launcher_job("loc", train={"max_steps": 8})
     runs_dir = tmp_path / "runs"
@@ -96,6 +97,7 @@ def finish(proc: subprocess.Popen, timeout: float = 120) -> str:
             proc.kill()
 
 
+@pytest.mark.multiprocess
 def test_ctrl_c_checkpoints_and_the_same_command_resumes_exactly(capsys, launcher_job, reference, tmp_path):
     job = launcher_job("sig")
     runs_dir = tmp_path / "runs"
@@ -116,6 +118,7 @@ def test_ctrl_c_checkpoints_and_the_same_command_resumes_exactly(capsys, launche
     assert_same_weights(reference, final_weights(runs_dir / "sig"))
 
 
+@pytest.mark.multiprocess
 def test_cancel_stops_a_local_run_after_a_checkpoint(capsys, launcher_job, tmp_path):
     job = launcher_job("stopme")
     runs_dir = tmp_path / "runs"
@@ -143,6 +146,7 @@ def test_cancel_stops_a_local_run_after_a_checkpoint(capsys, launcher_job, tmp_p
     assert code == 0 and "has no active job" in out
 
 
+@pytest.mark.multiprocess
 def test_a_killed_rank_stops_the_others_and_the_printed_resume_finishes_exactly(capsys, launcher_job, reference,
                                                                                 tmp_path):
     job = launcher_job("killed")

@@ -25,7 +25,7 @@ from tests.train_helpers import ROOT
 
 pytest.importorskip("deepspeed")
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.deepspeed]
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -185,6 +185,18 @@ def test_dry_run_local_prints_the_local_plan(capsys, launcher_job, tmp_path):
     assert "#!/bin/bash" not in out
 
 
+def test_checks_that_cannot_run_say_so_in_one_line(capsys, launcher_job, tmp_path):
+    """escnn's layers cannot be built on the meta device: the model build check and the checkpoint-size
+    estimate cannot run, and each says so with the reason instead of passing in silence."""
+    code, out, err = run_cli(capsys, "submit", launcher_job(model={"name": "escnn_c8"}), "--runs-dir",
+                             tmp_path / "runs", "--dry-run", "--local", "--nproc", "1")
+    assert code == 0, err
+    [kwargs_note] = [line for line in err.splitlines() if "model.kwargs not checked" in line]
+    assert "escnn_c8" in kwargs_note and "NotImplementedError" in kwargs_note
+    [space_note] = [line for line in out.splitlines() if "free space for checkpoints not checked" in line]
+    assert "escnn_c8" in space_note and "NotImplementedError" in space_note
+
+
 # ------------------------------------------------------------------------------ no SLURM here
 
 

@@ -24,6 +24,8 @@ N_TEST, BATCH = 400, 32
 # subhalos (notches of 20-50% of the peak on the arcs) far fewer.
 BUDGET = {"vortex": (2000, 8), "cdm": (800, 5)}
 
+pytestmark = pytest.mark.slow  # about a CPU-minute of training by design
+
 
 def _images(preset: str, count: int, first: int, positive: str) -> tuple[np.ndarray, np.ndarray]:
     """``count`` images, no_sub and ``positive`` alternately, with labels 0/1."""

@@ -110,6 +110,7 @@ def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: flo
     raise AssertionError(f"step {step} not reached:\n{proc.communicate()[0]}")
 
 
+@pytest.mark.multiprocess
 def test_a_hung_local_rank_ends_the_run_by_the_collective_timeout(ring_shards, tmp_path):
     job = tmp_path / "hung.yaml"
     sections = {"train": {"max_steps": 400}, "parallel": {"timeout_s": 5}}

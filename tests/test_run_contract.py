@@ -68,6 +68,7 @@ def test_a_local_rank_trains_from_config_yaml(launcher_shards, tmp_path):
     assert "training complete at step 2" in proc.stdout
 
 
+@pytest.mark.multiprocess
 def test_lenstrain_train_writes_config_yaml_and_its_ranks_read_it(ring_shards, tmp_path):
     config = write_config(tmp_path / "c.yaml", ring_shards, train={"max_steps": 40})
     run_dir = tmp_path / "run"

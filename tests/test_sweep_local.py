@@ -43,6 +43,7 @@ def sweep_cli(*argv) -> int:
     return main([str(a) for a in argv])
 
 
+@pytest.mark.multiprocess
 def test_grid_runs_each_combination_exactly_once_with_two_workers(tmp_path, ring_shards):
     base = write_base(tmp_path, ring_shards, steps=4)
     space = {"optim.name": {"choice": ["adam", "adamw"]}, "optim.lr": {"choice": [1.0e-3, 3.0e-3]}}
@@ -56,6 +57,7 @@ def test_grid_runs_each_combination_exactly_once_with_two_workers(tmp_path, ring
     assert len(workers) == 2  # both workers took trials
 
 
+@pytest.mark.multiprocess
 def test_a_diverging_trial_is_pruned_and_keeps_its_checkpoint(tmp_path, ring_shards, capsys):
     base = write_base(tmp_path, ring_shards, steps=12)
     sweep = write_sweep(
@@ -141,6 +143,7 @@ def hparams_of(tb: Path) -> dict:
     raise AssertionError("no hparams in " + str(tb))
 
 
+@pytest.mark.multiprocess
 def test_a_killed_worker_fails_its_trial_which_is_reenqueued(tmp_path, ring_shards):
     base = write_base(tmp_path, ring_shards, steps=60)
     sweep = write_sweep(tmp_path, base, name="killed", trials=2, parallel=1, sampler="random")
@@ -209,6 +212,7 @@ def launcher_run(*argv, timeout: float = 240) -> tuple[int, str]:
     return proc.returncode, out
 
 
+@pytest.mark.multiprocess
 def test_a_cancelled_sweep_resumes_its_stopped_trials_under_their_numbers(tmp_path, ring_shards):
     steps = 60
     base = write_base(tmp_path, ring_shards, steps=steps)

@@ -13,7 +13,8 @@ from tests.factories import assert_same_weights, final_weights, write_config
 from tests.train_helpers import lenstrain, train_until_signalled
 
 
-@pytest.mark.parametrize("nproc", [1, 2], ids=["single", "ddp2"])
+@pytest.mark.slow  # three training processes
+@pytest.mark.parametrize("nproc", [pytest.param(1, id="single"), pytest.param(2, id="ddp2", marks=pytest.mark.multiprocess)])
 def test_signal_and_resume_is_bit_identical(tmp_path, ring_shards, nproc):
     config = write_config(tmp_path / "c.yaml", ring_shards, train={"max_steps": 10})
     straight = tmp_path / "straight"
@@ -30,6 +31,7 @@ def test_signal_and_resume_is_bit_identical(tmp_path, ring_shards, nproc):
     assert_same_weights(final_weights(straight), final_weights(resumed))
 
 
+@pytest.mark.slow  # two training processes
 def test_torn_checkpoints_fall_back_to_the_previous_complete_one(tmp_path, ring_shards):
     config = write_config(tmp_path / "c.yaml", ring_shards, train={"max_steps": 8},
                           checkpoint={"every_steps": 2, "keep": 4, "every_minutes": None})
