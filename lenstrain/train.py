@@ -475,8 +475,11 @@ def finish(run: Run) -> None:
 def write_hparams(run: Run) -> None:
     """TensorBoard hparams with the last validation's metrics (and those the report hook's installer adds)."""
     cfg = run.cfg
-    hparams = {"model": cfg.model.name, "lr": cfg.optim.lr, "optim": cfg.optim.name, "batch": run.stream.global_batch,
-               "precision": resolve_precision(cfg.train.precision, run.info.device), **hooks.extra_hparams()}
+    # One name per parameter, the config's dotted key (a sweep's trial parameters use the same names).
+    hparams = {"model.name": cfg.model.name, "optim.lr": cfg.optim.lr, "optim.name": cfg.optim.name,
+               "schedule.name": cfg.schedule.name, "global_batch": run.stream.global_batch,
+               "train.precision": resolve_precision(cfg.train.precision, run.info.device), "seed": cfg.seed,
+               **hooks.extra_hparams()}
     run.tb.hparams(hparams, run.carried.metrics, run.state.step)
 
 
