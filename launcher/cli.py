@@ -62,7 +62,7 @@ def cancel_args(p: argparse.ArgumentParser) -> None:
 def logs_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run name (or its directory)")
     p.add_argument("--task", type=int, default=0, help="global rank whose log to show (default 0)")
-    p.add_argument("--job", help="job id (default: the newest)")
+    p.add_argument("--job", help="job id (default: the newest training job; a --then steps job by its id)")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing while the job is active")
     p.add_argument("--err", action="store_true", help="only the task's stderr")
     add_runs_dir(p)
@@ -156,7 +156,10 @@ def logs(args) -> int:
     run_dir = runs.find_run(args.run, args.runs_dir)
     use_run_cluster(run_dir)
     data = runs.read_jobs(run_dir)
-    jobs = [j for j in data["jobs"] if args.job is None or j["job_id"] == args.job]
+    if args.job is None:  # the newest training job; --then steps by their id
+        jobs = [j for j in data["jobs"] if not j.get("steps")] or data["jobs"]
+    else:
+        jobs = [j for j in data["jobs"] if j["job_id"] == args.job]
     if not jobs:
         raise UsageError(f"run {run_dir.name} has no job {args.job}" if args.job else f"run {run_dir.name} has no job yet")
     job = jobs[-1]
