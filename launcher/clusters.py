@@ -53,11 +53,11 @@ class ClusterProfile(BaseModel):
     @field_validator("sbatch")
     @classmethod
     def _sbatch(cls, value: dict) -> dict:
-        from launcher.sbatch_options import option_problems
+        from launcher.sbatch_options import option_problems, problems_message
 
         problems = option_problems(value)
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError(problems_message(problems, "sbatch"))
         return value
 
     @field_validator("preempt_signal")

@@ -21,8 +21,8 @@ SBATCH_LONG_OPTIONS = frozenset(["account", "acctg-freq", "array", "batch", "bb"
 
 # Options the launcher writes itself, and why a job may not set them.
 LAUNCHER_OWNED = {
-    "signal": "the launcher sends the profile's preempt_signal resources.signal_delay_s before the time limit "
-              "(set resources.signal_delay_s)",
+    "signal": "the launcher sends the profile's preempt_signal resources.signal_delay_s seconds before the time "
+              "limit, and training checkpoints on it; set resources.signal_delay_s",
     "requeue": "the launcher always submits requeueable jobs; its own requeue logic counts resources.max_requeues",
     "no-requeue": "the launcher requeues preempted and timed-out runs itself (set resources.max_requeues: 0)",
     "array": "the launcher builds job arrays itself (launcher sweep, submit --seeds)",
@@ -151,8 +151,9 @@ def option_problems(options: dict) -> list[str]:
         elif name in TYPED_FIELDS:
             problems.append(f"{key!r} has its own key: set resources.{TYPED_FIELDS[name]}")
         elif name not in SBATCH_LONG_OPTIONS:
-            close = difflib.get_close_matches(name, sorted(SBATCH_LONG_OPTIONS), n=3, cutoff=0.6)
-            hint = f"; did you mean {', '.join(close)}?" if close else "; see `man sbatch` for the long options"
+            usable = sorted(SBATCH_LONG_OPTIONS - set(LAUNCHER_OWNED) - set(TYPED_FIELDS))
+            close = difflib.get_close_matches(name, usable, n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(close)}" if close else "; see `man sbatch` for the long options"
             problems.append(f"{key!r} is not an sbatch option{hint}")
         elif isinstance(value, (dict, list)):
             problems.append(f"{key!r}: the value must be a string, a number, true (a flag) or false/null "
@@ -168,3 +169,9 @@ def option_problems(options: dict) -> list[str]:
 def sbatch_parameters(options: dict) -> dict:
     """``resources.sbatch`` as submitit's ``additional_parameters`` (checked keys, dashes, no false/null)."""
     return {normalise_option(k): v for k, v in options.items() if v is not None and v is not False}
+
+
+def problems_message(problems: list[str], path: str) -> str:
+    """Several problems of one field as one message that prints one line each under ``path``."""
+    return f"\n  {path}: ".join(problems)
+

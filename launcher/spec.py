@@ -29,6 +29,7 @@ from launcher.sbatch_options import (
     check_sbatch_text,
     gres_gpus,
     option_problems,
+    problems_message,
 )
 from lenstrain.config import (
     ConfigError,
@@ -192,7 +193,7 @@ class Resources(Section):
     def _sbatch(cls, value: dict) -> dict:
         problems = option_problems(value)
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError(problems_message(problems, "resources.sbatch"))
         return value
 
     @model_validator(mode="after")
