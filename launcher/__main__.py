@@ -25,6 +25,12 @@ COMMANDS = {
         Command("logs", "print (or --follow) a task's log", cli.logs_args, cli.logs),
         Command("sweep", "run a hyperparameter sweep file as one SLURM job array (or --local); `sweep report SWEEP`",
                 cli.sweep_args, cli.sweep),
+        Command("report", "evaluate every seed of a --seeds run on the test split: mean ± std per metric, a CSV",
+                cli.report_args, cli.report),
+        Command("config", "print a job resolved: base chain merged, --set applied, every default filled in",
+                cli.config_args, cli.config),
+        Command("clusters", "list the cluster profiles, the file each came from, and the default",
+                cli.clusters_args, cli.clusters),
     )
 }
 

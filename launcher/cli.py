@@ -31,6 +31,12 @@ def submit_args(p: argparse.ArgumentParser) -> None:
     add_job_args(p)
     p.add_argument("--profile", action="append_const", dest="set", const="train.profile={}",
                    help="trace steps 6-10 with torch.profiler into RUN/profile/ (train.profile)")
+    p.add_argument("--seeds", metavar="S,S,...",
+                   help="one run per seed (NAME-s0, NAME-s1, ...) as ONE SLURM job array, or in turn with --local; "
+                        "e.g. 0,1,2 or 0-4; then `launcher report NAME`")
+    p.add_argument("--then", metavar="STEPS",
+                   help="steps after training: eval (test split), export (RUN/export/model.safetensors), e.g. "
+                        "eval,export; on SLURM one job that depends on the training (afterok), with --local in turn")
     add_runs_dir(p)
 
 
@@ -56,7 +62,7 @@ def cancel_args(p: argparse.ArgumentParser) -> None:
 def logs_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run name (or its directory)")
     p.add_argument("--task", type=int, default=0, help="global rank whose log to show (default 0)")
-    p.add_argument("--job", help="job id (default: the newest)")
+    p.add_argument("--job", help="job id (default: the newest training job; a --then steps job by its id)")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing while the job is active")
     p.add_argument("--err", action="store_true", help="only the task's stderr")
     add_runs_dir(p)
@@ -70,6 +76,13 @@ def submit(args) -> int:
 
     spec, profile, problems = read_job(args.job, args.set)
     name = args.name or spec.name or args.job.stem
+    if args.seeds is not None:
+        from launcher.seeds import launch_seeds, parse_seeds, plan_seeds
+
+        if args.run_dir is not None:
+            raise UsageError("--seeds names each run NAME-sSEED under --runs-dir; it takes no --run-dir")
+        jobs = plan_seeds(spec, profile, problems, name, parse_seeds(args.seeds), args, job_ref=str(args.job))
+        return launch_seeds(jobs, args.dry_run)
     run_dir = runs.run_dir_for(name, args.run_dir, args.runs_dir)
     return launch(plan(spec, profile, problems, name, run_dir, args, job_ref=str(args.job)), args.dry_run)
 
@@ -143,14 +156,18 @@ def logs(args) -> int:
     run_dir = runs.find_run(args.run, args.runs_dir)
     use_run_cluster(run_dir)
     data = runs.read_jobs(run_dir)
-    jobs = [j for j in data["jobs"] if args.job is None or j["job_id"] == args.job]
+    if args.job is None:  # the newest training job; --then steps by their id
+        jobs = [j for j in data["jobs"] if not j.get("steps")] or data["jobs"]
+    else:
+        jobs = [j for j in data["jobs"] if j["job_id"] == args.job]
     if not jobs:
         raise UsageError(f"run {run_dir.name} has no job {args.job}" if args.job else f"run {run_dir.name} has no job yet")
     job = jobs[-1]
     if job.get("kind") == "local":
         files = [RunDir(run_dir).logs / f"{job['job_id']}_{args.task}.log"]
-    else:
-        base = RunDir(run_dir).submitit / f"{job['job_id']}_{args.task}_log"
+    else:  # a --seeds array keeps every seed's logs in one submitit folder
+        folder = Path(job["submitit_dir"]) if job.get("submitit_dir") else RunDir(run_dir).submitit
+        base = folder / f"{job['job_id']}_{args.task}_log"
         files = [Path(f"{base}.err")] if args.err else [Path(f"{base}.out"), Path(f"{base}.err")]
     existing = [f for f in files if f.is_file()]
     if not existing and not args.follow:
@@ -185,3 +202,84 @@ def logs(args) -> int:
                 return 0
     except KeyboardInterrupt:
         return 0
+
+
+# ------------------------------------------------------------------------------------- clusters
+
+
+def clusters_args(p: argparse.ArgumentParser) -> None:
+    del p  # no options: every profile on the search path
+
+
+def clusters(args) -> int:
+    """Every cluster profile on the search path, with the file it came from; ``*`` marks the default."""
+    from launcher.clusters import (
+        CLUSTERS_ENV,
+        DEFAULT_CLUSTER_ENV,
+        default_cluster,
+        load_profile,
+        profile_files,
+    )
+    from lenstrain.config import ConfigError
+
+    del args
+    found = profile_files()
+    default = default_cluster()
+    print("cluster profiles (first file of a name wins; search order: $" + CLUSTERS_ENV
+          + ", ~/.config/lenstrain/clusters/, slurm/clusters/):")
+    for name, files in found.items():
+        try:
+            p = load_profile(name)
+            what = (f"{p.kind}, partition {p.partition or '(default)'}, "
+                    + (f"{p.gpus_per_node} GPU(s)/node" if p.gpus_per_node else "CPU only")
+                    + (f", at most {p.max_nodes} node(s)" if p.max_nodes else ""))
+        except ConfigError as exc:
+            what = "INVALID: " + str(exc).splitlines()[-1].strip()
+        mark = "*" if name == default else " "
+        print(f"{mark} {name:<16} {runs.display_path(files[0])}  ({what})")
+        for shadowed in files[1:]:
+            print(f"  {'':<16} {runs.display_path(shadowed)}  (shadowed)")
+    if default not in found:
+        print(f"warning: the default profile {default!r} (${DEFAULT_CLUSTER_ENV}) is not among them", file=sys.stderr)
+    print(f"* the default for a job without resources.cluster (${DEFAULT_CLUSTER_ENV}, else devcluster): {default}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------- config
+
+
+def config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", type=Path, help="job YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key, as submit --set does (repeatable)")
+
+
+def config(args) -> int:
+    """The job resolved: its ``base:`` chain merged, ``--set`` applied and every default filled in."""
+    from shards.clikit import format_problems
+
+    spec, _, problems = read_job(args.job, args.set)
+    spec.name = spec.name or args.job.stem
+    print(f"# {args.job} resolved (base: chain merged, --set applied, every default filled in; "
+          f"keys: launcher/docs/config.md)")
+    print(spec.to_yaml().rstrip())
+    if problems:
+        print("\n".join(f"# {line}" for line in format_problems(problems, "warning").splitlines()))
+    return 0
+
+
+# --------------------------------------------------------------------------------------- report
+
+
+def report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="the name given to submit --seeds (its runs are NAME-s0, NAME-s1, ...)")
+    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    p.add_argument("--out", type=Path, default=None, help="CSV to write (default: RUNS_DIR/NAME-seeds.csv)")
+    add_runs_dir(p)
+
+
+def report(args) -> int:
+    from launcher.seeds import report as seed_report
+
+    return seed_report(args.name, args.runs_dir, args.split, args.out)
+

@@ -5,6 +5,11 @@ a node (GPUs, CPUs, memory), how many nodes a job may take, setup lines run befo
 loads, environment), extra ``srun`` arguments and the signal the cluster sends before a time limit.
 A job's ``resources.cluster`` picks one; the job's requests are checked against it before anything
 is submitted.
+
+Profiles are searched in this order, the first file of a name winning: ``$LENSTRAIN_CLUSTERS_DIR`` (one folder,
+or several separated by ``:``), ``~/.config/lenstrain/clusters/`` and the repository's ``slurm/clusters/``.
+``python -m launcher clusters`` lists each with the file it came from. ``LENSTRAIN_CLUSTER`` names the
+profile a job without ``resources.cluster`` uses (default: ``devcluster``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from lenstrain.config import ConfigError, format_validation_error, read_yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLUSTERS_ENV = "LENSTRAIN_CLUSTERS_DIR"
+DEFAULT_CLUSTER_ENV = "LENSTRAIN_CLUSTER"
+FALLBACK_CLUSTER = "devcluster"
+USER_CLUSTERS_DIR = Path("~/.config/lenstrain/clusters")
 # The signals the training loop turns into a collective checkpoint (lenstrain.preemption).
 PREEMPT_SIGNALS = ("USR2", "TERM")
 
@@ -39,6 +47,18 @@ class ClusterProfile(BaseModel):
     setup: list[str] = Field(default_factory=list)
     srun_args: list[str] = Field(default_factory=list)
     preempt_signal: str = "USR2"
+    sbatch: dict[str, str | int | float | bool | None] = Field(
+        default_factory=dict, description="site sbatch options for every job (a job's resources.sbatch overrides)")
+
+    @field_validator("sbatch")
+    @classmethod
+    def _sbatch(cls, value: dict) -> dict:
+        from launcher.sbatch_options import option_problems, problems_message
+
+        problems = option_problems(value)
+        if problems:
+            raise ValueError(problems_message(problems, "sbatch"))
+        return value
 
     @field_validator("preempt_signal")
     @classmethod
@@ -56,21 +76,44 @@ class ClusterProfile(BaseModel):
         return path if path.is_absolute() else REPO_ROOT / path
 
 
-def clusters_dir() -> Path:
-    return Path(os.environ.get(CLUSTERS_ENV) or REPO_ROOT / "slurm" / "clusters")
+def search_path() -> list[Path]:
+    """The folders profiles are read from, first match winning."""
+    folders = [Path(p).expanduser() for p in os.environ.get(CLUSTERS_ENV, "").split(os.pathsep) if p]
+    folders += [USER_CLUSTERS_DIR.expanduser(), REPO_ROOT / "slurm" / "clusters"]
+    return list(dict.fromkeys(folders))
+
+
+def profile_files() -> dict[str, list[Path]]:
+    """Each profile name with its files, in search order (the first one is used; later ones are shadowed)."""
+    found: dict[str, list[Path]] = {}
+    for folder in search_path():
+        if folder.is_dir():
+            for path in sorted(folder.glob("*.yaml")):
+                found.setdefault(path.stem, []).append(path)
+    return dict(sorted(found.items()))
 
 
 def list_profiles() -> list[str]:
-    folder = clusters_dir()
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    return list(profile_files())
+
+
+def default_cluster() -> str:
+    """The profile of a job that names none: ``$LENSTRAIN_CLUSTER``, else ``devcluster``."""
+    return os.environ.get(DEFAULT_CLUSTER_ENV, "").strip() or FALLBACK_CLUSTER
+
+
+def profile_path(name: str) -> Path | None:
+    files = profile_files().get(name)
+    return files[0] if files else None
 
 
 def load_profile(name: str) -> ClusterProfile:
-    path = clusters_dir() / f"{name}.yaml"
-    if not path.is_file():
+    path = profile_path(name)
+    if path is None:
         known = list_profiles()
+        where = ", ".join(str(p) for p in search_path())
         raise ConfigError(
-            f"unknown cluster profile {name!r}; valid choices: {', '.join(known) or '(none in ' + str(clusters_dir()) + ')'}"
+            f"unknown cluster profile {name!r}; valid choices: {', '.join(known) or '(none in ' + where + ')'}"
         )
     data = read_yaml(path, not_a_mapping="a cluster profile must be a mapping")
     data.setdefault("name", name)

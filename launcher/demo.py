@@ -1,8 +1,9 @@
 """The end-to-end demo behind ``./run demo``.
 
 Simulates a small Euclid-like halo-mass shard set, looks at it, trains ``jobs/smoke.yaml`` through the
-launcher (locally by default, on the devcluster with ``--slurm``), evaluates the best checkpoint on
-the test split and compares it with predicting the mean.
+launcher (locally by default, as run ``smoke``; on the devcluster with ``--slurm``, as its own run
+``smoke-slurm``, so that it trains there even after a local demo), evaluates the best checkpoint on the test
+split and compares it with predicting the mean.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from shards.manifest import MANIFEST_NAME
 ROOT = Path(__file__).resolve().parents[1]
 SHARDS = ROOT / "data" / "shards" / "demo-halo-mass"
 RUN = RunDir(ROOT / "runs" / "smoke")
+SLURM_RUN = RunDir(ROOT / "runs" / "smoke-slurm")
 
 
 def step(title: str, *cmd: str, check: bool = True, env: dict | None = None) -> int:
@@ -39,9 +41,9 @@ def slurm_env() -> dict:
     return env
 
 
-def wait_for_run(env: dict, timeout_s: float = 1800) -> None:
+def wait_for_run(run: RunDir, env: dict, timeout_s: float = 1800) -> None:
     deadline = time.monotonic() + timeout_s
-    progress = RUN.progress
+    progress = run.progress
     while time.monotonic() < deadline:
         try:
             state = json.loads(progress.read_text()).get("state")
@@ -50,7 +52,7 @@ def wait_for_run(env: dict, timeout_s: float = 1800) -> None:
         if state in ("done", "failed"):
             return
         time.sleep(5)
-        subprocess.run([sys.executable, "-m", "launcher", "status", "smoke"], cwd=ROOT, env=env)
+        subprocess.run([sys.executable, "-m", "launcher", "status", run.root.name], cwd=ROOT, env=env)
     sys.exit("demo: the SLURM job did not finish in time; see `python -m launcher status`")
 
 
@@ -67,23 +69,25 @@ def main(argv: list[str] | None = None) -> int:
          "--grid", str(ROOT / "runs" / "demo-grid.png"))
     step("verify every shard against the manifest", "-m", "shards", "verify", str(SHARDS))
 
+    run = SLURM_RUN if args.slurm else RUN
     if args.slurm:
         env = slurm_env()
         step("submit jobs/smoke.yaml to the devcluster", "-m", "launcher", "submit", "jobs/smoke.yaml",
-             "--set", "resources.cluster=devcluster", "--set", "resources.partition=debug", env=env)
-        wait_for_run(env)
+             "--name", run.root.name, "--set", "resources.cluster=devcluster", "--set", "resources.partition=debug",
+             env=env)
+        wait_for_run(run, env)
     else:
         step("train jobs/smoke.yaml locally through the launcher", "-m", "launcher", "submit", "jobs/smoke.yaml",
              "--local")
     step("status", "-m", "launcher", "status", check=False)
-    step("evaluate the best checkpoint on the test split", "-m", "lenstrain", "eval", str(RUN.root), "--split", "test")
+    step("evaluate the best checkpoint on the test split", "-m", "lenstrain", "eval", str(run.root), "--split", "test")
 
-    metrics = json.loads((RUN.eval / "test" / "metrics.json").read_text())
+    metrics = json.loads((run.eval / "test" / "metrics.json").read_text())
     r2 = metrics["metrics"]["r2"]
     print("\n==> result")
     print(f"test R^2 = {r2:.3f}  (predicting the mean scores 0; 1 is perfect)")
-    print(f"plots and predictions: {RUN.eval / 'test'}")
-    print(f"TensorBoard:           .venv/bin/tensorboard --logdir {RUN.root.parent}")
+    print(f"plots and predictions: {run.eval / 'test'}")
+    print(f"TensorBoard:           .venv/bin/tensorboard --logdir {run.root.parent}")
     if args.slurm:
         print("the devcluster is still up for you to explore (sinfo, sacct, python -m launcher status); "
               "stop it with: slurm/devcluster down")

@@ -89,13 +89,16 @@ class TrainTask:
     """The picklable callable one SLURM task (or one local process) runs: it carries the run directory,
     and trains from the ``config.yaml`` there."""
 
-    def __init__(self, run_dir: str | Path, *, max_requeues: int, name: str, restart_offset: int = 0) -> None:
+    def __init__(self, run_dir: str | Path, *, max_requeues: int, name: str, restart_offset: int = 0,
+                 array_task: bool = False) -> None:
         """``restart_offset``: the job's SLURM restart count when it started this run. A sweep worker's array
-        task runs many trials, and each trial counts (and records) only the requeues since it began."""
+        task runs many trials, and each trial counts (and records) only the requeues since it began.
+        ``array_task``: one task of a ``--seeds`` array, known in ``jobs.json`` as ``ARRAYID_INDEX``."""
         self.run_dir = str(run_dir)
         self.max_requeues = max_requeues
         self.name = name
         self.restart_offset = restart_offset
+        self.array_task = array_task
 
     def __call__(self) -> dict:
         early = PreemptionFlag().install()  # until training installs its own
@@ -106,6 +109,9 @@ class TrainTask:
             from lenstrain.distributed import env_from_slurm
 
             os.environ.update(env_from_slurm())
+            if getattr(self, "array_task", False) and "SLURM_ARRAY_JOB_ID" in os.environ:
+                os.environ.setdefault("LENSTRAIN_JOB_ID",
+                                      f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}")
             os.environ.setdefault("LENSTRAIN_JOB_ID", os.environ["SLURM_JOB_ID"])
         rank = int(os.environ.get("RANK", "0"))
         job_id = os.environ.get("LENSTRAIN_JOB_ID", f"local-{os.getpid()}")

@@ -35,6 +35,7 @@ class Launch:
     nproc: int | None = None
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    then: list[str] = field(default_factory=list)  # steps chained after training (launcher.steps)
 
     @property
     def world_size(self) -> int:
@@ -49,6 +50,9 @@ def plan(spec: JobSpec, profile: ClusterProfile | None, problems: list[Problem],
     except ValidationError as exc:
         raise UsageError(f"run name: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
     job = Launch(spec, profile, name, run_dir, job_ref, problems=list(problems))
+    from launcher.steps import parse_steps
+
+    job.then = parse_steps(getattr(args, "then", None))
     job.local = args.local or (profile is not None and profile.kind == "local")
     if job.local:
         job.nproc = args.nproc or local.default_nproc(spec)
@@ -89,9 +93,31 @@ def launch(job: Launch, dry_run: bool) -> int:
         return 0
     if progress.get("state") == "done":
         print(f"run {job.name} is complete (step {progress.get('step')}/{progress.get('total_steps')}) in "
-              f"{job.run_dir}; nothing to do. Use --name NEW_NAME to train it again.")
-        return 0
+              f"{job.run_dir}; nothing to train. Use --name NEW_NAME to train it again.")
+        if not job.then:
+            return 0
+        if job.local:
+            return run_then_locally(job)
+        check_slurm(job)
+        return submit_then(job, None)
     return start_local(job, state) if job.local else submit_slurm(job, state)
+
+
+def run_then_locally(job: Launch) -> int:
+    from launcher.steps import run_steps_locally
+
+    print(f"[launcher] then: {', '.join(job.then)} of run {job.name}, here", flush=True)
+    return run_steps_locally(job.run_dir, job.then)
+
+
+def submit_then(job: Launch, after: str | None) -> int:
+    """The chained steps as one SLURM job after the training job ``after`` (None: at once)."""
+    from launcher.steps import submit_steps
+
+    step_id = submit_steps(job.spec, job.profile, job.run_dir, job.name, job.then, after)
+    when = f"after job {after} completes (afterok)" if after else "now: training is complete"
+    print(f"  then:        {','.join(job.then)} as SLURM job {step_id}, {when}")
+    return 0
 
 
 def print_dry_run(job: Launch, state: str) -> None:
@@ -108,6 +134,10 @@ def print_dry_run(job: Launch, state: str) -> None:
     else:
         print(f"# sbatch script -> {RunDir(job.run_dir).submitit}/%j_submission.sh")
         print(slurm.render_sbatch(job.spec, job.profile, job.run_dir, job.name).rstrip())
+    if job.then:
+        where = "here, in turn, once training completes" if job.local else \
+            "as one SLURM job after training (--dependency=afterok:JOBID --kill-on-invalid-dep=yes)"
+        print(f"\n# then: {', '.join(job.then)} {where}")
     if job.problems:
         header = f"warning: submitting this job would stop at {len(job.problems)} problem(s)"
         print("\n" + "\n".join(f"# {line}" for line in format_problems(job.problems, header).splitlines()))
@@ -139,7 +169,10 @@ def start_local(job: Launch, state: str) -> int:
         print(f"[launcher] {note}")
     print(f"[launcher] {'resubmitting' if state == 'resubmit' else 'starting'} run {job.name} locally in "
           f"{job.run_dir}{_resumes(job.run_dir)}", flush=True)
-    return local.run_local(job.spec, job.run_dir, job.nproc, job.name)
+    code = local.run_local(job.spec, job.run_dir, job.nproc, job.name)
+    if code == 0 and job.then:
+        return run_then_locally(job)
+    return code
 
 
 def _no_slurm_hint(problem: str, job_ref: str) -> str:
@@ -188,6 +221,8 @@ def submit_slurm(job: Launch, state: str) -> int:
     print(f"  status:      python -m launcher status {job.name}")
     print(f"  logs:        python -m launcher logs {job.name} --follow")
     print(f"  tensorboard: tensorboard --logdir {rel}/{TB_DIR}")
+    if job.then:
+        submit_then(job, job_id)
     for note in job.notes:
         print(f"[launcher] {note}")
     return 0

@@ -112,7 +112,7 @@ def recover(run_dir: Path, name: str, max_requeues: int, status: int) -> str:
     """Decide about the current attempt of this SLURM job after its step failed; returns the decision."""
     from launcher.slurm import squeue_state
 
-    job_id = os.environ["SLURM_JOB_ID"]
+    job_id = os.environ.get("LENSTRAIN_JOB_ID") or os.environ["SLURM_JOB_ID"]  # a --seeds array task: ARRAY_i
     restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     data = runs.read_jobs(run_dir)
     job = runs.find_job(data, job_id) or {}

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from launcher.clusters import ClusterProfile
+from launcher.sbatch_options import sbatch_parameters
 from launcher.spec import JobSpec
 from lenstrain.rundir import SUBMITIT_DIR
 
@@ -80,9 +81,19 @@ def executor_parameters(spec: JobSpec, profile: ClusterProfile, job_name: str, r
         "constraint": res.constraint,
         "cpus_per_task": res.cpus_per_task,
         "mem": f"{res.mem.upper().removesuffix('B')}" if res.mem else None,
-        "gpus_per_node": res.gpus_per_node or None,
+        "gres": res.gres_line,
+        "exclusive": res.exclusive or None,
+        "exclude": res.exclude,
+        "nodelist": res.nodelist,
+        "mail_type": res.mail_type,
+        "mail_user": res.mail_user,
+        "comment": res.comment,
     }
     params.update({k: v for k, v in optional.items() if v is not None})
+    if res.reservation:  # submitit has no parameter of its own for it
+        params["additional_parameters"]["reservation"] = res.reservation
+    # The profile's site options, then the job's (checked in launcher.sbatch_options): extra #SBATCH lines.
+    params["additional_parameters"].update(sbatch_parameters({**profile.sbatch, **res.sbatch}))
     setup = list(dict.fromkeys([*profile.setup, *res.setup]))  # a line in both runs once
     if setup:
         params["setup"] = setup

@@ -13,12 +13,24 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from launcher.clusters import ClusterProfile, list_profiles, load_profile
+from launcher.clusters import ClusterProfile, default_cluster, list_profiles, load_profile
+from launcher.sbatch_options import (
+    MAIL_TYPES,
+    check_gres,
+    check_hostlist,
+    check_mail_type,
+    check_mail_user,
+    check_name,
+    check_sbatch_text,
+    gres_gpus,
+    option_problems,
+    problems_message,
+)
 from lenstrain.config import (
     ConfigError,
     LenstrainConfig,
@@ -27,6 +39,7 @@ from lenstrain.config import (
     format_validation_error,
     read_yaml,
 )
+from lenstrain.inherit import resolve_bases
 
 TRAINING_SECTIONS = tuple(LenstrainConfig.model_fields)
 _TIME_RE = re.compile(r"^(?:(?P<d>\d+)-)?(?P<h>\d+):(?P<m>\d{1,2}):(?P<s>\d{1,2})$")
@@ -60,10 +73,15 @@ _JobLoader.add_implicit_resolver(
 )
 
 
-def read_job_yaml(path: str | Path) -> dict:
-    """Read a job file like :func:`lenstrain.config.read_yaml`, keeping ``1:30:00`` a string."""
+def _read_one_job_yaml(path: Path) -> dict:
     read_yaml(path)  # its checks and messages: missing file, bad YAML, not a mapping
     return yaml.load(Path(path).read_text(), Loader=_JobLoader) or {}  # noqa: S506 - a SafeLoader subclass
+
+
+def read_job_yaml(path: str | Path) -> dict:
+    """Read a job file like :func:`lenstrain.config.read_yaml`, keeping ``1:30:00`` a string, with its
+    ``base:`` chain merged in (:mod:`lenstrain.inherit`: a deep merge, bases relative to the file naming them)."""
+    return resolve_bases(path, _read_one_job_yaml, ConfigError)
 
 
 def _quote_times(overrides: list[str] | None) -> list[str]:
@@ -108,7 +126,8 @@ def parse_mem_gb(value: str) -> float:
 class Resources(Section):
     """What one job asks of the cluster. ``cluster`` names a profile in ``slurm/clusters/``."""
 
-    cluster: str = "devcluster"
+    cluster: str = Field(default_factory=default_cluster, description=(
+        "a cluster profile (python -m launcher clusters lists them); default: $LENSTRAIN_CLUSTER, else devcluster"))
     nodes: int = Field(1, ge=1)
     gpus_per_node: int = Field(0, ge=0)
     tasks_per_node: int | None = Field(None, ge=1, description="default: one per GPU, or 1 on CPU")
@@ -122,6 +141,76 @@ class Resources(Section):
     signal_delay_s: int = Field(120, ge=1, description="seconds between the signal and the time limit")
     max_requeues: int = Field(3, ge=0, description="requeues of the run, across resumes (preemption or time limit)")
     setup: list[str] = Field(default_factory=list, description="shell lines run before srun")
+
+    # --- site SLURM options (issue 21). Each value reaches an #SBATCH line: launcher.sbatch_options checks
+    # it is one line without control characters (issue 18 unifies this into one string type).
+    gres: str | None = Field(None, description=(
+        "generic resources per node, e.g. gpu:a100:4 (its GPU count must equal gpus_per_node); "
+        "default: gpu:<gpus_per_node> when gpus_per_node > 0"))
+    exclusive: bool | Literal["user", "mcs"] = Field(False, description="whole nodes: true, or 'user' / 'mcs'")
+    exclude: str | None = Field(None, description="nodes not to run on, a SLURM node list (e.g. n[01-04])")
+    nodelist: str | None = Field(None, description="nodes to run on, a SLURM node list")
+    reservation: str | None = Field(None, description="a SLURM reservation's name")
+    mail_type: str | None = Field(None, description="comma-separated: " + ", ".join(MAIL_TYPES))
+    mail_user: str | None = Field(None, description="where SLURM mails (with mail_type)")
+    comment: str | None = Field(None, description="a comment on the job (sacct shows it)")
+    sbatch: dict[str, str | int | float | bool | None] = Field(default_factory=dict, description=(
+        "any other sbatch long option: {option: value}; true: a flag; false/null: left out. Unknown options "
+        "and those the launcher owns (signal, requeue, array, output, error, ...) are refused"))
+
+    @field_validator("gres")
+    @classmethod
+    def _gres(cls, value: str | None) -> str | None:
+        return None if value is None else check_gres(value)
+
+    @field_validator("exclude", "nodelist")
+    @classmethod
+    def _hostlist(cls, value: str | None) -> str | None:
+        return None if value is None else check_hostlist(value)
+
+    @field_validator("reservation")
+    @classmethod
+    def _reservation(cls, value: str | None) -> str | None:
+        return None if value is None else check_name(value, "reservation")
+
+    @field_validator("mail_type")
+    @classmethod
+    def _mail_type(cls, value: str | None) -> str | None:
+        return None if value is None else check_mail_type(value)
+
+    @field_validator("mail_user")
+    @classmethod
+    def _mail_user(cls, value: str | None) -> str | None:
+        return None if value is None else check_mail_user(value)
+
+    @field_validator("comment")
+    @classmethod
+    def _comment(cls, value: str | None) -> str | None:
+        return None if value is None else check_sbatch_text(value, "comment")
+
+    @field_validator("sbatch")
+    @classmethod
+    def _sbatch(cls, value: dict) -> dict:
+        problems = option_problems(value)
+        if problems:
+            raise ValueError(problems_message(problems, "resources.sbatch"))
+        return value
+
+    @model_validator(mode="after")
+    def _gres_gpus(self) -> Resources:
+        gpus = gres_gpus(self.gres) if self.gres else None
+        if gpus is not None and gpus != self.gpus_per_node:
+            raise ValueError(f"resources.gres {self.gres!r} asks for {gpus} GPU(s) per node but "
+                             f"resources.gpus_per_node is {self.gpus_per_node}; set them equal (one task per GPU)")
+        return self
+
+    @property
+    def gres_line(self) -> str | None:
+        """``--gres``: as given, else ``gpu:N`` from ``gpus_per_node``."""
+        if self.gres:
+            return self.gres
+        return f"gpu:{self.gpus_per_node}" if self.gpus_per_node else None
+    # --- end of the site SLURM options
 
     @field_validator("time")
     @classmethod
@@ -264,8 +353,8 @@ def read_job(
 
     Returns the job, its cluster profile (None when ``resources.cluster`` names none) and the
     profile's complaint about it, if any. A schema error raises :class:`ConfigError`. ``data.shards``
-    is resolved against ``base`` (default: the current directory) and stored absolute, because the
-    job runs elsewhere.
+    and ``model.init_from`` are resolved against ``base`` (default: the current directory) and stored
+    absolute, because the job runs elsewhere.
     """
     data = read_job_yaml(source) if not isinstance(source, dict) else source
     data = apply_overrides(data, _quote_times(overrides))
@@ -277,6 +366,12 @@ def read_job(
     shards = Path(spec.data.shards)
     if not shards.is_absolute():
         spec.data.shards = (base / shards).resolve()
+    if spec.model.init_from:  # fine-tuning's source: absolute too (its @best / @STEP kept)
+        from lenstrain.finetune import parse_init_from
+
+        path, which = parse_init_from(spec.model.init_from)
+        if not path.is_absolute():
+            spec.model.init_from = str((base / path).resolve()) + (f"@{which}" if which else "")
     if spec.resources.cluster not in list_profiles():
         known = ", ".join(list_profiles())
         problem = ("resources.cluster", f"unknown cluster profile {spec.resources.cluster!r}; valid choices: {known}")

@@ -93,12 +93,13 @@ def run_summary(run_dir: Path, data: dict) -> dict:
     now = time.time()
     progress = runs.read_progress(run_dir) or {}
     jobs = data["jobs"]
-    latest = jobs[-1] if jobs else None
+    training = [j for j in jobs if not j.get("steps")]  # the jobs that train; chained steps (--then) come after
+    latest = training[-1] if training else None
     state = latest["state"] if latest else "NEW"
     if progress.get("state") == "done" and state not in runs.ACTIVE_STATES:
         state = "COMPLETED"
     elapsed = 0.0
-    for job in jobs:
+    for job in training:
         for attempt in job.get("attempts", []):
             start = attempt.get("started")
             end = attempt.get("ended")
@@ -120,8 +121,9 @@ def run_summary(run_dir: Path, data: dict) -> dict:
     return {
         "run": run_dir.name,
         "state": state,
-        "jobs": ",".join(j["job_id"] for j in jobs if j.get("kind", "slurm") == "slurm")
-        or ",".join(j["job_id"] for j in jobs[-1:]) or "-",
+        "jobs": ",".join(j["job_id"] for j in training if j.get("kind", "slurm") == "slurm")
+        or ",".join(j["job_id"] for j in training[-1:]) or "-",
+        "then": "; ".join(f"{j['steps']} {j.get('state', '?')}" for j in jobs if j.get("steps")) or "-",
         "step": f"{step}/{total}" if step is not None else "-",
         "loss": fmt_number(progress.get("loss")),
         "tflops": fmt_number(progress.get("tflops")),  # per device, at the last log
@@ -134,7 +136,7 @@ def run_summary(run_dir: Path, data: dict) -> dict:
 
 
 COLUMNS = [("run", "RUN"), ("state", "STATE"), ("jobs", "SLURM JOBS"), ("step", "STEP"), ("loss", "LOSS"),
-           ("tflops", "TFLOP/S"), ("mfu", "MFU"), ("best", "BEST"), ("requeues", "REQUEUES"), ("elapsed", "ELAPSED"), ("eta", "ETA")]
+           ("tflops", "TFLOP/S"), ("mfu", "MFU"), ("best", "BEST"), ("requeues", "REQUEUES"), ("elapsed", "ELAPSED"), ("eta", "ETA"), ("then", "THEN")]
 
 
 def runs_table(rows: list[dict]) -> Table:
@@ -155,9 +157,10 @@ def jobs_table(run_dir: Path, data: dict, sacct_ok: bool) -> Table:
     for job in data["jobs"]:
         attempts = job.get("attempts") or [{}]
         for i, attempt in enumerate(attempts):
+            kind = job.get("kind", "slurm") + (f" then {job['steps']}" if job.get("steps") else "")
             table.add_row(
                 job["job_id"] if i == 0 else "",
-                job.get("kind", "slurm") if i == 0 else "",
+                kind if i == 0 else "",
                 job.get("state", "?") if i == 0 else "",
                 str(attempt.get("restart_count", i) + 1) if attempt else "-",
                 _clock(attempt.get("started")),

@@ -99,10 +99,16 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, help="run directory")
-    p.add_argument("--shards", type=Path, required=True, help="shard set to predict on")
-    p.add_argument("--split", default="test", help="split to predict (default: test)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--shards", type=Path, help="shard set to predict on")
+    source.add_argument("--images", type=Path,
+                        help="a .npy or FITS file, or a folder of them: (H,W), (C,H,W) or stacks (N,C,H,W); no packing")
+    p.add_argument("--split", default="test", help="with --shards: split to predict (default: test)")
     p.add_argument("--out", type=Path, required=True, help="CSV to write")
     _checkpoint_arg(p)
+    p.add_argument("--step", type=int, default=None, help="the checkpoint of step N (default: --checkpoint's choice)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="with --images: images per batch (default: data.val_batch_size, else data.batch_size)")
 
 
 def _lr_find_args(p: argparse.ArgumentParser) -> None:

@@ -87,6 +87,24 @@ class ModelConfig(Section):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     channels_last: bool = False
     compile: bool = False
+    # fine-tuning (lenstrain.finetune)
+    init_from: str | None = Field(None, description=(
+        "fine-tuning: start from these weights: RUN_DIR (its newest complete checkpoint), RUN_DIR@best, "
+        "RUN_DIR@STEP, or FILE.safetensors / FILE.pt (lenstrain export); only the weights, the optimizer starts "
+        "fresh; a relative path is relative to the directory the command runs in (the launcher stores it absolute)"))
+    init_skip: list[str] = Field(default_factory=list, description=(
+        "fine-tuning: glob patterns of parameter names that keep their fresh initialisation, e.g. ['fc.*'] for "
+        "a new head"))
+    init_strict: bool = Field(True, description=(
+        "fine-tuning: every parameter outside init_skip must come from init_from with its shape, and nothing "
+        "else; false: load what fits and report the rest"))
+
+    @field_validator("init_from")
+    @classmethod
+    def _init_from(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or any(ord(c) < 32 or ord(c) == 127 for c in value)):
+            raise ValueError(f"{value!r}: a path without control characters, e.g. runs/pretrain@best")
+        return value
 
     @field_validator("name")
     @classmethod
@@ -326,9 +344,17 @@ def validate_config(data: dict) -> LenstrainConfig:
         raise ConfigError(format_validation_error(exc, LenstrainConfig)) from None
 
 
+def read_config_file(path: str | Path) -> dict:
+    """A config or job file as a mapping, with its ``base:`` chain merged in (:mod:`lenstrain.inherit`)."""
+    from lenstrain.inherit import resolve_bases
+
+    return resolve_bases(path, read_yaml, ConfigError)
+
+
 def load_config(source: str | Path | dict, overrides: list[str] | None = None) -> LenstrainConfig:
-    """Read (a path) or take (a dict) a config, apply ``--set`` overrides, and validate it."""
-    data = read_yaml(source) if not isinstance(source, dict) else source
+    """Read (a path, with its ``base:`` chain) or take (a dict) a config, apply ``--set`` overrides, and
+    validate it."""
+    data = read_config_file(source) if not isinstance(source, dict) else source
     return validate_config(apply_overrides(data, overrides))
 
 

@@ -124,10 +124,28 @@ def training_task(cfg: LenstrainConfig, other_shards: bool) -> Task:
         raise UsageError(str(exc)) from None
 
 
-def load_run(run_dir: Path, which: str = "best", shards: Path | None = None, log=log) -> LoadedRun:
+def step_checkpoint(run_dir: Path, step: int) -> tuple[Path, str]:
+    """The complete checkpoint of ``step``; UsageError naming the steps there are."""
+    from lenstrain.checkpoint import list_checkpoints, step_dir_name
+    from lenstrain.stateio import verify_checkpoint
+
+    root = RunDir(run_dir).checkpoints
+    path = root / step_dir_name(step)
+    problem = verify_checkpoint(path) if path.is_dir() else "no such checkpoint"
+    if problem is not None:
+        have = ", ".join(str(s) for s, p in list_checkpoints(root) if verify_checkpoint(p) is None) or "none"
+        raise UsageError(f"{run_dir}: step {step}: {problem}; complete checkpoints at steps: {have}")
+    return path, f"step {step}, as asked"
+
+
+def load_run(run_dir: Path, which: str = "best", shards: Path | None = None, log=log,
+             step: int | None = None) -> LoadedRun:
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
-    checkpoint, why = choose_checkpoint(run_dir, which, cfg.checkpoint.best_metric, cfg.checkpoint.best_mode, log)
+    if step is not None:
+        checkpoint, why = step_checkpoint(run_dir, step)
+    else:
+        checkpoint, why = choose_checkpoint(run_dir, which, cfg.checkpoint.best_metric, cfg.checkpoint.best_mode, log)
     data_dir = Path(shards) if shards is not None else Path(cfg.data.shards)
     other = data_dir.resolve() != Path(cfg.data.shards).resolve()
     try:
@@ -282,8 +300,10 @@ def predict_split(run: LoadedRun, split: str, rotations: int) -> dict[str, torch
 
 
 def main_predict(args) -> int:
+    if getattr(args, "images", None) is not None:
+        return main_predict_images(args)
     try:
-        run = load_run(args.run, args.checkpoint, args.shards)
+        run = load_run(args.run, args.checkpoint, args.shards, step=getattr(args, "step", None))
         n = check_split(run.data_task.manifest, args.split, Path(args.shards))
         rotations = tta_rotations(getattr(args, "tta", None), run.cfg)
     except UsageError as exc:
@@ -300,3 +320,19 @@ def main_predict(args) -> int:
     log(f"wrote {len(result['index'])} rows to {args.out}"
         + ("" if labelled else f" (no {task.target.name!r} labels, so no true_ column)"))
     return 0
+
+
+def main_predict_images(args) -> int:
+    """``predict RUN --images PATH``: plain .npy or FITS files (:mod:`lenstrain.predict_files`)."""
+    from lenstrain.predict_files import predict_files
+
+    try:
+        run = load_run(args.run, args.checkpoint, None, step=getattr(args, "step", None))
+        rotations = tta_rotations(getattr(args, "tta", None), run.cfg)
+        size = args.batch_size or run.cfg.data.val_batch_size or run.cfg.data.batch_size
+        if size < 1:
+            raise UsageError(f"--batch-size {size}: at least 1")
+        return predict_files(run, args.images, args.out, rotations, size, log)
+    except UsageError as exc:
+        return fail(str(exc))
+

@@ -37,7 +37,27 @@ def preflight(cfg: LenstrainConfig, manifest: Manifest, world_size: int = 1) -> 
         errors.append(("train.loss", str(exc).replace("train.loss ", "")))
         task = replace(task, loss_name=default_loss(task.target.kind, task.num_classes))  # to check the rest
     errors += _batch_problems(cfg, manifest, world_size) + _metric_problems(cfg, task) + _model_problems(cfg, task)
-    return errors
+    return errors + _init_problems(cfg, task)
+
+
+def _init_problems(cfg: LenstrainConfig, task: Task) -> list[Problem]:
+    """``model.init_from`` names weights that exist and (where their shapes can be read cheaply) fit the model."""
+    if not cfg.model.init_from:
+        return []
+    from lenstrain.finetune import init_problems
+
+    def shapes() -> dict[str, tuple[int, ...]] | None:
+        shape = task.manifest.image.shape
+        try:
+            with torch.device("meta"):
+                model = create_model(cfg.model.name, in_channels=shape[0], num_outputs=task.num_outputs,
+                                     image_size=shape[1], **cfg.model.kwargs)
+        except Exception:  # noqa: BLE001 - reported by _model_problems, or checked when training starts
+            return None
+        return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    m = cfg.model
+    return [("model.init_from", msg) for msg in init_problems(m.init_from, m.init_skip, m.init_strict, shapes)]
 
 
 def _batch_problems(cfg: LenstrainConfig, manifest: Manifest, world_size: int) -> list[Problem]:
@@ -66,19 +86,25 @@ def _metric_problems(cfg: LenstrainConfig, task: Task) -> list[Problem]:
 
 def _model_problems(cfg: LenstrainConfig, task: Task) -> list[Problem]:
     shape = task.manifest.image.shape
+    problem = model_kwargs_problem(cfg.model.name, cfg.model.kwargs, shape[0], task.num_outputs, shape[1])
+    return [("model.kwargs", problem)] if problem else []
+
+
+def model_kwargs_problem(name: str, kwargs: dict, in_channels: int = 1, num_outputs: int = 1,
+                         image_size: int = 64) -> str | None:
+    """Why ``name`` cannot be built with ``kwargs`` (on the meta device, so nothing is allocated); None if it can."""
     try:
         with torch.device("meta"):
-            create_model(cfg.model.name, in_channels=shape[0], num_outputs=task.num_outputs, image_size=shape[1],
-                         **cfg.model.kwargs)
+            create_model(name, in_channels=in_channels, num_outputs=num_outputs, image_size=image_size, **kwargs)
     except ModelOptionError as exc:  # it names the model and the keywords it takes
-        return [("model.kwargs", str(exc))]
+        return str(exc)
     except (TypeError, ValueError) as exc:
-        return [("model.kwargs", f"{cfg.model.name}: {exc}")]
+        return f"{name}: {exc}"
     except RuntimeError as exc:  # NotImplementedError included: some layers cannot be built on the meta device
         reason = (str(exc).strip().splitlines() or [""])[0]
-        print(f"note: model.kwargs not checked by building {cfg.model.name} on the meta device "
+        print(f"note: model.kwargs not checked by building {name} on the meta device "
               f"({type(exc).__name__}: {reason}); training will check them", file=sys.stderr)
-    return []
+    return None
 
 
 def has_split(manifest: Manifest, split: str) -> bool:

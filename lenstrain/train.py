@@ -33,9 +33,9 @@ from lenstrain.build import (
     resolve_precision,
     total_steps,
 )
-from lenstrain.checkpoint import Checkpointer, CheckpointWriteError, read_meta
+from lenstrain.checkpoint import Checkpointer, CheckpointWriteError, latest_complete, read_meta
 from lenstrain.checkpoint_space import estimate_checkpoint_bytes, free_space_warning
-from lenstrain.config import LenstrainConfig
+from lenstrain.config import ConfigError, LenstrainConfig
 from lenstrain.data import Cursor, TrainStream
 from lenstrain.distributed import DistInfo, init_distributed, shutdown_distributed
 from lenstrain.flops import FlopRate, flop_rate
@@ -256,6 +256,8 @@ def start_run(cfg: LenstrainConfig, paths: RunDir, info: DistInfo, preempt: Pree
         paths.root.mkdir(parents=True, exist_ok=True)
     task = build_task(cfg)
     model = build_model(cfg, task, info)
+    if cfg.model.init_from and latest_complete(paths.checkpoints, log=lambda message: None) is None:
+        init_weights(cfg, model, paths, info, log)  # a new run: its starting weights; a resume has its own
     rate = flop_rate(model, task.manifest.image.shape, info.device, resolve_precision(cfg.train.precision, info.device),
                      devices=info.world_size, peak_override=cfg.log.peak_tflops)  # before a backend wraps it
     optimizer = build_optimizer(cfg.optim, model)
@@ -287,6 +289,22 @@ def start_run(cfg: LenstrainConfig, paths: RunDir, info: DistInfo, preempt: Pree
     return run
 
 
+def init_weights(cfg: LenstrainConfig, model: nn.Module, paths: RunDir, info: DistInfo, log) -> None:
+    """Fine-tuning: every rank loads ``model.init_from`` into its fresh model; rank 0 reports what came over."""
+    from lenstrain.finetune import INIT_REPORT, InitError, load_initial_weights
+
+    m = cfg.model
+    try:
+        report = load_initial_weights(model, m.init_from, m.init_skip, m.init_strict)
+    except InitError as exc:
+        raise ConfigError(problems=[("model.init_from", str(exc))]) from None
+    for line in report.lines():
+        log(line)
+    if info.is_main:
+        write_json_atomic(paths.root / INIT_REPORT, {"init_from": m.init_from, "init_skip": m.init_skip,
+                                                      "init_strict": m.init_strict, **report.to_json()})
+
+
 def announce(run: Run) -> None:
     """The run's size and shape, and warnings about settings that cannot do what they say."""
     cfg, log = run.cfg, run.log
@@ -297,6 +315,8 @@ def announce(run: Run) -> None:
     if not run.has_val:
         log(f"warning: the shard set has no '{cfg.data.val_split}' split: no validation, and checkpoint.best_metric "
             f"cannot pick a best checkpoint (pack with --val > 0 to have one)")
+    if cfg.train.max_steps is not None and cfg.train.epochs is not None:
+        log(f"note: train.max_steps ({cfg.train.max_steps}) is set, so train.epochs ({cfg.train.epochs:g}) is not used")
     if cfg.schedule.warmup_steps > run.steps:
         log(f"warning: schedule.warmup_steps ({cfg.schedule.warmup_steps}) exceeds the {run.steps} training steps: "
             f"the whole run warms up")
@@ -455,8 +475,11 @@ def finish(run: Run) -> None:
 def write_hparams(run: Run) -> None:
     """TensorBoard hparams with the last validation's metrics (and those the report hook's installer adds)."""
     cfg = run.cfg
-    hparams = {"model": cfg.model.name, "lr": cfg.optim.lr, "optim": cfg.optim.name, "batch": run.stream.global_batch,
-               "precision": resolve_precision(cfg.train.precision, run.info.device), **hooks.extra_hparams()}
+    # One name per parameter, the config's dotted key (a sweep's trial parameters use the same names).
+    hparams = {"model.name": cfg.model.name, "optim.lr": cfg.optim.lr, "optim.name": cfg.optim.name,
+               "schedule.name": cfg.schedule.name, "global_batch": run.stream.global_batch,
+               "train.precision": resolve_precision(cfg.train.precision, run.info.device), "seed": cfg.seed,
+               **hooks.extra_hparams()}
     run.tb.hparams(hparams, run.carried.metrics, run.state.step)
 
 

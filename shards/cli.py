@@ -1,8 +1,9 @@
 """``python -m shards``: pack data sets into shard sets, and verify and inspect them.
 
 The subcommands are a table of :class:`~shards.clikit.Command` rows run by :func:`~shards.clikit.run_cli`.
-Expected failures end with one ``error: ...`` line and no traceback: exit 2 for bad arguments or an existing
-output directory, 1 for bad data or a failed verification.
+Expected failures end with one ``error: ...`` line and no traceback: exit 2 for bad arguments, an existing
+output directory, or a DIR that is not a shard set (missing, or no manifest.json: the argument is wrong); 1 for
+bad data: a shard set whose manifest or shards are damaged, or a failed verification.
 """
 
 from __future__ import annotations
@@ -43,6 +44,15 @@ def report_pack(result: PackResult, out: Path) -> None:
 def _existing(path: Path, kind: str) -> None:
     if not (path.is_dir() if kind == "directory" else path.is_file()):
         raise UsageError(f"{path}: no such {kind}")
+
+
+def _shard_set_dir(path: Path) -> None:
+    """A DIR argument that names no shard set is a usage error (exit 2), missing or not; a damaged one is data."""
+    from shards.manifest import MANIFEST_NAME, not_a_shard_set
+
+    _existing(path, "directory")
+    if not (path / MANIFEST_NAME).is_file():
+        raise UsageError(not_a_shard_set(path))
 
 
 # --------------------------------------------------------------------------- import
@@ -111,7 +121,7 @@ IMPORT = Group("import", "pack an existing data set into a shard set", metavar="
 def run_verify(args: argparse.Namespace) -> int:
     from shards.verify import print_verify_summary, verify_shard_set
 
-    _existing(args.dir, "directory")
+    _shard_set_dir(args.dir)
 
     def on_shard(result) -> None:
         for line in result.problems:
@@ -136,7 +146,7 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
 def run_inspect(args: argparse.Namespace) -> int:
     from shards.inspect import inspect_shard_set, print_inspection
 
-    _existing(args.dir, "directory")
+    _shard_set_dir(args.dir)
     if args.grid is not None:
         splits = load_manifest(args.dir).splits
         if args.split not in splits:

@@ -70,6 +70,22 @@ BAD_SETS = [
     (["resourcez.nodes=1"], "resourcez: unknown key; valid keys: seed, data, model"),
     (["name=bad name!"], "name: 'bad name!': use letters, digits"),
     (["resources.nodes"], "--set 'resources.nodes': expected KEY=VALUE"),
+    # Site SLURM options: typed fields and resources.sbatch, checked before anything is written.
+    (["resources.sbatch={gres-flag: enforce-binding}"],
+     "resources.sbatch: 'gres-flag' is not an sbatch option; did you mean gres-flags"),
+    (["resources.sbatch={signal: 'USR1@60'}"], "resources.sbatch: 'signal' is set by the launcher: the launcher sends"),
+    (["resources.sbatch={array: 0-3}"], "'array' is set by the launcher: the launcher builds job arrays itself"),
+    (["resources.sbatch={output: x.log}"], "'output' is set by the launcher"),
+    (["resources.sbatch={requeue: true}"], "'requeue' is set by the launcher"),
+    (["resources.sbatch={error: x.err}"], "'error' is set by the launcher"),
+    (["resources.sbatch={partition: gpu}"], "'partition' has its own key: set resources.partition"),
+    (["resources.sbatch={nice: [1]}"], "resources.sbatch"),
+    (["resources.comment=\"a\\nb\""], "resources.comment: 'a\\nb': a comment must be one line without control"),
+    (["resources.mail_type=END,SOMETIMES"], "resources.mail_type: unknown mail type 'SOMETIMES'; valid choices"),
+    (["resources.mail_user=nobody"], "resources.mail_user: 'nobody' is not a mail address"),
+    (["resources.exclude=n1;rm"], "resources.exclude: 'n1;rm' is not a SLURM node list"),
+    (["resources.gres=gpu:a100:2"], "resources.gres 'gpu:a100:2' asks for 2 GPU(s) per node but resources.gpus_per_node is 0"),
+    (["resources.exclusive=always"], "resources.exclusive"),
 ]
 
 
@@ -152,7 +168,22 @@ GOLDEN_CASES = {
                      "resources.signal_delay_s=180", "resources.max_requeues=20",
                      "resources.setup=[export OMP_NUM_THREADS=16]", "parallel.backend=nccl"],
                     "launcher_sbatch_example_gpu.sh"),
+    # Every site option, typed and passed through: each must show as its own #SBATCH line.
+    "site-options": (["resources.cluster=example-gpu", "resources.nodes=2", "resources.gpus_per_node=4",
+                      "resources.tasks_per_node=null", "resources.cpus_per_task=16", "resources.gres=gpu:a100:4",
+                      "resources.exclusive=true", "resources.exclude=gpu[01-02]", "resources.nodelist=gpu[10-11]",
+                      "resources.reservation=maint_0412", "resources.mail_type=end,fail",
+                      "resources.mail_user=me@example.org", "resources.comment=halo mass, seed 0",
+                      "resources.sbatch={gres-flags: enforce-binding, nice: 10, hint: nomultithread, "
+                      "spread-job: true, begin: false}", "parallel.backend=nccl"],
+                     "launcher_sbatch_site_options.sh"),
 }
+
+SITE_LINES = ["#SBATCH --gres=gpu:a100:4", "#SBATCH --exclusive", "#SBATCH --exclude='gpu[01-02]'",
+              "#SBATCH --nodelist='gpu[10-11]'", "#SBATCH --reservation=maint_0412", "#SBATCH --mail-type=END,FAIL",
+              "#SBATCH --mail-user=me@example.org", "#SBATCH --comment='halo mass, seed 0'",
+              "#SBATCH --gres-flags=enforce-binding", "#SBATCH --nice=10", "#SBATCH --hint=nomultithread",
+              "#SBATCH --spread-job"]
 
 
 @pytest.mark.parametrize("case", list(GOLDEN_CASES))
@@ -169,6 +200,10 @@ def test_dry_run_sbatch_script_matches_golden(capsys, launcher_job, tmp_path, ca
         golden.write_text(script)
     assert script == golden.read_text()
     assert not run_dir.exists()  # a dry run writes nothing
+    if case == "site-options":
+        lines = script.splitlines()
+        assert [line for line in SITE_LINES if line not in lines] == []
+        assert "--gpus-per-node" not in script and "--begin" not in script  # gres asks; false leaves an option out
 
     # The resolved job it prints is complete and valid on its own.
     resolved = yaml.safe_load(out[out.index("\n") + 1 : out.index("#!/bin/bash")].split("\n# sbatch")[0])
@@ -283,7 +318,7 @@ def test_status_table_from_run_files(capsys, launcher_shards, tmp_path):
 # ---------------------------------------------------------------------------------------- CLI
 
 
-DOCUMENTED_SUBCOMMANDS = ["submit", "status", "resume", "cancel", "logs", "sweep"]  # README: python -m launcher <name>
+DOCUMENTED_SUBCOMMANDS = ["submit", "status", "resume", "cancel", "logs", "sweep", "report", "config", "clusters"]  # README: python -m launcher <name>
 
 
 def test_one_table_maps_subcommands(capsys):
@@ -321,6 +356,9 @@ def test_every_shipped_job_validates(job, simulated_sets):
     # their task; batch 1 lets a small set stand in for a full-size one.
     task = next((t for t in ("substructure", "axion_mass", "subhalo_fraction") if t in job.stem), "halo_mass")
     shards = simulated_sets[task]
-    spec, profile = load_job(job, [f"data.shards={shards}", "data.batch_size=1"])
+    # A fine-tuning job's model.init_from names a run the README trains first; tests/test_finetune.py checks
+    # init_from against real runs.
+    finetune = ["model.init_from=null"] if "init_from" in job.read_text() else []
+    spec, profile = load_job(job, [f"data.shards={shards}", "data.batch_size=1", *finetune])
     assert spec.resources.world_size >= 1
     assert profile.name == spec.resources.cluster

@@ -192,10 +192,13 @@ def test_missing_paths_and_non_shard_sets(tmp_path, capsys):
     (tmp_path / "plain").mkdir()
     not_a_set = (f"error: {tmp_path / 'plain'} is not a shard set (no manifest.json); make one with "
                  "`python -m shards simulate ...` or `python -m shards import ...`\n")
-    assert main(["verify", str(tmp_path / "plain")]) == 1
+    # One rule for a DIR that names no shard set, missing or not: a wrong argument, exit 2.
+    assert main(["verify", str(tmp_path / "plain")]) == 2
     assert capsys.readouterr().err == not_a_set
-    assert main(["inspect", str(tmp_path / "plain")]) == 1
+    assert main(["inspect", str(tmp_path / "plain")]) == 2
     assert capsys.readouterr().err == not_a_set
+    assert main(["inspect", str(tmp_path / "nope")]) == 2
+    assert "nope: no such directory" in capsys.readouterr().err
 
 
 def test_sigterm_mid_pack_leaves_no_output_and_no_staging(tmp_path):

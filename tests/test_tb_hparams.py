@@ -35,5 +35,12 @@ def test_hparams_and_their_metrics_are_written_at_the_final_step(tmp_path, ring_
         assert [e.step for e in events.Scalars(tag)] == [5], tag
     assert events.Scalars("hparam/val/r2")[0].value == events.Scalars("val/r2")[-1].value
 
+    # One name per parameter, the config's dotted key, as a sweep's trial parameters are named.
+    from tests.test_sweep_local import hparams_of
+
+    names = set(hparams_of(run / "tb"))
+    assert {"model.name", "optim.lr", "optim.name", "train.precision"} <= names, names
+    assert not names & {"lr", "optim", "model", "precision", "batch"}, names
+
     assert hparams_plugin_steps(run / "tb") == {
         "_hparams_/experiment": [5], "_hparams_/session_start_info": [5], "_hparams_/session_end_info": [5]}

@@ -24,7 +24,7 @@ def sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--run-dir", type=Path, default=None, help="the sweep's directory (default: RUNS_DIR/NAME)"
     )
-    add_job_args(p)
+    add_job_args(p, nproc=False)  # a trial runs as one process here, as the base job's tasks on SLURM
     for action in p._actions:
         if action.dest == "set":
             action.help = (
@@ -52,7 +52,7 @@ def sweep(args) -> int:
     if str(args.file) == "report":
         if not args.sweep:
             raise UsageError(
-                "sweep report: name the sweep, e.g. python -m launcher sweep report lr_and_optimizer"
+                "sweep report: name the sweep, e.g. python -m launcher sweep report smoke_lr_optimizer"
             )
         return report(find(args.sweep, args.runs_dir))
     if args.sweep:

@@ -168,9 +168,47 @@ def space_problems(spec: SweepSpec, job: dict) -> list[Problem]:
                     for line in mine
                 ]
                 break
+        if key.startswith("model.") and not problems_for(problems, key):
+            problems += model_value_problems(key, dist, job)
         if spec.sampler == "grid" and dist.kind != "choice":
             problems.append((f"space.{key}", f"grid takes choice lists only; this is a {dist.kind} range"))
     return problems
+
+
+def problems_for(problems: list[Problem], key: str) -> bool:
+    return any(path == f"space.{key}" for path, _ in problems)
+
+
+def _shape(job: dict) -> tuple[int, int, int]:
+    """(in_channels, num_outputs, image_size) of the base job's shard set where it can be read, else generic ones
+    (a model option such as norm does not depend on them)."""
+    from lenstrain.build import task_for
+    from lenstrain.config import validate_config
+    from shards.manifest import load_manifest
+
+    try:
+        cfg = validate_config(job)
+        task = task_for(cfg, load_manifest(cfg.data.shards))
+        shape = task.manifest.image.shape
+        return shape[0], task.num_outputs, shape[1]
+    except Exception:  # noqa: BLE001 - no shard set here (a dry run on a login node): generic sizes
+        return 1, 1, 64
+
+
+def model_value_problems(key: str, dist: Distribution, job: dict) -> list[Problem]:
+    """Each value of a ``model.*`` space key, built into the model (on the meta device), as ``submit`` checks
+    ``model.kwargs``: a norm of ``foo`` is refused here, not in the middle of the sweep."""
+    from lenstrain.preflight import model_kwargs_problem
+
+    in_channels, outputs, size = _shape(job)
+    for value in dist.examples():
+        trial = with_params(job, {key: value})
+        model = trial.get("model") or {}
+        problem = model_kwargs_problem(model.get("name", "alternet_tiny"), model.get("kwargs") or {}, in_channels,
+                                       outputs, size)
+        if problem:
+            return [(f"space.{key}", f"{problem} (value {value!r})")]
+    return []
 
 
 def option_checks(spec: SweepSpec) -> list[Problem]:
@@ -185,6 +223,10 @@ def resolve_metric(spec: SweepSpec, job: JobSpec) -> list[Problem]:
         spec.metric = job.checkpoint.best_metric
     if spec.metric is None:
         return [("metric", "required: the base job has no checkpoint.best_metric to default to")]
+    measured = measured_metrics(job)
+    if spec.metric not in measured:
+        return [("metric", f"{spec.metric!r} is not a metric validation measures; valid choices: "
+                           f"{', '.join(measured)}")]
     if spec.direction is None:
         mode = (job.checkpoint.best_mode if spec.metric == job.checkpoint.best_metric else None) or mode_for(
             spec.metric
@@ -198,6 +240,22 @@ def resolve_metric(spec: SweepSpec, job: JobSpec) -> list[Problem]:
             ]
         spec.direction = "maximize" if mode == "max" else "minimize"
     return []
+
+
+def measured_metrics(job: JobSpec) -> list[str]:
+    """The metrics a trial's validation records: those of the base job's target kind where its shard set can be
+    read, else those of any kind."""
+    from lenstrain.metrics import metric_names
+    from shards.manifest import load_manifest
+
+    try:
+        manifest = load_manifest(job.data.shards)
+        name = job.data.target or manifest.primary_target
+        kinds = [manifest.targets[name].kind]
+    except Exception:  # noqa: BLE001 - no shard set here, or its target is reported by the job's own checks
+        kinds = ["regression", "classification"]
+    names = dict.fromkeys(m for kind in kinds for m in metric_names(kind))
+    return [f"{job.data.val_split}/{m}" for m in names]
 
 
 def budget_problems(spec: SweepSpec) -> list[Problem]:

@@ -5,7 +5,7 @@
 #SBATCH --constraint=a100
 #SBATCH --cpus-per-task=16
 #SBATCH --error=<RUN>/submitit/%j_0_log.err
-#SBATCH --gpus-per-node=4
+#SBATCH --gres=gpu:4
 #SBATCH --job-name=golden
 #SBATCH --mem=400G
 #SBATCH --nodes=4
