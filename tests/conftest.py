@@ -27,6 +27,7 @@ EXTENSIONS_DIR = Path(__file__).resolve().parents[1] / ".cache" / "torch_extensi
 SLURM_MODULES = frozenset({"test_devcluster.py", "test_launcher_slurm.py", "test_launcher_slurm_deepspeed.py",
                            "test_sweep_slurm.py"})
 SLURM_GROUP = "slurm"
+DEVCLUSTER_WAIT_S = 2400  # how long a run waits for another run on this machine to bring its devcluster down
 
 
 HEAVY = ("slow", "deepspeed", "multiprocess")  # what --quick leaves out
@@ -45,6 +46,9 @@ def pytest_collection_modifyitems(config, items):
         return (not slurm, 0 if slurm else -heavy[item.nodeid.split("::")[0]])
 
     items.sort(key=order)  # stable
+    first_slurm = next((item for item in items if item.get_closest_marker("slurm")), None)
+    if first_slurm is not None:  # its setup may wait for another run's devcluster: past pytest's timeout
+        first_slurm.add_marker(pytest.mark.timeout(DEVCLUSTER_WAIT_S + 600))
     misplaced = [item.nodeid for item in items
                  if (item.get_closest_marker("slurm") is not None) != (item.path.name in SLURM_MODULES)]
     if misplaced:
@@ -107,7 +111,7 @@ def slurm_cluster():
     The devcluster uses fixed ports and /etc/hosts entries, so two test runs on one machine take turns: the
     second waits here (up to 40 minutes) for the first to bring its cluster down."""
     lock = open("/tmp/lenstrain-slurm-session.lock", "w")  # noqa: SIM115 - held for the whole session
-    deadline = time.monotonic() + 2400
+    deadline = time.monotonic() + DEVCLUSTER_WAIT_S
     while True:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

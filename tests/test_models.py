@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +20,27 @@ MODELS = list_models()
 FULL_CHECK = ("resnet18", "alternet_tiny", "xresnet_alternet_18")
 # Models above this size are only counted (on the meta device), not run: CI has 2 cores.
 HUGE = 100_000_000
+ROOT = Path(__file__).resolve().parents[1]
+
+
+
+def test_the_index_names_every_model_with_the_family_that_registers_it():
+    from lenstrain.models import registry
+
+    registry._import_families()
+    assert registry.family_index() == {name: fn.__module__ for name, fn in registry._REGISTRY.items()}
+    assert list_models() == sorted(registry._REGISTRY)
+
+
+def test_naming_or_building_a_model_imports_its_family_only():
+    """A config names its model: checking it (and building the model) imports no other family, so a
+    training process of a small model does not import escnn or torchvision's model zoo."""
+    code = ("import sys; from lenstrain.models import create_model; "
+            "from lenstrain.config import ModelConfig; ModelConfig(name='resnet18'); create_model('resnet18'); "
+            "print(sorted(m for m in sys.modules if m.startswith('lenstrain.models.')), 'escnn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
+    assert out.split("\n")[-2] == "['lenstrain.models.blocks', 'lenstrain.models.registry', 'lenstrain.models.resnet'] False"
 
 
 def num_params(model: nn.Module) -> int:

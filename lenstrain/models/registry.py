@@ -7,7 +7,9 @@ the fields of the family's one ``*Config`` dataclass, defined in the variant's o
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
 import importlib
 import pkgutil
 import sys
@@ -42,23 +44,51 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     return fn
 
 
-def _import_families() -> None:
-    """Import every family module beside this one, which runs their ``@register_model`` decorators."""
+def _families() -> list[str]:
+    """The family modules beside this one."""
     package = __name__.rpartition(".")[0]
-    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
-        if info.name not in NOT_FAMILIES and not info.name.startswith("_"):
-            importlib.import_module(f"{package}.{info.name}")
+    return [f"{package}.{info.name}" for info in pkgutil.iter_modules([str(Path(__file__).parent)])
+            if info.name not in NOT_FAMILIES and not info.name.startswith("_")]
+
+
+def _import_families() -> None:
+    """Import every family module, which runs their ``@register_model`` decorators."""
+    for family in _families():
+        importlib.import_module(family)
+
+
+@functools.cache
+def family_index() -> dict[str, str]:
+    """{model name: its family module}, read from the families' source: the functions they decorate with
+    ``@register_model``. Naming or building one model then imports its own family only: checking a config's
+    ``model.name`` no longer imports escnn and every other family (about a second of CPU per process)."""
+    index = {}
+    for family in _families():
+        path = Path(__file__).parent / f"{family.rpartition('.')[2]}.py"
+        for node in ast.parse(path.read_text(), str(path)).body:
+            if isinstance(node, ast.FunctionDef) and any(
+                    isinstance(d, ast.Name) and d.id == "register_model" for d in node.decorator_list):
+                index[node.name] = family
+    return index
+
+
+def _import_family_of(name: str) -> None:
+    if name not in _REGISTRY:
+        if name in family_index():
+            importlib.import_module(family_index()[name])
+        else:  # registered some other way than the index can see
+            _import_families()
 
 
 def list_models() -> list[str]:
     """Sorted names of every registered model."""
-    _import_families()
-    return sorted(_REGISTRY)
+    return sorted(set(family_index()) | set(_REGISTRY))
 
 
 def model_options(name: str) -> tuple[str, ...] | None:
     """The family-specific keywords ``name`` takes (the fields of its family's ``*Config`` dataclass), or
     None where its module does not define exactly one such dataclass."""
+    _import_family_of(name)
     module = sys.modules[_REGISTRY[name].__module__]
     configs = [obj for obj in vars(module).values() if isinstance(obj, type) and dataclasses.is_dataclass(obj)
                and obj.__module__ == module.__name__ and obj.__name__.endswith("Config")]
@@ -69,9 +99,9 @@ def model_options(name: str) -> tuple[str, ...] | None:
 
 def create_model(name: str, *, in_channels: int = 1, num_outputs: int = 1, image_size: int = 150, **kwargs) -> nn.Module:
     """Build a registered model by name; an unknown name or keyword raises, listing the valid ones."""
-    _import_families()
+    _import_family_of(name)
     if name not in _REGISTRY:
-        raise UnknownModelError(f"Unknown model {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+        raise UnknownModelError(f"Unknown model {name!r}; known: {', '.join(list_models())}")
     options = model_options(name)
     unknown = [key for key in kwargs if options is not None and key not in options]
     if unknown:
