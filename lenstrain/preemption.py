@@ -15,6 +15,7 @@ import time
 EXIT_REQUEUE = 42
 EXIT_NONFINITE = 3
 EXIT_CHECKPOINT_FAILED = 44  # a checkpoint could not be written (full disk, quota, I/O error): no requeue
+EXIT_CHECKPOINT_UNREADABLE = 1  # no checkpoint of the run can be read (damaged, refused): corruption found
 DEFAULT_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 
