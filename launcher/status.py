@@ -85,6 +85,8 @@ def fmt_number(value) -> str:
 def requeue_count(run_dir: Path, data: dict) -> str:
     """The run's requeues, across resumes, against its ``resources.max_requeues``: e.g. ``1/3``."""
     count = runs.run_requeues(data)
+    if not RunDir(run_dir).job.is_file():  # a run trained by `lenstrain train` alone
+        return str(count)
     resources = runs.read_job_dict(run_dir).get("resources")
     limit = resources.get("max_requeues") if isinstance(resources, dict) else None
     if isinstance(limit, bool) or not isinstance(limit, int):
