@@ -120,7 +120,7 @@ def run_summary(run_dir: Path, data: dict) -> dict:
             world = (latest.get("attempts") or [{}])[-1].get("world_size") or 1
             global_batch = cfg["data"]["batch_size"] * cfg["train"]["grad_accum"] * world
             eta = (total - step) * global_batch / rate
-        except (KeyError, TypeError, OSError):
+        except (KeyError, TypeError, ValueError, ZeroDivisionError, runs.BrokenRunError):
             eta = None
     best = progress.get("best_metric")
     return {
