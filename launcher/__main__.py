@@ -39,8 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     return clikit.build_parser(PROG, DESCRIPTION, list(COMMANDS.values()))
 
 
+def _broken(exc: BaseException) -> int:
+    print(f"error: {exc}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(PROG, DESCRIPTION, list(COMMANDS.values()), argv)
+    from launcher.runs import BrokenRunError
+
+    return run_cli(PROG, DESCRIPTION, list(COMMANDS.values()), argv, errors={BrokenRunError: _broken})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The launcher's subcommands; ``launcher/__main__.py`` lists them in its :class:`~shards.clikit.Command` table.
 
-Exit statuses: 0 done; 2 a job or command that cannot be used (nothing submitted); training's own
-status for ``--local`` runs (42: stopped after a checkpoint, run again to resume; 128+N: a rank was
+Exit statuses: 0 done; 2 a job or command that cannot be used (nothing submitted); 1 a run whose own files
+(``job.yaml``, ``jobs.json``) cannot be read (:class:`~launcher.runs.BrokenRunError`, naming the file); training's
+own status for ``--local`` runs (42: stopped after a checkpoint, run again to resume; 128+N: a rank was
 killed by signal N).
 """
 

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from launcher.values import SbatchValue, ShellLine, SlurmNames, _run_name
 from lenstrain.config import ConfigError, format_validation_error, read_yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -31,21 +32,34 @@ USER_CLUSTERS_DIR = Path("~/.config/lenstrain/clusters")
 PREEMPT_SIGNALS = ("USR2", "TERM")
 
 
+def _profile_name(value: str) -> str:
+    """A profile's name: a plain file name in the profiles' folder."""
+    try:
+        return _run_name(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a cluster profile's name (letters, digits, '_', '-', '.'; it names "
+                         f"slurm/clusters/NAME.yaml)") from None
+
+
+ProfileName = Annotated[str, AfterValidator(_profile_name)]
+
+
 class ClusterProfile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str
+    name: ProfileName
     kind: Literal["slurm", "local"] = "slurm"
     slurm_conf: str | None = None  # relative paths are relative to the repository root
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
+    # What reaches the sbatch script has a type of launcher.values, as the job's resources do.
+    partition: SlurmNames | None = None
+    account: SlurmNames | None = None
+    qos: SlurmNames | None = None
     gpus_per_node: int = Field(0, ge=0)
     cpus_per_node: int | None = Field(None, ge=1)
     mem_per_node_gb: float | None = Field(None, gt=0)
     max_nodes: int | None = Field(None, ge=1)
-    setup: list[str] = Field(default_factory=list)
-    srun_args: list[str] = Field(default_factory=list)
+    setup: list[ShellLine] = Field(default_factory=list)
+    srun_args: list[SbatchValue] = Field(default_factory=list)
     preempt_signal: str = "USR2"
     sbatch: dict[str, str | int | float | bool | None] = Field(
         default_factory=dict, description="site sbatch options for every job (a job's resources.sbatch overrides)")
@@ -109,7 +123,7 @@ def profile_path(name: str) -> Path | None:
 
 def load_profile(name: str) -> ClusterProfile:
     path = profile_path(name)
-    if path is None:
+    if path is None or not path.is_file():
         known = list_profiles()
         where = ", ".join(str(p) for p in search_path())
         raise ConfigError(

@@ -184,7 +184,7 @@ class TrainTask:
             outcome, state = "stopped", "STOPPED"
             if slurm:
                 outcome, state = self._requeue(job_id, restart)
-            elif (runs.find_job(runs.read_jobs(run_dir), job_id) or {}).get("cancel_requested"):
+            elif (runs.find_job(runs.read_jobs(run_dir, set_aside=True), job_id) or {}).get("cancel_requested"):
                 outcome, state = "cancelled", "CANCELLED"
                 _say(f"cancelled at step {step} after a checkpoint")
             else:
@@ -200,7 +200,7 @@ class TrainTask:
         from launcher.slurm import squeue_state
 
         run_dir = Path(self.run_dir)
-        data = runs.read_jobs(run_dir)
+        data = runs.read_jobs(run_dir, set_aside=True)
         job = runs.find_job(data, job_id) or {}
         state = (squeue_state(job_id) or "UNKNOWN").split()[0]
         requeues = max(runs.run_requeues(data), restart)
@@ -231,7 +231,7 @@ def _wait_for_rank0(run_dir: Path, job_id: str, restart: int, timeout_s: float =
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        job = runs.find_job(runs.read_jobs(run_dir), job_id) or {}
+        job = runs.find_job(runs.read_jobs(run_dir, set_aside=True), job_id) or {}
         attempts = [a for a in job.get("attempts", []) if a.get("restart_count") == restart]
         if attempts and "ended" in attempts[-1]:
             return

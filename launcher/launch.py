@@ -86,21 +86,50 @@ def disk_space_note(spec: JobSpec, run_dir: Path) -> str | None:
 def launch(job: Launch, dry_run: bool) -> int:
     if job.profile is None or (job.problems and not dry_run):
         raise ConfigError(problems=job.problems)
-    state = runs.check_run(job.run_dir, job.spec)
-    progress = (runs.read_progress(job.run_dir) or {}) if state == "resubmit" else {}
     if dry_run:
-        print_dry_run(job, state)
+        print_dry_run(job, runs.check_run(job.run_dir, job.spec))
         return 0
-    if progress.get("state") == "done":
-        print(f"run {job.name} is complete (step {progress.get('step')}/{progress.get('total_steps')}) in "
-              f"{job.run_dir}; nothing to train. Use --name NEW_NAME to train it again.")
-        if not job.then:
-            return 0
-        if job.local:
-            return run_then_locally(job)
-        check_slurm(job)
-        return submit_then(job, None)
-    return start_local(job, state) if job.local else submit_slurm(job, state)
+    if is_complete(job, runs.check_run(job.run_dir, job.spec)):
+        return then_after_complete(job)
+    partition = None if job.local else check_slurm(job)
+    with runs.run_lock(job.run_dir):  # from the check of the run directory to the new job's record
+        state = runs.check_run(job.run_dir, job.spec)
+        complete = is_complete(job, state)
+        if not complete:
+            if state == "resubmit":
+                refuse_active(job)
+            runs.write_run(job.run_dir, job.spec)
+            if job.local:
+                local_job = local.register_local(job.spec, job.run_dir, job.nproc)
+            else:
+                job_id = submit_slurm(job, partition)
+    if complete:
+        return then_after_complete(job)
+    if job.local:
+        return start_local(job, state, local_job)
+    report_submitted(job, job_id, partition)
+    return 0
+
+
+def is_complete(job: Launch, state: str) -> bool:
+    """Whether the run in ``job.run_dir`` has trained to its end (then it says so): nothing to train."""
+    progress = (runs.read_progress(job.run_dir) or {}) if state == "resubmit" else {}
+    if progress.get("state") != "done":
+        return False
+    what = "nothing to train" if job.then else "nothing to do"
+    print(f"run {job.name} is complete (step {progress.get('step')}/{progress.get('total_steps')}) in "
+          f"{job.run_dir}; {what}. Use --name NEW_NAME to train it again.")
+    return True
+
+
+def then_after_complete(job: Launch) -> int:
+    """A complete run's chained steps (``--then``), if any: here, or as a SLURM job that starts at once."""
+    if not job.then:
+        return 0
+    if job.local:
+        return run_then_locally(job)
+    check_slurm(job)
+    return submit_then(job, None)
 
 
 def run_then_locally(job: Launch) -> int:
@@ -161,15 +190,12 @@ def refuse_active(job: Launch) -> None:
                          f"{job.name}")
 
 
-def start_local(job: Launch, state: str) -> int:
-    if state == "resubmit":
-        refuse_active(job)
-    runs.write_run(job.run_dir, job.spec)
+def start_local(job: Launch, state: str, local_job) -> int:
     for note in job.notes:
         print(f"[launcher] {note}")
     print(f"[launcher] {'resubmitting' if state == 'resubmit' else 'starting'} run {job.name} locally in "
           f"{job.run_dir}{_resumes(job.run_dir)}", flush=True)
-    code = local.run_local(job.spec, job.run_dir, job.nproc, job.name)
+    code = local.run_local(job.spec, job.run_dir, job.nproc, job.name, local_job)
     if code == 0 and job.then:
         return run_then_locally(job)
     return code
@@ -200,19 +226,21 @@ def check_slurm(job: Launch) -> str | None:
     return partition
 
 
-def submit_slurm(job: Launch, state: str) -> int:
+def submit_slurm(job: Launch, partition: str | None) -> str:
+    """Submit the job (the run lock held) and record it in jobs.json; returns its SLURM job id."""
     from launcher import slurm
     from launcher.entry import TrainTask
 
-    partition = check_slurm(job)
-    if state == "resubmit":
-        refuse_active(job)
-    runs.write_run(job.run_dir, job.spec)
     res = job.spec.resources
     task = TrainTask(job.run_dir, max_requeues=res.max_requeues, name=job.name)
     job_id = slurm.submit(job.spec, job.profile, job.run_dir, job.name, task)
     runs.add_job(job.run_dir, job_id, kind="slurm", cluster=job.profile.name, partition=partition,
                  nodes=res.nodes, tasks_per_node=res.ntasks_per_node, time_min=res.time_minutes)
+    return job_id
+
+
+def report_submitted(job: Launch, job_id: str, partition: str | None) -> None:
+    res = job.spec.resources
     rel = runs.display_path(job.run_dir)
     print(f"submitted run {job.name} as SLURM job {job_id}: {res.nodes} node(s) x {res.ntasks_per_node} task(s), "
           f"partition {partition or '(default)'}, {res.time_minutes} min, cluster {job.profile.name}"
@@ -225,4 +253,3 @@ def submit_slurm(job: Launch, state: str) -> int:
         submit_then(job, job_id)
     for note in job.notes:
         print(f"[launcher] {note}")
-    return 0

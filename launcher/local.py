@@ -220,13 +220,31 @@ def failure_summary(run_dir: Path, rank: int, code: int, nproc: int, stopped: in
 # ------------------------------------------------------------------------------------- the job
 
 
-def run_local(spec: JobSpec, run_dir: Path, nproc: int, name: str) -> int:
-    """Train the run in ``run_dir`` with ``nproc`` local processes; returns training's exit status."""
+@dataclass
+class LocalJob:
+    """A local job recorded in jobs.json, not started yet."""
+
+    job_id: str
+    env: dict
+    kind: str
+    count: int
+
+
+def register_local(spec: JobSpec, run_dir: Path, nproc: int) -> LocalJob:
+    """Record a local job of ``nproc`` ranks in the run's jobs.json (the launcher holds the run lock)."""
     kind, count = local_devices()
     job_id = f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     env = _rank_env(spec, nproc, job_id)
     runs.add_job(run_dir, job_id, kind="local", nproc=nproc, device=kind, state="RUNNING",
                  host=socket.gethostname(), pid=os.getpid())
+    return LocalJob(job_id, env, kind, count)
+
+
+def run_local(spec: JobSpec, run_dir: Path, nproc: int, name: str, job: LocalJob | None = None) -> int:
+    """Train the run in ``run_dir`` with ``nproc`` local processes (``job``: recorded already by
+    :func:`register_local`); returns training's exit status."""
+    job = job or register_local(spec, run_dir, nproc)
+    job_id, env, kind, count = job.job_id, job.env, job.kind, job.count
     print(f"[launcher] local job {job_id}: {nproc} process(es) on {kind}"
           f"{'' if kind == 'cpu' else f' ({count} GPU(s))'}, {env['OMP_NUM_THREADS']} thread(s) each; "
           f"logs in {RunDir(run_dir).logs}", flush=True)

@@ -114,7 +114,7 @@ def recover(run_dir: Path, name: str, max_requeues: int, status: int) -> str:
 
     job_id = os.environ.get("LENSTRAIN_JOB_ID") or os.environ["SLURM_JOB_ID"]  # a --seeds array task: ARRAY_i
     restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-    data = runs.read_jobs(run_dir)
+    data = runs.read_jobs(run_dir, set_aside=True)
     job = runs.find_job(data, job_id) or {}
     state = (squeue_state(job_id) or "UNKNOWN").split()[0]
     requeues = max(runs.run_requeues(data), restart)

@@ -5,6 +5,11 @@ resolved job) and ``config.yaml`` (its training sections, what every task trains
 submission; ``jobs.json`` lists every job (SLURM or local) that served the run: id, state, requeues
 and attempts. ``jobs.json`` is updated by the launcher (submit, status, cancel) and by global rank 0
 inside the job, so every change is a locked read-modify-write followed by an atomic replace.
+
+The run lock (:func:`run_lock`, ``RUN/.jobs.json.lock``) is held for every such change, and by ``submit`` and
+``resume`` from the check of the run directory to the new job's record. A run whose ``job.yaml`` or
+``jobs.json`` cannot be read is a :class:`BrokenRunError` (exit 1) for the commands that read it; a corrupt
+``jobs.json`` met while recording is moved aside with a warning, never emptied.
 """
 
 from __future__ import annotations
@@ -12,6 +17,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -45,6 +53,10 @@ class RunConflict(ConfigError):
     """A run directory that holds a different run."""
 
 
+class BrokenRunError(ValueError):
+    """A run directory whose own files cannot be read (``job.yaml``, ``jobs.json``): exit 1, naming the file."""
+
+
 def run_dir_for(name: str, run_dir: str | Path | None = None, runs_dir: str | Path | None = None) -> Path:
     if run_dir is not None:
         return Path(run_dir).resolve()
@@ -69,7 +81,16 @@ def list_runs(runs_dir: str | Path | None = None) -> list[Path]:
 
 
 def read_job_dict(run_dir: Path) -> dict:
-    return yaml.safe_load(RunDir(run_dir).job.read_text()) or {}
+    """The run's ``job.yaml``; :class:`BrokenRunError` naming it when it is unreadable or not a mapping."""
+    path = RunDir(run_dir).job
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, ValueError, yaml.YAMLError, RecursionError) as exc:  # ValueError: bad UTF-8
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BrokenRunError(f"{path}: cannot be read ({first})") from None
+    if not isinstance(data, dict):
+        raise BrokenRunError(f"{path}: not a mapping of sections (found {type(data).__name__})")
+    return data
 
 
 def check_run(run_dir: Path, spec) -> str:
@@ -131,31 +152,100 @@ def load_training_config(run_dir: Path) -> LenstrainConfig:
 # ----------------------------------------------------------------------------------- jobs.json
 
 
+_held = threading.local()  # the run locks this thread holds: path -> depth
+
+
 @contextlib.contextmanager
-def _locked(run_dir: Path) -> Iterator[None]:
-    with open(run_dir / f".{JOBS_FILE}.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """The run's lock (``RUN/.jobs.json.lock``), exclusive across processes and reentrant within a thread: every
+    change of ``jobs.json`` holds it, and ``submit``/``resume`` hold it from the run's check to the job's record.
+    Creates the run directory."""
+    run_dir = Path(run_dir)
+    key = str(run_dir.resolve())
+    held = _held.__dict__.setdefault("depth", {})
+    if held.get(key):
+        held[key] += 1
         try:
             yield
         finally:
+            held[key] -= 1
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / f".{JOBS_FILE}.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        held[key] = 1
+        try:
+            yield
+        finally:
+            held.pop(key, None)
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def read_jobs(run_dir: Path) -> dict:
+_locked = run_lock  # the name update_jobs has always used
+
+
+def _jobs_problem(data) -> str | None:
+    """How a parsed ``jobs.json`` departs from its shape: ``{"run": ..., "jobs": [{"job_id": "...", ...}]}``."""
+    if not isinstance(data, dict) or not isinstance(data.get("jobs"), list):
+        return "not an object with a list of jobs"
+    for k, job in enumerate(data["jobs"]):
+        if not isinstance(job, dict) or not isinstance(job.get("job_id"), str):
+            return f"jobs[{k}] is not a job with a job_id"
+        if not isinstance(job.get("attempts", []), list) or not all(isinstance(a, dict) for a in job.get("attempts", [])):
+            return f"jobs[{k}].attempts is not a list of attempts"
+        if not isinstance(job.get("failures", []), list):
+            return f"jobs[{k}].failures is not a list"
+        for name in ("requeues",):
+            value = job.get(name, 0)
+            if isinstance(value, bool) or not isinstance(value, int):
+                return f"jobs[{k}].{name} is not an integer"
+    return None
+
+
+def _load_jobs(run_dir: Path) -> tuple[dict | None, str | None]:
+    """jobs.json's content (a fresh one when there is none), or None and why it cannot be used."""
     path = RunDir(run_dir).jobs
     if not path.is_file():
-        return {"run": Path(run_dir).name, "jobs": []}
+        return {"run": Path(run_dir).name, "jobs": []}, None
     try:
-        return json.loads(path.read_text())
-    except ValueError:
-        return {"run": Path(run_dir).name, "jobs": []}
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as exc:
+        return None, f"not valid JSON ({exc})"
+    problem = _jobs_problem(data)
+    return (None, problem) if problem else (data, None)
+
+
+def read_jobs(run_dir: Path, *, set_aside: bool = False) -> dict:
+    """The run's ``jobs.json``; :class:`BrokenRunError` naming it when it is corrupt (nothing is changed). With
+    ``set_aside`` (inside a job, which must go on), a corrupt one is moved aside with a warning instead."""
+    data, problem = _load_jobs(run_dir)
+    if problem is not None and set_aside:
+        return update_jobs(run_dir, lambda data: None)
+    if problem is not None:
+        path = RunDir(run_dir).jobs
+        raise BrokenRunError(f"{path}: {problem}; it holds the run's job history: repair it, or move it aside "
+                             f"(mv {path} {path}.bad) to start a new history")
+    return data
+
+
+def _set_aside(run_dir: Path, problem: str) -> dict:
+    """Move a corrupt ``jobs.json`` aside (under the run lock), with a warning; a new history starts."""
+    path = RunDir(run_dir).jobs
+    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    os.replace(path, aside)
+    print(f"warning: {path}: {problem}; moved it aside to {aside} and started a new job history",
+          file=sys.stderr, flush=True)
+    return {"run": Path(run_dir).name, "jobs": []}
 
 
 def update_jobs(run_dir: Path, change: Callable[[dict], Any]) -> dict:
-    """Apply ``change`` to jobs.json under the run's lock; returns the new content."""
+    """Apply ``change`` to jobs.json under the run's lock; returns the new content. A corrupt jobs.json is moved
+    aside with a warning first, never overwritten."""
     run_dir = Path(run_dir)
-    with _locked(run_dir):
-        data = read_jobs(run_dir)
+    with run_lock(run_dir):
+        data, problem = _load_jobs(run_dir)
+        if problem is not None:
+            data = _set_aside(run_dir, problem)
         change(data)
         write_json_atomic(RunDir(run_dir).jobs, data)
         return data
@@ -255,9 +345,10 @@ def run_requeues(data: dict) -> int:
 def read_progress(run_dir: Path) -> dict | None:
     path = RunDir(run_dir).progress
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:

@@ -100,7 +100,24 @@ def executor_parameters(spec: JobSpec, profile: ClusterProfile, job_name: str, r
     # One dead task stops the step at once; the batch script then decides about a requeue.
     params["srun_args"] = [*KILL_ON_BAD_EXIT, *profile.srun_args]
     params["teardown"] = teardown_lines(run_dir, job_name, res.max_requeues)
+    check_script_values(params, run_dir, profile)
     return params
+
+
+def check_script_values(params: dict, run_dir: Path, profile: ClusterProfile) -> None:
+    """The last guard before the script is rendered: every string that reaches it is one line (the job's fields
+    were validated where they entered; this covers the rest, the run directory included). Exit 2 naming the key."""
+    from launcher.values import script_problems
+    from lenstrain.config import ConfigError
+
+    where = {"job_name": "run name", "partition": "resources.partition", "account": "resources.account",
+             "qos": "resources.qos", "constraint": "resources.constraint", "mem": "resources.mem",
+             "setup": "resources.setup", "srun_args": f"cluster profile {profile.name}: srun_args",
+             "teardown": "--run-dir", "folder": "--run-dir", "python": "the Python interpreter's path",
+             "additional_parameters": "sbatch option"}
+    problems = script_problems({**params, "folder": str(run_dir), "python": sys.executable}, where)
+    if problems:
+        raise ConfigError(problems=problems)
 
 
 def python_command() -> str:

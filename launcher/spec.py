@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from launcher.clusters import ClusterProfile, default_cluster, list_profiles, load_profile
+from launcher.clusters import ClusterProfile, ProfileName, default_cluster, list_profiles, load_profile
 from launcher.sbatch_options import (
     MAIL_TYPES,
     check_gres,
@@ -31,25 +31,26 @@ from launcher.sbatch_options import (
     option_problems,
     problems_message,
 )
+from launcher.values import RunName, SbatchValue, ShellLine, SlurmNames, one_line
 from lenstrain.config import (
     ConfigError,
     LenstrainConfig,
     Section,
     apply_overrides,
     format_validation_error,
-    read_yaml,
+    parse_yaml_text,
+    read_text,
 )
 from lenstrain.inherit import resolve_bases
 
 TRAINING_SECTIONS = tuple(LenstrainConfig.model_fields)
-_TIME_RE = re.compile(r"^(?:(?P<d>\d+)-)?(?P<h>\d+):(?P<m>\d{1,2}):(?P<s>\d{1,2})$")
-_MEM_RE = re.compile(r"^(?P<n>\d+(?:\.\d+)?)\s*(?P<u>[KMGT])B?$", re.IGNORECASE)
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_TIME_RE = re.compile(r"(?:(?P<d>\d+)-)?(?P<h>\d+):(?P<m>\d{1,2}):(?P<s>\d{1,2})")
+_MEM_RE = re.compile(r"(?P<n>\d+(?:\.\d+)?)\s*(?P<u>[KMGT])B?", re.IGNORECASE)
 
 
 # YAML 1.1 reads 1:30:00 as the base-60 integer 5400; a job file means a time of day. These loaders
 # keep such scalars as strings (as YAML 1.2 does).
-_SEXAGESIMAL = re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?$")
+_SEXAGESIMAL = re.compile(r"[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?")
 
 
 class _JobLoader(yaml.SafeLoader):
@@ -73,9 +74,13 @@ _JobLoader.add_implicit_resolver(
 )
 
 
-def _read_one_job_yaml(path: Path) -> dict:
-    read_yaml(path)  # its checks and messages: missing file, bad YAML, not a mapping
-    return yaml.load(Path(path).read_text(), Loader=_JobLoader) or {}  # noqa: S506 - a SafeLoader subclass
+def _read_one_job_yaml(path: str | Path) -> dict:
+    """One job file like :func:`lenstrain.config.read_yaml` (missing file, bad YAML, size limits named),
+    keeping ``1:30:00`` a string."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    return parse_yaml_text(read_text(path), path, loader=_JobLoader)  # a SafeLoader subclass
 
 
 def read_job_yaml(path: str | Path) -> dict:
@@ -88,7 +93,7 @@ def _quote_times(overrides: list[str] | None) -> list[str]:
     out = []
     for item in overrides or []:
         key, sep, raw = item.partition("=")
-        out.append(f"{key}={sep and ''}'{raw}'" if sep and _SEXAGESIMAL.match(raw.strip()) else item)
+        out.append(f"{key}={sep and ''}'{raw}'" if sep and _SEXAGESIMAL.fullmatch(raw.strip()) else item)
     return out
 
 
@@ -103,7 +108,7 @@ def parse_time_minutes(value: int | str) -> int:
     text = str(value).strip()
     if text.isdigit():
         return parse_time_minutes(int(text))
-    match = _TIME_RE.match(text)
+    match = _TIME_RE.fullmatch(text)
     if not match:
         raise ValueError(f"{value!r} is not a time; expected minutes (e.g. 90) or HH:MM:SS (e.g. 01:30:00)")
     d, h, m, s = (int(match.group(k) or 0) for k in "dhms")
@@ -116,7 +121,7 @@ def parse_time_minutes(value: int | str) -> int:
 
 
 def parse_mem_gb(value: str) -> float:
-    match = _MEM_RE.match(value.strip())
+    match = _MEM_RE.fullmatch(value.strip())
     if not match:
         raise ValueError(f"{value!r} is not a memory size; expected a number and a unit, e.g. 16G, 500M")
     scale = {"K": 1 / 1024**2, "M": 1 / 1024, "G": 1.0, "T": 1024.0}[match.group("u").upper()]
@@ -126,7 +131,7 @@ def parse_mem_gb(value: str) -> float:
 class Resources(Section):
     """What one job asks of the cluster. ``cluster`` names a profile in ``slurm/clusters/``."""
 
-    cluster: str = Field(default_factory=default_cluster, description=(
+    cluster: ProfileName = Field(default_factory=default_cluster, description=(
         "a cluster profile (python -m launcher clusters lists them); default: $LENSTRAIN_CLUSTER, else devcluster"))
     nodes: int = Field(1, ge=1)
     gpus_per_node: int = Field(0, ge=0)
@@ -134,13 +139,14 @@ class Resources(Section):
     cpus_per_task: int | None = Field(None, ge=1)
     mem: str | None = Field(None, description="per node, e.g. 16G")
     time: int | str = Field(60, description="minutes, or HH:MM:SS")
-    partition: str | None = None  # default: the profile's
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
+    # Every value that reaches the sbatch script has a type of launcher.values: one line, no control characters.
+    partition: SlurmNames | None = None  # default: the profile's
+    account: SlurmNames | None = None
+    qos: SlurmNames | None = None
+    constraint: SbatchValue | None = None
     signal_delay_s: int = Field(120, ge=1, description="seconds between the signal and the time limit")
     max_requeues: int = Field(3, ge=0, description="requeues of the run, across resumes (preemption or time limit)")
-    setup: list[str] = Field(default_factory=list, description="shell lines run before srun")
+    setup: list[ShellLine] = Field(default_factory=list, description="shell lines run before srun, one line each")
 
     # --- site SLURM options (issue 21). Each value reaches an #SBATCH line: launcher.sbatch_options checks
     # it is one line without control characters (issue 18 unifies this into one string type).
@@ -215,14 +221,18 @@ class Resources(Section):
     @field_validator("time")
     @classmethod
     def _time(cls, value: int | str) -> int | str:
+        if isinstance(value, str):
+            one_line(value, what="a time")
         parse_time_minutes(value)
-        return value
+        return value.strip() if isinstance(value, str) else value
 
     @field_validator("mem")
     @classmethod
     def _mem(cls, value: str | None) -> str | None:
         if value is not None:
+            one_line(value, what="a memory size")
             parse_mem_gb(value)
+            value = value.strip()
         return value
 
     @property
@@ -247,15 +257,8 @@ class Resources(Section):
 class JobSpec(LenstrainConfig):
     """A whole job file: ``name``, ``resources`` and the training sections."""
 
-    name: str | None = None
+    name: RunName | None = None
     resources: Resources = Field(default_factory=Resources)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str | None) -> str | None:
-        if value is not None and not _NAME_RE.match(value):
-            raise ValueError(f"{value!r}: use letters, digits, '_', '-' and '.' (it names runs/NAME/)")
-        return value
 
     def training_dict(self) -> dict[str, Any]:
         """The training sections as plain data, in ``config.yaml``'s order (validated with the job, not again)."""

@@ -18,7 +18,7 @@ from lenstrain.rundir import RunDir
 
 STATE_STYLES = {"RUNNING": "green", "COMPLETED": "bold green", "PENDING": "yellow", "REQUEUED": "yellow",
                 "FAILED": "red", "CANCELLED": "magenta", "STOPPED": "magenta", "TIMEOUT": "red", "PREEMPTED": "yellow",
-                "LOST": "red"}
+                "LOST": "red", "BROKEN": "bold red"}
 
 
 def console() -> Console:
@@ -72,6 +72,10 @@ def fmt_duration(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
 def fmt_number(value) -> str:
     if value is None:
         return "-"
@@ -81,9 +85,11 @@ def fmt_number(value) -> str:
 def requeue_count(run_dir: Path, data: dict) -> str:
     """The run's requeues, across resumes, against its ``resources.max_requeues``: e.g. ``1/3``."""
     count = runs.run_requeues(data)
-    try:
-        limit = runs.read_job_dict(run_dir)["resources"]["max_requeues"]
-    except (OSError, KeyError, TypeError):
+    if not RunDir(run_dir).job.is_file():  # a run trained by `lenstrain train` alone
+        return str(count)
+    resources = runs.read_job_dict(run_dir).get("resources")
+    limit = resources.get("max_requeues") if isinstance(resources, dict) else None
+    if isinstance(limit, bool) or not isinstance(limit, int):
         return str(count)
     return f"{count}/{limit}"
 
@@ -95,16 +101,16 @@ def run_summary(run_dir: Path, data: dict) -> dict:
     jobs = data["jobs"]
     training = [j for j in jobs if not j.get("steps")]  # the jobs that train; chained steps (--then) come after
     latest = training[-1] if training else None
-    state = latest["state"] if latest else "NEW"
+    state = str(latest.get("state", "?")) if latest else "NEW"
     if progress.get("state") == "done" and state not in runs.ACTIVE_STATES:
         state = "COMPLETED"
     elapsed = 0.0
     for job in training:
         for attempt in job.get("attempts", []):
-            start = attempt.get("started")
-            end = attempt.get("ended")
+            start = _number(attempt.get("started"))
+            end = _number(attempt.get("ended"))
             if end is None:
-                end = now if job.get("state") in runs.ACTIVE_STATES else progress.get("updated", start)
+                end = now if job.get("state") in runs.ACTIVE_STATES else _number(progress.get("updated", start))
             if start is not None and end is not None:
                 elapsed += max(0.0, end - start)
     eta = None
@@ -115,7 +121,7 @@ def run_summary(run_dir: Path, data: dict) -> dict:
             world = (latest.get("attempts") or [{}])[-1].get("world_size") or 1
             global_batch = cfg["data"]["batch_size"] * cfg["train"]["grad_accum"] * world
             eta = (total - step) * global_batch / rate
-        except (KeyError, TypeError, OSError):
+        except (KeyError, TypeError, ValueError, ZeroDivisionError, runs.BrokenRunError):
             eta = None
     best = progress.get("best_metric")
     return {
@@ -127,12 +133,17 @@ def run_summary(run_dir: Path, data: dict) -> dict:
         "step": f"{step}/{total}" if step is not None else "-",
         "loss": fmt_number(progress.get("loss")),
         "tflops": fmt_number(progress.get("tflops")),  # per device, at the last log
-        "mfu": f"{progress['mfu']:.1%}" if progress.get("mfu") is not None else "-",  # GPUs with a known peak
+        "mfu": f"{_number(progress['mfu']):.1%}" if _number(progress.get("mfu")) is not None else "-",  # GPUs with a known peak
         "best": f"{fmt_number(best)} ({progress.get('best_metric_name')})" if best is not None else "-",
         "requeues": requeue_count(run_dir, data),
         "elapsed": fmt_duration(elapsed if jobs else None),
         "eta": fmt_duration(eta),
     }
+
+
+def broken_row(run_dir: Path) -> dict:
+    """The row of a run whose own files cannot be read: ``BROKEN``; the reason is printed under the table."""
+    return {key: "-" for key, _ in COLUMNS} | {"run": run_dir.name, "state": "BROKEN"}
 
 
 COLUMNS = [("run", "RUN"), ("state", "STATE"), ("jobs", "SLURM JOBS"), ("step", "STEP"), ("loss", "LOSS"),
@@ -186,15 +197,25 @@ def show(runs_dir: Path | None, ref: str | None) -> int:
             return 0
     else:
         run_dirs = [runs.find_run(ref, runs_dir)]
-    rows, details = [], []
+    rows, details, broken = [], [], []
     any_sacct = False
     for run_dir in run_dirs:
         use_run_cluster(run_dir)
-        data, sacct_ok = refresh_states(run_dir)
-        any_sacct |= sacct_ok
-        rows.append(run_summary(run_dir, data))
+        try:
+            data, sacct_ok = refresh_states(run_dir)
+            any_sacct |= sacct_ok
+            rows.append(run_summary(run_dir, data))
+        except runs.BrokenRunError as exc:  # one broken run does not hide the others
+            rows.append(broken_row(run_dir))
+            broken.append(f"{run_dir.name}: BROKEN: {exc}")
+            continue
         details.append((run_dir, data, sacct_ok))
     out.print(runs_table(rows))
+    for line in broken:
+        out.print(line, highlight=False, soft_wrap=True)
+    if ref is not None and broken:
+        print(f"error: run {run_dirs[0].name} is broken: {broken[0].split(': BROKEN: ', 1)[1]}", file=sys.stderr)
+        return 1
     if ref is not None:
         run_dir, data, sacct_ok = details[0]
         out.print(jobs_table(run_dir, data, sacct_ok))

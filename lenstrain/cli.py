@@ -45,8 +45,9 @@ def _train(args) -> int:
     own_config = not args.set and Path(args.config).resolve() == run.config.resolve()
     if not own_config:
         check_against_shards(config, world_size=max(args.nproc, 1))
-        run.root.mkdir(parents=True, exist_ok=True)
-        write_atomic(run.config, dump_config(config))
+        if not check_same_run(run, config):  # nothing is written before this check
+            run.root.mkdir(parents=True, exist_ok=True)
+            write_atomic(run.config, dump_config(config))
     if args.nproc > 1:
         from lenstrain.spawn import spawn_local
 
@@ -57,6 +58,45 @@ def _train(args) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         leave_rank(code)
     return code
+
+
+def _training_view(config: LenstrainConfig) -> dict:
+    """The config as compared between runs: its JSON form with ``data.shards`` made absolute."""
+    data = config.model_dump(mode="json")
+    data["data"]["shards"] = str(Path(config.data.shards).resolve())
+    return data
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, old value, new value) of every key that differs."""
+    out = []
+    for key in [*old, *(k for k in new if k not in old)]:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append((f"{prefix}{key}", a, b))
+    return out
+
+
+def check_same_run(run: RunDir, config: LenstrainConfig) -> bool:
+    """True when ``run`` already holds a run of this very config (it resumes); False when it holds none.
+
+    A run's training keys are fixed, as the launcher has it: a run directory whose ``config.yaml`` differs is
+    refused with :class:`ConfigError` (exit 2) listing every key that differs, and nothing is written.
+    """
+    if not run.config.is_file():
+        return False
+    previous = load_config(run.config)  # an unreadable one is refused, naming the file
+    differences = config_differences(_training_view(previous), _training_view(config))
+    if not differences:
+        return True
+    lines = [f"  {key}: {old!r} in the run, {new!r} now" for key, old, new in differences]
+    raise ConfigError(
+        f"{run.root} holds a run of another config ({run.config}); a run's training keys are fixed:\n"
+        + "\n".join(lines)
+        + "\n  Train this config as a new run with another --run-dir, or resume that run with "
+        f"`python -m lenstrain train {run.config} --run-dir {run.root}`.")
 
 
 def leave_rank(code: int) -> NoReturn:
@@ -104,7 +144,8 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     source.add_argument("--images", type=Path,
                         help="a .npy or FITS file, or a folder of them: (H,W), (C,H,W) or stacks (N,C,H,W); no packing")
     p.add_argument("--split", default="test", help="with --shards: split to predict (default: test)")
-    p.add_argument("--out", type=Path, required=True, help="CSV to write")
+    p.add_argument("--out", type=Path, required=True, help="CSV to write (an existing file only with --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
     _checkpoint_arg(p)
     p.add_argument("--step", type=int, default=None, help="the checkpoint of step N (default: --checkpoint's choice)")
     p.add_argument("--batch-size", type=int, default=None,
@@ -126,7 +167,9 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     which.add_argument("--step", type=int, help="the checkpoint of step N (default: the newest complete one)")
     which.add_argument("--best", action="store_true", help="the best checkpoint by checkpoint.best_metric")
     p.add_argument("--out", type=Path, required=True,
-                   help="model.safetensors or model.pt; its description (model.json) goes beside it")
+                   help="model.safetensors or model.pt; its description (model.json) goes beside it "
+                        "(existing files only with --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file and its description")
 
 
 COMMANDS = (
@@ -147,7 +190,16 @@ def _damaged(exc: BaseException) -> int:
     return EXIT_ERROR
 
 
+def _unreadable(exc: BaseException) -> int:
+    print(f"error: {exc}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    from lenstrain.safepickle import CheckpointReadError
+    from shards.manifest import ManifestError
     from shards.reader import CorruptSampleError
 
-    return run_cli(PROG, DESCRIPTION, COMMANDS, argv, errors={CorruptSampleError: _damaged})
+    return run_cli(PROG, DESCRIPTION, COMMANDS, argv, errors={CorruptSampleError: _damaged,
+                                                               CheckpointReadError: _unreadable,
+                                                               ManifestError: _unreadable})

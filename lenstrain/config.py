@@ -9,6 +9,7 @@ to the launcher and is ignored here. Unknown keys, wrong types and out-of-range 
 from __future__ import annotations
 
 import copy
+import os
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -266,13 +267,52 @@ def read_yaml(path: str | Path, *, not_a_mapping: str = "the top level must be a
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
+    return parse_yaml_text(read_text(path), path, not_a_mapping=not_a_mapping)
+
+
+MAX_YAML_NODES = 100_000  # values in a config, aliases counted each time they are used
+
+
+def read_text(path: Path) -> str:
+    """A config file's text; :class:`ConfigError` naming it when it cannot be read or is not UTF-8."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc})") from None
+
+
+def parse_yaml_text(text: str, path: str | os.PathLike, *, loader=None,
+                    not_a_mapping: str = "the top level must be a mapping of sections") -> dict:
+    """The YAML mapping in ``text`` (read from ``path``, which errors name): safe tags only, and at most
+    :data:`MAX_YAML_NODES` values (aliases expanded), so that a crafted file cannot exhaust memory or time."""
+    try:
+        data = (yaml.load(text, Loader=loader) if loader else yaml.safe_load(text)) or {}  # noqa: S506 - safe loaders
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    except (RecursionError, ValueError, TypeError) as exc:  # nesting too deep; a value YAML cannot build
+        raise ConfigError(f"{path}: not valid YAML ({type(exc).__name__}: {exc})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: {not_a_mapping}")
+    if _too_large(data):
+        raise ConfigError(f"{path}: holds more than {MAX_YAML_NODES:,} values (aliases counted each time they are "
+                          f"used); no config is that large")
     return data
+
+
+def _too_large(data: Any) -> bool:
+    """Whether ``data`` has more than :data:`MAX_YAML_NODES` values, counting a shared value at each use."""
+    count, stack = 0, [data]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_YAML_NODES:
+            return True
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list | tuple | set):
+            stack.extend(node)
+    return False
 
 
 def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
@@ -282,7 +322,12 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=3e-4")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else None
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except (yaml.YAMLError, RecursionError, ValueError) as exc:
+            raise ConfigError(f"--set {key}: the value is not valid YAML ({' '.join(str(exc).split())})") from None
+        if _too_large(value):
+            raise ConfigError(f"--set {key}: the value holds more than {MAX_YAML_NODES:,} values")
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -319,7 +364,9 @@ def _model_of(annotation: Any) -> Any:
     return None
 
 
-def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
+def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix: str = "",
+                            where: str | os.PathLike | None = None) -> str:
+    """``invalid config:`` (``invalid config in WHERE:``, naming the file) and one line per problem."""
     lines = []
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
@@ -333,15 +380,17 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         lines.append(f"  {path}: {msg}" if loc or prefix else f"  {msg}")
-    return "invalid config:\n" + "\n".join(lines)
+    header = f"invalid config in {where}:" if where is not None else "invalid config:"
+    return header + "\n" + "\n".join(lines)
 
 
-def validate_config(data: dict) -> LenstrainConfig:
+def validate_config(data: dict, where: str | os.PathLike | None = None) -> LenstrainConfig:
+    """The validated config; a :class:`ConfigError` names each key (and ``where``, the file, when given)."""
     data = {k: v for k, v in data.items() if k not in LAUNCHER_SECTIONS}
     try:
         return LenstrainConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, LenstrainConfig)) from None
+        raise ConfigError(format_validation_error(exc, LenstrainConfig, where=where)) from None
 
 
 def read_config_file(path: str | Path) -> dict:
@@ -353,9 +402,10 @@ def read_config_file(path: str | Path) -> dict:
 
 def load_config(source: str | Path | dict, overrides: list[str] | None = None) -> LenstrainConfig:
     """Read (a path, with its ``base:`` chain) or take (a dict) a config, apply ``--set`` overrides, and
-    validate it."""
+    validate it. An error in a file names the file."""
     data = read_config_file(source) if not isinstance(source, dict) else source
-    return validate_config(apply_overrides(data, overrides))
+    where = None if isinstance(source, dict) else source
+    return validate_config(apply_overrides(data, overrides), where=where)
 
 
 def dump_config(config: LenstrainConfig) -> str:

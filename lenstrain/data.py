@@ -51,9 +51,13 @@ class Cursor:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != CURSOR_VERSION:
-            raise ValueError(f"data cursor version {state.get('version')} is not {CURSOR_VERSION}")
+        if not isinstance(state, dict) or state.get("version") != CURSOR_VERSION:
+            version = state.get("version") if isinstance(state, dict) else state
+            raise ValueError(f"data cursor version {version!r} is not {CURSOR_VERSION}")
+        fields = set(asdict(self))
         for key, value in state.items():
+            if key not in fields or isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"data cursor: {key}={value!r} is not a known non-negative integer")
             setattr(self, key, value)
 
 

@@ -20,6 +20,7 @@ on, also when the samples come from another shard set.
 from __future__ import annotations
 
 import csv
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,17 +38,20 @@ from lenstrain.build import (
     task_for,
 )
 from lenstrain.checkpoint import (
+    CheckpointReadError,
     best_checkpoint,
+    complete_checkpoints,
     latest_complete,
+    load_first,
     load_model_state,
     read_meta,
     recorded_metric,
 )
-from lenstrain.config import ConfigError, LenstrainConfig, load_config
+from lenstrain.config import LenstrainConfig, load_config
 from lenstrain.data import TargetTransform
 from lenstrain.inference import MAX_ROTATIONS, decode, evaluate, predict
 from lenstrain.parallel import Backend
-from lenstrain.rundir import RunDir, write_json_atomic
+from lenstrain.rundir import RunDir, write_atomic, write_json_atomic
 from shards.clikit import UsageError, fail
 from shards.manifest import Manifest, ManifestError, load_manifest
 
@@ -61,12 +65,23 @@ def log(message: str) -> None:
 
 def choose_checkpoint(run_dir: Path, which: str, best_metric: str | None, best_mode: str,
                       log=log) -> tuple[Path, str]:
-    """The checkpoint to load and a phrase saying why: ``best`` by the recorded metric, else the newest."""
+    """The checkpoint to load and a phrase saying why: ``best`` by the recorded metric, else the newest.
+
+    When every checkpoint is damaged, :class:`CheckpointReadError` names the newest one's problem."""
     root = RunDir(run_dir).checkpoints
     scored = which == "best" and bool(best_metric)  # then every checkpoint is verified, and unusable ones reported
     best = best_checkpoint(root, best_metric, best_mode, verify=True, log=log) if scored else None
-    latest = latest_complete(root, log=(lambda message: None) if scored else log)
+    problems: list[str] = []
+
+    def note(message: str) -> None:
+        problems.append(message)
+        if not scored:
+            log(message)
+
+    latest = latest_complete(root, log=note)
     if latest is None:
+        if problems:
+            raise CheckpointReadError(f"{root}: no usable checkpoint; the newest: {problems[0]}")
         raise UsageError(f"{run_dir}: no complete checkpoint under {root}; train the run first "
                          f"(`python -m lenstrain train CONFIG --run-dir {run_dir}`)")
     if which == "latest":
@@ -76,6 +91,26 @@ def choose_checkpoint(run_dir: Path, which: str, best_metric: str | None, best_m
                         f"{best_metric or 'a best metric'}")
     value = recorded_metric(best, best_metric)
     return best, f"the best by {best_metric} ({best_mode}) = {value:.4g}, step {read_meta(best)['step']}"
+
+
+def load_weights_into(model: nn.Module, checkpoint: Path, why: str, log=log) -> tuple[Path, str]:
+    """Load ``checkpoint``'s weights into ``model``; one that cannot be read (any :class:`CheckpointReadError`, or
+    weights that do not fit the model) is reported and the complete one before it is used instead."""
+    root = checkpoint.parent
+
+    def read(path: Path) -> None:
+        state = load_model_state(path)
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointReadError(f"{path}: its weights do not fit the run's model ({first})") from None
+
+    older = complete_checkpoints(root, log=log, before=int(checkpoint.name.removeprefix("step-")))
+    loaded, _ = load_first([checkpoint, *older], read, log=log, ckpt_root=root)
+    if loaded != checkpoint:
+        why = f"step {read_meta(loaded)['step']}, the one before {checkpoint.name} ({why}), which cannot be read"
+    return loaded, why
 
 
 # ------------------------------------------------------------------------------------ loading a run
@@ -104,10 +139,7 @@ def read_run_config(run_dir: Path) -> LenstrainConfig:
         raise UsageError(f"{run_dir}: no such run directory")
     if not path.is_file():
         raise UsageError(f"{run_dir}: no {path.name}, so not a run directory (it is written when a run starts)")
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        raise UsageError(f"{path}: {exc}") from None
+    return load_config(path)  # an invalid config names the file
 
 
 def training_task(cfg: LenstrainConfig, other_shards: bool) -> Task:
@@ -155,7 +187,7 @@ def load_run(run_dir: Path, which: str = "best", shards: Path | None = None, log
     task = training_task(cfg, other)
     data_task, data_cfg = _task_for(data_manifest, task, data_dir, cfg) if other else (task, cfg)
     model = build_model(cfg, task, local_info())
-    model.load_state_dict(load_model_state(checkpoint))
+    checkpoint, why = load_weights_into(model, checkpoint, why, log)
     model.eval()
     return LoadedRun(run_dir, cfg, task, data_cfg, data_task, model, single_process(cfg, model), checkpoint, why)
 
@@ -218,21 +250,22 @@ def write_predictions_csv(path: Path, target: TargetTransform, keys: list[str], 
     if true is not None:
         header.append(f"true_{name}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        for row, i in enumerate(index.tolist()):
-            if target.kind == "classification":
-                probs = pred[row].tolist()
-                cells = [classes[int(pred[row].argmax())], *(_cell(p) for p in probs)]
-                if true is not None:
-                    t = int(true[row])
-                    cells.append(classes[t] if 0 <= t < len(classes) else "")
-            else:
-                cells = [_cell(float(pred[row]))]
-                if true is not None:
-                    cells.append(_cell(float(true[row])))
-            writer.writerow([keys[i], i, *cells])
+    fh = io.StringIO(newline="")  # the whole file, then one atomic write
+    writer = csv.writer(fh)
+    writer.writerow(header)
+    for row, i in enumerate(index.tolist()):
+        if target.kind == "classification":
+            probs = pred[row].tolist()
+            cells = [classes[int(pred[row].argmax())], *(_cell(p) for p in probs)]
+            if true is not None:
+                t = int(true[row])
+                cells.append(classes[t] if 0 <= t < len(classes) else "")
+        else:
+            cells = [_cell(float(pred[row]))]
+            if true is not None:
+                cells.append(_cell(float(true[row])))
+        writer.writerow([keys[i], i, *cells])
+    write_atomic(path, fh.getvalue())
 
 
 def _finite_or_none(metrics: dict[str, float]) -> dict[str, float | None]:
@@ -300,9 +333,12 @@ def predict_split(run: LoadedRun, split: str, rotations: int) -> dict[str, torch
 
 
 def main_predict(args) -> int:
+    from lenstrain.export import check_outputs
+
     if getattr(args, "images", None) is not None:
         return main_predict_images(args)
     try:
+        check_outputs([Path(args.out)], getattr(args, "force", False))
         run = load_run(args.run, args.checkpoint, args.shards, step=getattr(args, "step", None))
         n = check_split(run.data_task.manifest, args.split, Path(args.shards))
         rotations = tta_rotations(getattr(args, "tta", None), run.cfg)
@@ -315,6 +351,7 @@ def main_predict(args) -> int:
     result = predict_split(run, args.split, rotations)
     true = result["true"]
     labelled = bool((~torch.isnan(true) if task.target.kind == "regression" else true >= 0).any())
+    check_outputs([Path(args.out)], getattr(args, "force", False))  # nothing appeared meanwhile
     write_predictions_csv(Path(args.out), task.target, split_keys(task.manifest, args.split), result["index"],
                           result["pred"], true if labelled else None)
     log(f"wrote {len(result['index'])} rows to {args.out}"
@@ -324,9 +361,11 @@ def main_predict(args) -> int:
 
 def main_predict_images(args) -> int:
     """``predict RUN --images PATH``: plain .npy or FITS files (:mod:`lenstrain.predict_files`)."""
+    from lenstrain.export import check_outputs
     from lenstrain.predict_files import predict_files
 
     try:
+        check_outputs([Path(args.out)], getattr(args, "force", False))
         run = load_run(args.run, args.checkpoint, None, step=getattr(args, "step", None))
         rotations = tta_rotations(getattr(args, "tta", None), run.cfg)
         size = args.batch_size or run.cfg.data.val_batch_size or run.cfg.data.batch_size

@@ -32,9 +32,12 @@ import torch
 import torch.nn as nn
 
 from lenstrain.checkpoint import (
-    best_checkpoint,
+    CheckpointReadError,
+    best_checkpoints,
+    complete_checkpoints,
     latest_complete,
     list_checkpoints,
+    load_first,
     load_model_state,
     read_meta,
     step_dir_name,
@@ -92,30 +95,41 @@ def run_task(cfg):
         raise UsageError(str(exc)) from None
 
 
-def choose_checkpoint(run_dir: Path, cfg, step: int | None, best: bool, log=log) -> tuple[Path, str]:
-    """``--step N``'s checkpoint, the best by ``checkpoint.best_metric``, or the newest complete one;
-    with a phrase that says which."""
+def choose_checkpoints(run_dir: Path, cfg, step: int | None, best: bool, log=log) -> tuple[list[Path], str]:
+    """The checkpoints to try, in order, with a phrase that says how they were chosen: ``--step N``'s alone, the
+    best ones by ``checkpoint.best_metric``, or the complete ones newest first (verified one at a time)."""
     root = RunDir(run_dir).checkpoints
     if step is not None:
         path = root / step_dir_name(step)
-        problem = verify_checkpoint(path) if path.is_dir() else "no such checkpoint"
-        if problem is not None:
+        if not path.is_dir():
             steps = [str(s) for s, p in list_checkpoints(root) if verify_checkpoint(p) is None]
-            raise UsageError(f"--step {step}: {problem} in {root}; complete checkpoints: "
+            raise UsageError(f"--step {step}: no such checkpoint in {root}; complete checkpoints: "
                              f"{', '.join(steps) or 'none'}")
-        return path, f"step {step}"
+        problem = verify_checkpoint(path)
+        if problem is not None:
+            raise CheckpointReadError(f"--step {step}: {problem}")
+        return [path], f"step {step}"
     if best:
         metric, mode = cfg.checkpoint.best_metric, cfg.checkpoint.best_mode
-        path = best_checkpoint(root, metric, mode, verify=True, log=log)
-        if path is None:
+        ranked = best_checkpoints(root, metric, mode, verify=True, log=log)
+        if not ranked:
             raise UsageError(f"--best: no complete checkpoint of {run_dir} records a finite "
                              f"{metric or 'checkpoint.best_metric (unset in the run)'}; export the newest "
                              f"(without --best) or one step (--step N)")
-        return path, f"the best by {metric} ({mode})"
-    path = latest_complete(root, log=log)
-    if path is None:
+        return ranked, f"the best by {metric} ({mode})"
+    problems: list[str] = []
+
+    def note(message: str) -> None:
+        problems.append(message)
+        log(message)
+
+    newest = latest_complete(root, log=note)
+    if newest is None:
+        if problems:
+            raise CheckpointReadError(f"{root}: no usable checkpoint; the newest: {problems[0]}")
         raise UsageError(f"{run_dir}: no complete checkpoint under {root}; train the run first")
-    return path, "the newest complete checkpoint"
+    older = complete_checkpoints(root, log=log, before=int(newest.name.removeprefix("step-")))
+    return [newest, *older], "the newest complete checkpoint"
 
 
 def model_info(cfg, task, run_dir: Path, step_dir: Path, why: str) -> dict:
@@ -158,19 +172,45 @@ def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
     write_atomic(path, data)
 
 
+def check_outputs(paths: list[Path], force: bool, option: str = "--out") -> None:
+    """Refuse to replace an existing file without ``force`` (naming it), and a directory even with it."""
+    for path in paths:
+        if path.is_dir():
+            raise UsageError(f"{option} {path}: a directory; give a file name")
+        if path.exists() and not force:
+            raise UsageError(f"{option}: {path} exists; choose another name, or pass --force to replace it")
+
+
 def export_run(run_dir: str | Path, out: str | Path, *, step: int | None = None, best: bool = False,
-               log=log) -> dict:
-    """Write ``out`` (the weights) and its ``.json`` description; returns the description."""
+               force: bool = False, log=log) -> dict:
+    """Write ``out`` (the weights) and its ``.json`` description; returns the description.
+
+    An existing ``out`` or description is refused unless ``force``; both are written atomically. A checkpoint
+    that cannot be read is reported and the one before it used (except with ``step``).
+    """
     run_dir, out = Path(run_dir), Path(out)
     if out.suffix not in WEIGHT_SUFFIXES:
         raise UsageError(f"--out {out}: the file name must end in {' or '.join(WEIGHT_SUFFIXES)}")
+    check_outputs([out, info_path(out)], force)
     cfg = run_config(run_dir)
     task = run_task(cfg)
-    step_dir, why = choose_checkpoint(run_dir, cfg, step, best, log)
-    info = model_info(cfg, task, run_dir, step_dir, why)
-    state = plain_state(load_model_state(step_dir))
-    build_model(info).load_state_dict(state)  # strict: what is written loads
+    candidates, why = choose_checkpoints(run_dir, cfg, step, best, log)
+
+    def read(step_dir: Path) -> tuple[dict, dict]:
+        state = plain_state(load_model_state(step_dir))
+        info = model_info(cfg, task, run_dir, step_dir, why)
+        try:
+            build_model(info).load_state_dict(state)  # strict: what is written loads
+        except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointReadError(f"{step_dir}: its weights do not fit {cfg.model.name} ({first})") from None
+        return state, info
+
+    step_dir, (state, info) = load_first(candidates, read, log=log, ckpt_root=RunDir(run_dir).checkpoints)
+    if step_dir != candidates[0]:
+        info["source"]["chosen"] = why = f"{why}, {candidates[0].name} being unreadable"
     out.parent.mkdir(parents=True, exist_ok=True)
+    check_outputs([out, info_path(out)], force)  # nothing appeared meanwhile
     save_weights(state, out)
     write_json_atomic(info_path(out), info)
     params = sum(v.numel() for v in state.values() if v.is_floating_point())
@@ -226,5 +266,5 @@ def predict(model: nn.Module, info: dict, images, rotations: int | None = None) 
 
 def main(args) -> int:
     """``lenstrain export`` (its arguments are in :mod:`lenstrain.cli`)."""
-    export_run(args.run, args.out, step=args.step, best=args.best)
+    export_run(args.run, args.out, step=args.step, best=args.best, force=args.force)
     return 0

@@ -16,6 +16,7 @@ prediction columns ``predict --shards`` writes.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import sys
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lenstrain.rundir import write_atomic
 from shards.clikit import UsageError
 
 NPY_SUFFIXES = (".npy",)
@@ -195,17 +197,18 @@ def write_rows(path: Path, target, root: Path, keys: list[tuple[Path, int]], pre
         header += [f"prob_{c}" for c in classes]
     base = Path(root) if Path(root).is_dir() else Path(root).parent
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        for row, (file, index) in enumerate(keys):
-            name = str(file.relative_to(base)) if file.is_relative_to(base) else str(file)
-            if target.kind == "classification":
-                probs = pred[row].tolist()
-                cells = [classes[int(pred[row].argmax())], *(_cell(p) for p in probs)]
-            else:
-                cells = [_cell(float(pred[row]))]
-            writer.writerow([name, index, *cells])
+    fh = io.StringIO(newline="")  # the whole file, then one atomic write
+    writer = csv.writer(fh)
+    writer.writerow(header)
+    for row, (file, index) in enumerate(keys):
+        name = str(file.relative_to(base)) if file.is_relative_to(base) else str(file)
+        if target.kind == "classification":
+            probs = pred[row].tolist()
+            cells = [classes[int(pred[row].argmax())], *(_cell(p) for p in probs)]
+        else:
+            cells = [_cell(float(pred[row]))]
+        writer.writerow([name, index, *cells])
+    write_atomic(path, fh.getvalue())
 
 
 def _cell(value: float) -> str:

@@ -33,7 +33,13 @@ from lenstrain.build import (
     resolve_precision,
     total_steps,
 )
-from lenstrain.checkpoint import Checkpointer, CheckpointWriteError, latest_complete, read_meta
+from lenstrain.checkpoint import (
+    Checkpointer,
+    CheckpointReadError,
+    CheckpointWriteError,
+    latest_complete,
+    read_meta,
+)
 from lenstrain.checkpoint_space import estimate_checkpoint_bytes, free_space_warning
 from lenstrain.config import ConfigError, LenstrainConfig
 from lenstrain.data import Cursor, TrainStream
@@ -45,7 +51,13 @@ from lenstrain.metrics import better
 from lenstrain.optim import PlateauScheduler, build_optimizer, build_scheduler
 from lenstrain.parallel import Backend
 from lenstrain.parallel.base import StepFlags
-from lenstrain.preemption import EXIT_CHECKPOINT_FAILED, EXIT_NONFINITE, EXIT_REQUEUE, PreemptionFlag
+from lenstrain.preemption import (
+    EXIT_CHECKPOINT_FAILED,
+    EXIT_CHECKPOINT_UNREADABLE,
+    EXIT_NONFINITE,
+    EXIT_REQUEUE,
+    PreemptionFlag,
+)
 from lenstrain.preflight import has_split
 from lenstrain.profiling import StepProfiler
 from lenstrain.rundir import RunDir, write_json_atomic
@@ -67,6 +79,10 @@ class TrainState:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
+        fields = set(asdict(self))
+        unknown = sorted(set(state) - fields) if isinstance(state, dict) else ["(not an object)"]
+        if unknown:
+            raise ValueError(f"train_state: unknown key {unknown[0]!r}")
         for key, value in state.items():
             setattr(self, key, value)
 
@@ -150,7 +166,8 @@ class Run:
 def run_training(config: LenstrainConfig, run_dir: str | os.PathLike) -> int:
     """Train in ``run_dir`` (resuming from its newest complete checkpoint); returns the exit status:
     0 when done, :data:`EXIT_REQUEUE` after a collective save on a signal, :data:`EXIT_NONFINITE`,
-    :data:`EXIT_CHECKPOINT_FAILED` when a checkpoint could not be written (its one-line reason printed)."""
+    :data:`EXIT_CHECKPOINT_FAILED` when a checkpoint could not be written, :data:`EXIT_CHECKPOINT_UNREADABLE` when
+    no checkpoint of the run can be read (each with its one-line reason printed)."""
     info = init_distributed(config.parallel.backend, timeout_s=config.parallel.timeout_s,
                             trace_dir=RunDir(run_dir).logs)
     try:
@@ -159,6 +176,10 @@ def run_training(config: LenstrainConfig, run_dir: str | os.PathLike) -> int:
         if info.is_main:
             print(f"[lenstrain] error: {exc}", flush=True)
         return EXIT_CHECKPOINT_FAILED
+    except CheckpointReadError as exc:
+        if info.is_main:
+            print(f"[lenstrain] error: {exc}", flush=True)
+        return EXIT_CHECKPOINT_UNREADABLE
     finally:
         shutdown_distributed()
 
@@ -265,24 +286,48 @@ def start_run(cfg: LenstrainConfig, paths: RunDir, info: DistInfo, preempt: Pree
     forward = backend.compiled_forward() if cfg.model.compile else backend.train_module
     checkpointer = Checkpointer(paths.root, backend, keep=cfg.checkpoint.keep, best_metric=cfg.checkpoint.best_metric,
                                 best_mode=cfg.checkpoint.best_mode, log=log)
-    resume_from = checkpointer.latest()
-    meta = read_meta(resume_from) if resume_from else None
-    cursor = Cursor()
-    if meta:
-        cursor.load_state_dict(meta["cursor"])
-    stream = build_train_stream(cfg, task, info, cursor if meta else None, log)
-    steps = total_steps(cfg, stream)
     tb = TBLogger(paths.tb, enabled=info.is_main)
-    run = Run(cfg, paths, info, log, task, model, backend, forward, build_loss(cfg.train, task),
-              build_scheduler(cfg.schedule, optimizer, steps), stream, checkpointer, tb, preempt, steps,
-              has_split(task.manifest, cfg.data.val_split), rate, StepProfiler(cfg.train.profile, paths.profile,
-                                                                               info, tb, log))
-    if resume_from:
-        checkpointer.load(resume_from, run.objects)
-        run.state.load_state_dict(meta["train_state"])
-        log(f"resumed from {resume_from} (step {run.state.step}, epoch {cursor.epoch}, "
-            f"{cursor.samples_seen} samples seen)")
+    profiler = StepProfiler(cfg.train.profile, paths.profile, info, tb, log)
+
+    def assemble(cursor: Cursor | None) -> Run:
+        stream = build_train_stream(cfg, task, info, cursor, log)
+        steps = total_steps(cfg, stream)
+        return Run(cfg, paths, info, log, task, model, backend, forward, build_loss(cfg.train, task),
+                   build_scheduler(cfg.schedule, optimizer, steps), stream, checkpointer, tb, preempt, steps,
+                   has_split(task.manifest, cfg.data.val_split), rate, profiler)
+
+    # The newest complete checkpoint; one that cannot be read (on any rank) is reported and passed over for
+    # the one before it. When every one fails, the run stops naming the newest's file: it never starts over
+    # on top of its own checkpoints.
+    resume_from, first_problem = checkpointer.latest(), None
+    while resume_from is not None:
+        run, problem = None, None
+        try:
+            meta = read_meta(resume_from)
+            cursor = Cursor()
+            cursor.load_state_dict(meta["cursor"])
+            run = assemble(cursor)
+            checkpointer.load(resume_from, run.objects)
+            run.state.load_state_dict(meta["train_state"])
+        except (CheckpointReadError, KeyError, TypeError, ValueError) as exc:
+            problem = str(exc) if isinstance(exc, CheckpointReadError) else (
+                f"{resume_from / 'meta.json'}: {type(exc).__name__}: {exc}")
+        problem = checkpointer.agree(problem)
+        if problem is None:
+            log(f"resumed from {resume_from} (step {run.state.step}, epoch {cursor.epoch}, "
+                f"{cursor.samples_seen} samples seen)")
+            break
+        first_problem = first_problem or problem
+        checkpointer.unreadable.add(int(resume_from.name.removeprefix("step-")))
+        log(f"checkpoint {resume_from.name} cannot be read ({problem}); trying an older one")
+        if run is not None:
+            run.stream.close()
+        resume_from = checkpointer.latest(before=int(resume_from.name.removeprefix("step-")))
     else:
+        if first_problem is not None:
+            tb.close()
+            raise CheckpointReadError(f"{paths.checkpoints}: no usable checkpoint; the newest: {first_problem}")
+        run = assemble(None)
         log(f"starting a new run in {paths.root}")
     announce(run)
     run.carried = Carried()  # its clocks start with the loop

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shards.reader import ShardReader
+from shards.reader import CorruptSampleError, ShardReader
+
+MAX_HEADER_BYTES = 1 << 16  # an .npy header of an image is a few hundred bytes
 
 
 @dataclass
@@ -81,14 +83,18 @@ class MappedImages:
         """A sample the map cannot serve, through the reader: decoded, or a named error."""
         image, _ = self.reader.read(index)
         if image.shape != self.shape:
-            raise ValueError(
+            raise CorruptSampleError(
                 f"{self.reader.where(index)}: image shape {image.shape} is not the manifest's {self.shape}"
             )
         return image
 
     def _open(self, s: int) -> _MappedShard:
-        with open(self.reader.shard_paths[s], "rb") as fh:
-            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        path = self.reader.shard_paths[s]
+        try:
+            with open(path, "rb") as fh:
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as exc:  # missing, unreadable, or empty (mmap refuses an empty file)
+            raise CorruptSampleError(f"{path}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
         mine = slice(int(self.first[s]), int(self.first[s] + self.sizes[s]))
         data_start = self.image_offset[mine] + self.image_size[mine] - self.nbytes
         ok = self._headers_match(mm, self.image_offset[mine], data_start)
@@ -115,8 +121,10 @@ class MappedImages:
         if not len(header_start) or data_start[0] + self.nbytes > len(mm):
             return ok
         length = int(data_start[0] - header_start[0])
+        if length <= 0 or length > MAX_HEADER_BYTES or header_start[0] < 0:
+            return ok  # no .npy header of this size: every member goes through the reader, which names it
         header = bytes(mm[int(header_start[0]) : int(data_start[0])])
-        if length <= 0 or not self._valid_header(header):
+        if not self._valid_header(header):
             return ok
         fits = (data_start - header_start == length) & (data_start <= len(mm))
         starts = header_start[fits]

@@ -6,12 +6,14 @@ by a pure function of their index, and the parent process writes them in index o
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import multiprocessing as mp
 import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,13 +152,61 @@ def prepare_output(out: Path, overwrite: bool) -> Path:
     return staging
 
 
-def publish(staging: Path, out: Path) -> None:
-    """Move a finished staging directory into place; an old set is removed only after that."""
+def lock_path(out: Path) -> Path:
+    """The lock file beside ``--out`` that one writer of that shard set holds (``.NAME.lock``)."""
+    return out.parent / f".{out.name}.lock"
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock beside ``out`` (``.NAME.lock``) while a shard set is written there; a second writer
+    of the same ``out`` is refused at once (:class:`OutputExistsError`, exit 2) rather than racing the first.
+    The lock file is removed when the set is published or given up."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = lock_path(out)
+    while True:
+        fh = open(path, "a")  # noqa: SIM115 - held until the set is published
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise OutputExistsError(f"{out} is being written by another process (it holds {path}); wait for it to "
+                                    f"finish, or choose another --out") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        fh.close()  # a holder removed this lock file as we opened it: take the new one
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # while still held: whoever opens it next makes a new one
+        fh.close()
+
+
+def publish(staging: Path, out: Path, overwrite: bool = True) -> None:
+    """Move a finished staging directory into place; an old set is removed only after that.
+
+    A set that appeared at ``out`` while this one was written (by a writer that did not take the lock) is
+    left as it is unless ``overwrite``."""
     trash = None
     if out.exists():
+        if not overwrite:
+            raise OutputExistsError(f"{out} appeared while this shard set was being written; it is left as it is. "
+                                    f"Choose another --out, or pass --overwrite to replace it")
+        check_destination(out, overwrite)
         trash = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, trash)
-    os.replace(staging, out)
+    try:
+        os.rename(staging, out)  # a directory that appeared meanwhile, non-empty, makes this fail: never replaced
+    except OSError as exc:
+        if trash is not None:
+            os.replace(trash, out)
+        raise OutputExistsError(f"{out} appeared while this shard set was being written ({exc.strerror}); it is "
+                                f"left as it is") from None
     fsync_dir(out.parent)
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
@@ -238,19 +288,27 @@ def pack_shard_set(
     if primary_target not in {t.name for t in targets}:
         raise ValueError(f"primary target {primary_target!r} is not among the targets")
     out, order = Path(out), _packing_order(split_of)
-    staging = prepare_output(out, options.overwrite)
-    try:
-        packer = _Packer(staging, split_of, targets, options, key_of or (lambda i: f"{i:08d}"),
-                         describe or (lambda i: f"sample {i}"))
-        with progress(total=len(order), desc=desc) as bar:
-            for result in _iter_results(sample_fn, order, options.dtype, options.workers):
-                packer.add(result)
-                bar.update(1)
-        manifest = packer.manifest(primary_target, source)
-        fsync_dir(staging)
-        save_manifest(staging, manifest)
-        publish(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with output_lock(out):
+        staging = prepare_output(out, options.overwrite)
+        try:
+            packer = _Packer(staging, split_of, targets, options, key_of or (lambda i: f"{i:08d}"),
+                             describe or (lambda i: f"sample {i}"))
+            with progress(total=len(order), desc=desc) as bar:
+                for result in _iter_results(sample_fn, order, options.dtype, options.workers):
+                    packer.add(result)
+                    bar.update(1)
+            manifest = packer.manifest(primary_target, source)
+            fsync_dir(staging)
+            save_manifest(staging, manifest)
+            publish(staging, out, options.overwrite)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            if exc.filename is not None or isinstance(exc, OutputExistsError):
+                raise
+            # A write error (a full disk, a quota) carries no file name: name the set and where it was written.
+            raise OSError(exc.errno, f"{exc.strerror or exc} while writing the shard set {out} (nothing was "
+                                     f"published)", str(staging)) from None
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return PackResult(manifest=manifest, skipped=packer.skipped)

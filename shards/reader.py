@@ -84,8 +84,23 @@ class ShardReader:
             self._handles, self._pid = {}, os.getpid()
         fh = self._handles.get(shard)
         if fh is None:
-            fh = self._handles[shard] = open(self._paths[shard], "rb", buffering=0)  # noqa: SIM115
+            try:
+                fh = self._handles[shard] = open(self._paths[shard], "rb", buffering=0)  # noqa: SIM115
+            except OSError as exc:
+                raise CorruptSampleError(f"{self._paths[shard]}: cannot be opened ({exc.strerror or exc})") from None
         return fh
+
+    def _read_at(self, index: int, size: int, offset: int) -> bytes:
+        """``size`` bytes at ``offset`` of sample ``index``'s shard; a span outside the file is named, not read."""
+        fh = self._handle(self._shard_of[index])
+        end = os.fstat(fh.fileno()).st_size
+        if offset < 0 or size < 0 or offset + size > end:
+            raise CorruptSampleError(f"{self.where(index)}: shard is truncated (the sample's data, bytes {offset}-"
+                                     f"{offset + size}, lies past its {end} bytes) or the manifest is wrong")
+        data = os.pread(fh.fileno(), size, offset)
+        if len(data) != size:
+            raise CorruptSampleError(f"{self.where(index)}: shard is truncated")
+        return data
 
     def where(self, index: int) -> str:
         member = self._members[index]
@@ -94,11 +109,8 @@ class ShardReader:
     def read_raw(self, index: int) -> tuple[bytes, bytes]:
         """The image and label bytes of sample ``index``, read with one contiguous read."""
         m = self._members[index]
-        fh = self._handle(self._shard_of[index])
         span = m.json_offset + m.json_size - m.image_offset
-        data = os.pread(fh.fileno(), span, m.image_offset)
-        if len(data) != span:
-            raise CorruptSampleError(f"{self.where(index)}: shard is truncated")
+        data = self._read_at(index, span, m.image_offset)
         return data[: m.image_size], data[m.json_offset - m.image_offset :]
 
     def read(self, index: int) -> tuple[np.ndarray, dict]:
@@ -108,8 +120,7 @@ class ShardReader:
 
     def labels(self, index: int) -> dict:
         m = self._members[index]
-        data = os.pread(self._handle(self._shard_of[index]).fileno(), m.json_size, m.json_offset)
-        return decode_labels(data, self.where(index))
+        return decode_labels(self._read_at(index, m.json_size, m.json_offset), self.where(index))
 
     def close(self) -> None:
         for fh in self._handles.values():

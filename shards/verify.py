@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from shards.labeltable import same_value
-from shards.manifest import Manifest, Shard, Stats, load_manifest
+from shards.manifest import MANIFEST_NAME, Manifest, Shard, Stats, load_manifest
 from shards.moments import Moments
 from shards.reader import CorruptSampleError, decode_image, decode_labels
 
@@ -105,6 +105,14 @@ class _Checker:
         if not path.is_file():
             problems.append(f"{shard.name}: missing")
             return result
+        try:
+            return self._shard_file(split, shard, path, result)
+        except OSError as exc:
+            problems.append(f"{shard.name}: cannot be read ({exc.strerror or exc})")
+            return result
+
+    def _shard_file(self, split: str, shard: Shard, path: Path, result: ShardResult) -> ShardResult:
+        problems = result.problems
         if shard.count != len(shard.members):
             problems.append(f"{shard.name}: manifest count {shard.count} but {len(shard.members)} members listed")
         size = path.stat().st_size
@@ -156,6 +164,11 @@ class _Checker:
         json_name = f"{member.key}.json"
         image_where = f"{shard_name}: member {image_name}"
         json_where = f"{shard_name}: member {json_name}"
+        for where, want_size, offset in ((image_where, member.image_size, member.image_offset),
+                                         (json_where, member.json_size, member.json_offset)):
+            if offset + want_size > size:  # not read: the span lies outside the file
+                problems.append(f"{where}: truncated (data ends at byte {offset + want_size}, shard has {size})")
+                return
         image_bytes = os.pread(fd, member.image_size, member.image_offset)
         json_bytes = os.pread(fd, member.json_size, member.json_offset)
         for where, data, want_size, offset, crc in (
@@ -265,7 +278,7 @@ def verify_shard_set(directory: str | os.PathLike,
     stray = sorted(p.name for p in directory.glob("*.tar") if p.name not in listed)
     report.problems.extend(f"{name}: a tar file the manifest does not list" for name in stray)
     if not any(r.problems for r in report.shards):  # statistics are only comparable over intact data
-        report.problems.extend(checker.totals())
+        report.problems.extend(f"{directory / MANIFEST_NAME}: {problem}" for problem in checker.totals())
     return report
 
 

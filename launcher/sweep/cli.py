@@ -12,6 +12,7 @@ from pathlib import Path
 
 from launcher import runs
 from launcher.cliargs import add_job_args, add_runs_dir
+from launcher.values import valid_run_name
 from shards.clikit import UsageError
 
 
@@ -60,6 +61,10 @@ def sweep(args) -> int:
     path = Path(args.file)
     spec, _, job = read_sweep(path, args.set)
     spec.name = args.name or spec.name or path.stem
+    if not valid_run_name(spec.name):
+        where = "--name" if args.name else ("name" if spec.name != path.stem else f"the file name {path.name}")
+        raise UsageError(f"sweep name ({where}): {spec.name!r}: use letters, digits, '_', '-' and '.' (it names "
+                         f"runs/NAME/)")
     root = runs.run_dir_for(spec.name, args.run_dir, args.runs_dir)
     return start(root, spec, job, args, check_sweep_dir(root, spec, job))
 

@@ -27,7 +27,7 @@ def _say(message: str) -> None:
 
 
 def attempt_ended(run_dir: Path, job_id: str) -> bool:
-    job = runs.find_job(runs.read_jobs(run_dir), job_id) or {}
+    job = runs.find_job(runs.read_jobs(run_dir, set_aside=True), job_id) or {}
     attempts = job.get("attempts", [])
     return bool(attempts) and "ended" in attempts[-1]
 

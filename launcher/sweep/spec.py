@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from launcher.spec import JobSpec, read_job_yaml
 from launcher.sweep.samplers import PRUNERS, SAMPLER_CLASSES, SAMPLERS, option_problems
+from launcher.values import RunName
 from lenstrain.config import ConfigError, apply_overrides, format_validation_error, read_yaml
 from lenstrain.metrics import mode_for
 from shards.clikit import Problem
@@ -87,7 +88,7 @@ class SweepSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: RunName | None = None
     base: Path = Field(description="a job file; its resources are each trial's")
     overrides: list[str] = Field(default_factory=list, description="KEY=VALUE lines applied to the base job")
     metric: str | None = Field(None, description="default: the base job's checkpoint.best_metric")

@@ -93,14 +93,14 @@ def array_state(job_id: str) -> str | None:
 
 def refresh_arrays(root: Path) -> dict:
     """The sweep's ``jobs.json`` with each array's state refreshed from its tasks."""
-    data = runs.read_jobs(root)
+    data = runs.read_jobs(root, set_aside=True)
     states = {
         j["job_id"]: array_state(j["job_id"]) for j in data["jobs"] if j.get("kind", "slurm") == "slurm"
     }
     states = {k: v for k, v in states.items() if v}
     if states:
         runs.set_states(root, states)
-    return runs.read_jobs(root)
+    return runs.read_jobs(root, set_aside=True)
 
 
 def show(root: Path, out) -> int:

@@ -172,7 +172,7 @@ def stopped_after_checkpoint(trial_dir: Path) -> bool:
     """Whether the trial's run ended its last attempt on purpose after a checkpoint (it can be resumed)."""
     if not (trial_dir / JOB_FILE).is_file() or runs.newest_checkpoint(trial_dir) is None:
         return False
-    jobs = runs.read_jobs(trial_dir)["jobs"]
+    jobs = runs.read_jobs(trial_dir, set_aside=True)["jobs"]
     attempts = jobs[-1].get("attempts", []) if jobs else []
     return bool(attempts) and attempts[-1].get("outcome") in STOPPED_OUTCOMES
 

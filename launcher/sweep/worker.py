@@ -101,7 +101,7 @@ def prepare_run(sweep_root: Path, job: dict, trial: FrozenTrial, owner: dict) ->
     job_id = owner.get("job") or os.environ.setdefault(
         "LENSTRAIN_JOB_ID", f"local-{owner['host']}-{owner['pid']}"
     )
-    if runs.find_job(runs.read_jobs(run_dir), job_id) is None:
+    if runs.find_job(runs.read_jobs(run_dir, set_aside=True), job_id) is None:
         info = (
             {"array": owner.get("array")}
             if owner["kind"] == "slurm"
@@ -126,7 +126,7 @@ def trial_task(run_dir: Path, job: dict) -> TrainTask:
     from launcher.entry import TrainTask
 
     job_id = os.environ.get("LENSTRAIN_JOB_ID") or os.environ.get("SLURM_JOB_ID", "")
-    entry = runs.find_job(runs.read_jobs(run_dir), job_id) or {}
+    entry = runs.find_job(runs.read_jobs(run_dir, set_aside=True), job_id) or {}
     return TrainTask(
         run_dir,
         max_requeues=job["resources"]["max_requeues"],

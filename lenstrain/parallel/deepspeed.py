@@ -299,19 +299,32 @@ class DeepSpeedBackend(DDPBackend):
         super().load_state(directory, objects)
 
     def _load_engine(self, directory: Path) -> None:
-        """DeepSpeed's own load of the model and optimizer partitions (the scheduler is ours)."""
-        path, _ = self.engine.load_checkpoint(str(directory), tag=DEEPSPEED_DIR, load_module_strict=True,
-                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        """DeepSpeed's own load of the model and optimizer partitions (the scheduler is ours). Every pickle it
+        may read is scanned first: a global outside :data:`lenstrain.safepickle.ALLOWED_GLOBALS` is refused."""
+        from lenstrain.safepickle import CheckpointReadError, check_pickle_tree
+
+        check_pickle_tree(directory / DEEPSPEED_DIR)
+        try:
+            path, _ = self.engine.load_checkpoint(str(directory), tag=DEEPSPEED_DIR, load_module_strict=True,
+                                                  load_optimizer_states=True, load_lr_scheduler_states=False)
+        except CheckpointReadError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a damaged partition fails in many ways
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise CheckpointReadError(f"{directory / DEEPSPEED_DIR}: DeepSpeed cannot load it "
+                                      f"({type(exc).__name__}: {first})") from None
         if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory / DEEPSPEED_DIR}")
+            raise CheckpointReadError(f"no DeepSpeed checkpoint in {directory / DEEPSPEED_DIR}")
 
     def _load_resharded(self, directory: Path, saved: int) -> None:
         """Rank 0 converts the checkpoint into ``checkpoints/.reshard-step-N/`` (beside it, on the run's shared
         file system), every rank loads its partition from there, and rank 0 removes it; the buffers come from
         the checkpoint itself. (``saved``: the world size that wrote it.)"""
-        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-        from lenstrain.parallel.deepspeed_files import saved_module_state, write_universal
+        from lenstrain.parallel.deepspeed_files import (
+            AllowlistedCheckpointEngine,
+            saved_module_state,
+            write_universal,
+        )
 
         universal = directory.parent / f".reshard-{directory.name}"
         if self.info.is_main:
@@ -319,7 +332,7 @@ class DeepSpeedBackend(DDPBackend):
             write_universal(directory, universal)
         self.barrier()
         listed_files, config = self.engine.checkpoint_engine, self.engine._config
-        self.engine.checkpoint_engine = TorchCheckpointEngine(config)  # files converted here from verified ones
+        self.engine.checkpoint_engine = AllowlistedCheckpointEngine(config)  # files converted here from verified ones
         config.load_universal_checkpoint = True
         try:
             self._load_engine(universal)

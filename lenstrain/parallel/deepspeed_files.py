@@ -3,9 +3,11 @@
 Imported only once DeepSpeed is in use. Writes go through :func:`~lenstrain.stateio.save_state_file`,
 so a full disk gives the OS's error rather than torch's vague one, raised once the engine's save
 has finished on every rank. DeepSpeed's files hold objects of
-its own classes and cannot be read with ``weights_only=True``; each is unpickled only if the
-checkpoint's ``COMPLETE`` marker lists it with the same size and sha256
-(:func:`~lenstrain.stateio.load_listed_pickle`), that is, only files that the run itself wrote.
+its own classes beside the tensors; each is read with ``weights_only=True`` and those classes allowed
+(:mod:`lenstrain.safepickle`), and only if the checkpoint's ``COMPLETE`` marker lists it with the same size
+and sha256 (:func:`~lenstrain.stateio.load_listed_pickle`), that is, only files that the run itself wrote.
+DeepSpeed's own converters unpickle fully: every pickle they will read is scanned first
+(:func:`~lenstrain.safepickle.check_pickle_tree`), and a global outside the allowlist is refused.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
+from lenstrain.safepickle import check_pickle_tree, deepspeed_classes, load_allowlisted
 from lenstrain.stateio import (
     DEEPSPEED_DIR,
     UntrustedFileError,
@@ -57,6 +60,14 @@ class ListedFilesCheckpointEngine(TorchCheckpointEngine):
         return load_listed_pickle(path, path.parent.parent, map_location=map_location)
 
 
+class AllowlistedCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch checkpoint engine reading with ``weights_only=True`` and DeepSpeed's classes allowed: for
+    the universal layout that :func:`write_universal` converts from a verified checkpoint."""
+
+    def load(self, path: str, map_location=None):
+        return load_allowlisted(path, deepspeed_classes(), map_location=map_location or "cpu")
+
+
 # ------------------------------------------------------------------------------------ another world size
 
 
@@ -80,6 +91,7 @@ def write_universal(step_dir: Path, out: Path) -> None:
         raise UntrustedFileError(
             f"{step_dir}: not a checkpoint as the run wrote it ({problem}); refusing to convert it"
         )
+    check_pickle_tree(Path(step_dir) / DEEPSPEED_DIR)  # the converter unpickles fully
     args = argparse.Namespace(
         input_folder=str(Path(step_dir) / DEEPSPEED_DIR),
         output_folder=str(Path(out) / DEEPSPEED_DIR),
