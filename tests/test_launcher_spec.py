@@ -303,11 +303,29 @@ def simulated_sets(tmp_path_factory):
             for task in ("halo_mass", "substructure")}
 
 
+def stream_set(job: Path, root: Path) -> Path:
+    """A small set of what the job's ``data.stream`` renders (another seed): what its stream must agree with."""
+    from lenstrain.config import StreamConfig
+    from lenstrain.stream import stream_plan
+    from shards.cli import main as shards_main
+
+    stream = StreamConfig(**yaml.safe_load(job.read_text())["data"]["stream"])
+    plan, problems = stream_plan(stream)
+    assert not problems, problems
+    out = root / job.stem
+    assert shards_main(["simulate", *plan.flags, "--seed", str(stream.seed + 1), "--n", "48", "--workers", "1",
+                        "--out", str(out)]) == 0
+    return out
+
+
 @pytest.mark.parametrize("job", JOBS, ids=[p.stem for p in JOBS])
-def test_every_shipped_job_validates(job, simulated_sets):
+def test_every_shipped_job_validates(job, simulated_sets, tmp_path):
     # The shipped jobs' targets, losses, metrics and model options are checked against a real set of
-    # their task; batch 1 lets a small set stand in for a full-size one.
-    shards = simulated_sets["substructure" if "substructure" in job.stem else "halo_mass"]
+    # their task (for a stream, of its stream's physics); batch 1 lets a small set stand in for a full-size one.
+    if "stream" in (yaml.safe_load(job.read_text()).get("data") or {}):
+        shards = stream_set(job, tmp_path)
+    else:
+        shards = simulated_sets["substructure" if "substructure" in job.stem else "halo_mass"]
     spec, profile = load_job(job, [f"data.shards={shards}", "data.batch_size=1"])
     assert spec.resources.world_size >= 1
     assert profile.name == spec.resources.cluster
