@@ -114,11 +114,7 @@ class StreamPlan:
     """A valid stream: what each sample is drawn from, and the ``shards simulate`` flags that say it."""
 
     config: object  # shards.simulate.physics.SimConfig
-    flags: tuple[str, ...]  # --preset P --task T and the options, as the command line writes them
-
-    def simulate_command(self, seed: int, n: int, out: str) -> str:
-        """The command that simulates a shard set of this stream's images (with another seed)."""
-        return " ".join(["python -m shards simulate", *self.flags, "--seed", str(seed), "--n", str(n), "--out", out])
+    flags: tuple[str, ...]  # --task T --preset P and the options, as `shards simulate` takes them (no seed)
 
 
 def stream_plan(stream) -> tuple[StreamPlan | None, list[Problem]]:
@@ -147,6 +143,9 @@ def stream_plan(stream) -> tuple[StreamPlan | None, list[Problem]]:
             problems.append((path, f"is data.stream.{key}" if key in ("task", "preset", "seed") else
                              f"{_flag(actions[key])} describes a shard set, not a sample" if key in actions else
                              f"unknown option; valid options: {', '.join(sorted(allowed))}"))
+            continue
+        if key in given:
+            problems.append((path, f"the same option as data.stream.options.{given[key]}"))
             continue
         if value is None:
             continue
@@ -199,12 +198,12 @@ def _required(actions: dict[str, argparse.Action], skip: str) -> list[str]:
 # ------------------------------------------------------------------------------------ against the shard set
 
 
-def manifest_problems(cfg, stream_plan: StreamPlan, manifest) -> list[Problem]:
+def manifest_problems(cfg, planned: StreamPlan, manifest) -> list[Problem]:
     """Each way the stream's samples differ from what the shard set holds, named by the key that decides it."""
     from shards.simulate.cli import _source_record
     from shards.simulate.tasks import get_task
 
-    stream, sim = cfg.data.stream, stream_plan.config
+    stream, sim = cfg.data.stream, planned.config
     problems: list[Problem] = []
     shape = (1, sim.instrument.size, sim.instrument.size)
     if tuple(manifest.image.shape) != shape:
@@ -293,15 +292,15 @@ class StreamBatchBuilder(BatchFinisher):
     statistics. So training images are prepared exactly as the shard set's validation images are.
     """
 
-    def __init__(self, stream_plan: StreamPlan, target: TargetTransform, *, dtype: str, seed: int, normalize: str,
+    def __init__(self, planned: StreamPlan, target: TargetTransform, *, dtype: str, seed: int, normalize: str,
                  mean: float, std: float, rotate: bool, flip: bool, augment_device: str = "cpu"):
         from shards.simulate.physics import Simulator
 
         super().__init__(target, seed=seed, normalize=normalize, mean=mean, std=std, rotate=rotate, flip=flip,
                          augment_device=augment_device)
-        self.simulator = Simulator(stream_plan.config)
+        self.simulator = Simulator(planned.config)
         self.dtype = dtype
-        size = stream_plan.config.instrument.size
+        size = planned.config.instrument.size
         self.shape = (1, size, size)
 
     def warm(self) -> None:

@@ -197,6 +197,9 @@ def test_ddp_resume_is_bit_identical_and_two_ranks_resume_as_one(tmp_path, eval_
     ({"options": {**OPTIONS, "warp": 3}}, "data.stream.options.warp", "unknown option; valid options: exposure"),
     ({"options": {**OPTIONS, "workers": 3}}, "data.stream.options.workers", "--workers describes a shard set"),
     ({"options": {**OPTIONS, "z_lens": 2.9}}, "data.stream.options.z_lens", "must lie above --z-lens"),
+    ({"options": {**OPTIONS, "halo-mass": 12.0}}, "data.stream.options.halo-mass", "the same option as "
+                                                                                   "data.stream.options.halo_mass"),
+    ({"options": {**OPTIONS, "seed": 4}}, "data.stream.options.seed", "is data.stream.seed"),
     ({"preset": "euclid"}, "data.stream.preset", "'euclid', but the shard set was simulated with preset 'deeplense2'"),
     ({"preset": "deeplense9"}, "data.stream.preset", "invalid choice: 'deeplense9'"),
     ({"task": "halo_mass"}, "data.stream.task", "the stream has 'halo_mass', the shard set 'substructure'"),
