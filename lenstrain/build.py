@@ -142,10 +142,9 @@ def build_eval_batches(cfg: LenstrainConfig, task: Task, split: str, info: DistI
 def build_stream_builder(cfg: LenstrainConfig, task: Task, augment_device: str = "cpu"):
     """The batch builder of ``data.stream`` (rendering each sample, prepared as ``data.shards``' own images) and
     its epoch size; :class:`ConfigError` if the stream is invalid or disagrees with the shard set."""
-    from lenstrain.stream import StreamBatchBuilder, manifest_problems, stream_plan
+    from lenstrain.stream import StreamBatchBuilder, check_stream
 
-    plan, problems = stream_plan(cfg.data.stream)
-    problems = problems or manifest_problems(cfg, plan, task.manifest)
+    plan, problems = check_stream(cfg, task.manifest)
     if problems:
         raise ConfigError(problems=problems)
     stats = task.manifest.image.stats
@@ -161,8 +160,8 @@ def build_train_stream(cfg: LenstrainConfig, task: Task, info: DistInfo, cursor:
     place = augment_place(cfg, info.device)
     if cfg.data.stream is not None:
         builder, n = build_stream_builder(cfg, task, place)
-        if cfg.data.workers and cfg.data.worker_kind == "process":
-            builder.warm()  # before the workers fork
+        if cfg.data.workers:
+            builder.warm()  # before the workers start: processes inherit the built models, threads share them
         order = SequentialOrder(n)
     else:
         builder, n = build_builder(cfg, task, "train", augment=True, augment_device=place)

@@ -44,10 +44,9 @@ def _stream_problems(cfg: LenstrainConfig, manifest: Manifest) -> list[Problem]:
     """``data.stream``'s options as ``shards simulate`` checks them, then its samples against the shard set."""
     if cfg.data.stream is None:
         return []
-    from lenstrain.stream import manifest_problems, stream_plan
+    from lenstrain.stream import check_stream
 
-    plan, problems = stream_plan(cfg.data.stream)
-    return problems or manifest_problems(cfg, plan, manifest)
+    return check_stream(cfg, manifest)[1]
 
 
 def _batch_problems(cfg: LenstrainConfig, manifest: Manifest, world_size: int) -> list[Problem]:

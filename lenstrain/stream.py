@@ -198,6 +198,14 @@ def _required(actions: dict[str, argparse.Action], skip: str) -> list[str]:
 # ------------------------------------------------------------------------------------ against the shard set
 
 
+def check_stream(cfg, manifest) -> tuple[StreamPlan | None, list[Problem]]:
+    """``cfg.data.stream`` checked as ``shards simulate`` checks its flags, then against the shard set: its plan,
+    and every problem found (none when the stream can train beside that shard set)."""
+    planned, problems = stream_plan(cfg.data.stream)
+    return planned, problems or manifest_problems(cfg, planned, manifest)
+
+
+
 def manifest_problems(cfg, planned: StreamPlan, manifest) -> list[Problem]:
     """Each way the stream's samples differ from what the shard set holds, named by the key that decides it."""
     from shards.simulate.cli import _source_record
