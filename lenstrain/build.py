@@ -12,8 +12,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from lenstrain.config import LenstrainConfig, TrainConfig
-from lenstrain.data import BatchBuilder, Cursor, OptionalLabels, TargetTransform, TrainStream, eval_batches
+from lenstrain.config import ConfigError, LenstrainConfig, TrainConfig
+from lenstrain.data import (
+    BatchBuilder,
+    Cursor,
+    OptionalLabels,
+    SequentialOrder,
+    TargetTransform,
+    TrainStream,
+    eval_batches,
+)
 from lenstrain.distributed import DistInfo
 from lenstrain.losses import default_loss, make_loss, num_outputs_for
 from lenstrain.models import create_model
@@ -131,8 +139,33 @@ def build_eval_batches(cfg: LenstrainConfig, task: Task, split: str, info: DistI
                         worker_kind=cfg.data.worker_kind)
 
 
+def build_stream_builder(cfg: LenstrainConfig, task: Task, augment_device: str = "cpu"):
+    """The batch builder of ``data.stream`` (rendering each sample, prepared as ``data.shards``' own images) and
+    its epoch size; :class:`ConfigError` if the stream is invalid or disagrees with the shard set."""
+    from lenstrain.stream import StreamBatchBuilder, check_stream
+
+    plan, problems = check_stream(cfg, task.manifest)
+    if problems:
+        raise ConfigError(problems=problems)
+    stats = task.manifest.image.stats
+    builder = StreamBatchBuilder(plan, task.target, dtype=task.manifest.image.dtype, seed=cfg.seed,
+                                 normalize=cfg.data.normalize, mean=stats.mean if stats else 0.0,
+                                 std=stats.std if stats else 1.0, rotate=cfg.data.augment.rotate,
+                                 flip=cfg.data.augment.flip, augment_device=augment_device)
+    return builder, cfg.data.stream.epoch_size
+
+
 def build_train_stream(cfg: LenstrainConfig, task: Task, info: DistInfo, cursor: Cursor | None, log) -> TrainStream:
-    builder, n = build_builder(cfg, task, "train", augment=True, augment_device=augment_place(cfg, info.device))
+    """The training batches: the train split of ``data.shards``, or with ``data.stream`` fresh simulations."""
+    place = augment_place(cfg, info.device)
+    if cfg.data.stream is not None:
+        builder, n = build_stream_builder(cfg, task, place)
+        if cfg.data.workers:
+            builder.warm()  # before the workers start: processes inherit the built models, threads share them
+        order = SequentialOrder(n)
+    else:
+        builder, n = build_builder(cfg, task, "train", augment=True, augment_device=place)
+        order = None
     batch = cfg.data.batch_size
     per_step = info.world_size * cfg.train.grad_accum
     if cursor is not None and cursor.global_batch and cursor.global_batch != batch * per_step:
@@ -145,7 +178,7 @@ def build_train_stream(cfg: LenstrainConfig, task: Task, info: DistInfo, cursor:
                 f"continuing the same sample order from sample {cursor.offset} of epoch {cursor.epoch}")
     return TrainStream(builder, n=n, seed=cfg.seed, rank=info.rank, world=info.world_size, batch=batch,
                        accum=cfg.train.grad_accum, workers=cfg.data.workers, prefetch=cfg.data.prefetch, cursor=cursor,
-                       worker_kind=cfg.data.worker_kind, device=info.device)
+                       worker_kind=cfg.data.worker_kind, device=info.device, order=order)
 
 
 def total_steps(cfg: LenstrainConfig, stream: TrainStream) -> int:

@@ -54,13 +54,36 @@ class AugmentConfig(Section):
         "GPU, else cpu. The per-sample draws are the same either way"))
 
 
+class StreamConfig(Section):
+    """``data.stream``: training samples simulated in the loader workers, never the same one twice.
+
+    Sample ``k`` of the stream is sample ``k`` of ``python -m shards simulate --preset PRESET --task TASK
+    --seed SEED`` with ``options``, so each is a pure function of (seed, k). ``options`` are checked as that
+    command checks its flags (:mod:`lenstrain.stream`), and the stream's images must agree with the shard set
+    (``data.shards``), which still gives validation, test and the pixel and target statistics."""
+
+    preset: str = Field(description="a preset of `shards simulate --preset` (deeplense1/2/3, model1, euclid, hst)")
+    task: str = Field(description="a task of `shards simulate --task` (substructure, halo_mass, ...)")
+    seed: int = Field(ge=0, description="the simulation seed; sample k is a pure function of (seed, k). It must "
+                                        "differ from the seed the shard set was simulated with")
+    options: dict[str, Any] = Field(default_factory=dict, description=(
+        "physics options of `shards simulate`, by name without the dashes: {lens: drawn, source_mag: [22.5, 24.5],"
+        " size: 64, ...}; a range is a list [LOW, HIGH] or one number"))
+    epoch_size: int = Field(ge=1, description="samples per epoch: what train.epochs, schedules, logs and "
+                                              "checkpoints count in")
+
+
 class DataConfig(Section):
     shards: Path
+    stream: StreamConfig | None = Field(None, description=(
+        "train on fresh simulations instead of the train split of data.shards (validation and test still "
+        "come from data.shards)"))
     batch_size: int = Field(32, ge=1, description="per rank, per micro-step")
     workers: int = Field(2, ge=0)
     worker_kind: Literal["thread", "process"] = Field("thread", description=(
         "thread: loader workers are threads of the training process (no copy between processes); "
-        "process: DataLoader worker processes, each batch handed over in shared memory"))
+        "process: DataLoader worker processes, each batch handed over in shared memory. Default: thread, "
+        "or process with data.stream (rendering holds the GIL)"))
     prefetch: int = Field(2, ge=1)
     target: str | None = None  # default: the shard set's primary target
     target_scaling: Literal["standard", "minmax", "none"] = "standard"
@@ -74,6 +97,15 @@ class DataConfig(Section):
     val_split: str = "val"
     val_batch_size: int | None = Field(None, ge=1)
     keep_global_batch: bool = True  # on a resume with another world size
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stream_workers(cls, data: Any) -> Any:
+        """A stream renders in Python (lenstronomy), which holds the GIL: its workers are processes unless the
+        config says otherwise."""
+        if isinstance(data, dict) and data.get("stream") is not None and data.get("worker_kind") is None:
+            data = {**data, "worker_kind": "process"}
+        return data
 
     @field_validator("normalize", mode="before")
     @classmethod

@@ -13,6 +13,10 @@ Samples are read by index: images are copied out of the memory-mapped shards at 
 manifest records (one copy per sample, no parsing), targets come from the manifest's label table, and
 workers (threads or processes, ``data.worker_kind``) build whole batches. Augmentation runs in the worker
 or, with ``data.augment.device: device``, on the training process's device, from the same per-sample draws.
+
+A simulated stream (``data.stream``, :mod:`lenstrain.stream`) goes through the same stream, cursor and workers
+with another order (:class:`SequentialOrder`: epoch ``e`` holds samples ``e * n`` onwards, none twice) and a
+builder that renders each sample from its index.
 """
 
 from __future__ import annotations
@@ -64,6 +68,28 @@ class Cursor:
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The permutation of ``n`` train samples for one epoch."""
     return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
+
+
+class ShuffledOrder:
+    """A shard set's order: epoch ``e`` visits its ``n`` train samples in the permutation of ``(seed, e)``."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+
+    def indices(self, epoch: int, start: int, stop: int) -> np.ndarray:
+        """The samples at positions ``start:stop`` of epoch ``epoch``."""
+        return epoch_order(self.n, self.seed, epoch)[start:stop]
+
+
+class SequentialOrder:
+    """A stream's order: position ``p`` of epoch ``e`` is sample ``e * n + p``, so no sample index comes twice,
+    whatever the epoch, rank or resume."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def indices(self, epoch: int, start: int, stop: int) -> np.ndarray:
+        return np.arange(epoch * self.n + start, epoch * self.n + stop, dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -133,7 +159,7 @@ class OptionalLabels:
         return np.where(missing, math.nan if self.kind == "regression" else -1.0, encoded)
 
 
-def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
+def batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
     """A float32 tensor to fill; in a DataLoader worker it lives in shared memory from the start, so
     handing the batch to the training process copies nothing (as default collation does)."""
     if torch.utils.data.get_worker_info() is None:
@@ -142,31 +168,26 @@ def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
     return torch.empty(0, dtype=torch.float32).set_(storage).view(shape)
 
 
-class BatchBuilder:
-    """Reads and prepares whole batches; picklable, so worker processes run it.
+class BatchFinisher:
+    """What every batch source shares once a batch's images and targets are in hand: its augmentation (drawn
+    per sample from (seed, epoch, index)), its normalisation, and where both run.
 
     ``normalize`` names an entry of :data:`~lenstrain.normalize.NORMALIZERS`; ``mean`` and ``std`` are the
-    train split's pixel statistics, which ``global`` and ``asinh`` use. The images are copied from the
-    memory-mapped shards (:class:`~shards.mapped.MappedImages`), the targets looked up in the manifest's label
-    table (or read from the JSON members of a shard set packed before it existed).
-
-    With ``augment_device="device"``, a training batch (one with an epoch) leaves the worker as gathered: its
-    consumer moves it to its device and calls :meth:`finish` there. Evaluation batches are always finished here.
+    train split's pixel statistics, which ``global`` and ``asinh`` use. With ``augment_device="device"``, a
+    training batch (one with an epoch) leaves the worker as gathered: its consumer moves it to its device and
+    calls :meth:`finish` there. Evaluation batches are always finished here.
     """
 
-    def __init__(self, reader: ShardReader, target: TargetTransform, *, seed: int, normalize: str,
-                 mean: float, std: float, rotate: bool, flip: bool, augment_device: str = "cpu"):
+    def __init__(self, target: TargetTransform, *, seed: int, normalize: str, mean: float, std: float,
+                 rotate: bool, flip: bool, augment_device: str = "cpu"):
         if augment_device not in AUGMENT_PLACES:
             raise ValueError(f"augment_device {augment_device!r}; valid: {', '.join(AUGMENT_PLACES)}")
-        self.reader = reader
         self.target = target
         self.seed = seed
         self.normalize = normalize
         self.mean, self.std = mean, std or 1.0
         self.augment = Augment(seed, rotate, flip)
         self.defers = augment_device == "device"
-        self.images = MappedImages(reader)
-        self._columns: dict[str, np.ndarray | None] = {}
 
     @property
     def rotate(self) -> bool:
@@ -176,11 +197,10 @@ class BatchBuilder:
     def flip(self) -> bool:
         return self.augment.flip
 
-    def __call__(self, indices: np.ndarray, epoch: int | None) -> dict[str, torch.Tensor]:
-        indices = np.asarray(indices, dtype=np.int64)
-        x = _batch_buffer((len(indices), *self.images.shape))
-        self.images.gather(indices, x.numpy())
-        y = torch.from_numpy(self._targets(indices).astype(np.float32))
+    def assemble(self, x: torch.Tensor, targets: np.ndarray, indices: np.ndarray,
+                 epoch: int | None) -> dict[str, torch.Tensor]:
+        """The batch of images ``x`` (gathered, not yet augmented or normalised) and encoded ``targets``."""
+        y = torch.from_numpy(targets.astype(np.float32))
         if self.target.kind == "classification":
             y = y.long()
         batch = {"image": x, "target": y, "index": torch.from_numpy(indices)}
@@ -197,6 +217,29 @@ class BatchBuilder:
         if epoch is not None and self.augment.enabled:
             x = self.augment.apply(x, params if params is not None else self.augment.params(indices, epoch))
         return NORMALIZERS[self.normalize](x, self.mean, self.std)
+
+
+class BatchBuilder(BatchFinisher):
+    """Reads and prepares whole batches of a shard set's split; picklable, so worker processes run it.
+
+    The images are copied from the memory-mapped shards (:class:`~shards.mapped.MappedImages`), the targets
+    looked up in the manifest's label table (or read from the JSON members of a shard set packed before it
+    existed); :class:`BatchFinisher` augments and normalises them.
+    """
+
+    def __init__(self, reader: ShardReader, target: TargetTransform, *, seed: int, normalize: str,
+                 mean: float, std: float, rotate: bool, flip: bool, augment_device: str = "cpu"):
+        super().__init__(target, seed=seed, normalize=normalize, mean=mean, std=std, rotate=rotate, flip=flip,
+                         augment_device=augment_device)
+        self.reader = reader
+        self.images = MappedImages(reader)
+        self._columns: dict[str, np.ndarray | None] = {}
+
+    def __call__(self, indices: np.ndarray, epoch: int | None) -> dict[str, torch.Tensor]:
+        indices = np.asarray(indices, dtype=np.int64)
+        x = batch_buffer((len(indices), *self.images.shape))
+        self.images.gather(indices, x.numpy())
+        return self.assemble(x, self._targets(indices), indices, epoch)
 
     def _targets(self, indices: np.ndarray) -> np.ndarray:
         name = self.target.name
@@ -216,7 +259,7 @@ def rotation_grid(cos: torch.Tensor, sin: torch.Tensor, h: int, w: int) -> torch
 class _PlannedBatches(Dataset):
     """Item ``k`` is the k-th planned micro-batch; a worker builds it whole."""
 
-    def __init__(self, builder: BatchBuilder, plan: list[np.ndarray], epoch: int | None):
+    def __init__(self, builder: Callable, plan: list[np.ndarray], epoch: int | None):
         self.builder, self.plan, self.epoch = builder, plan, epoch
 
     def __len__(self) -> int:
@@ -232,12 +275,18 @@ class TrainStream:
     ``next_step()`` returns this rank's ``accum`` micro-batches of the next global batch and
     advances the cursor. The cursor is the only state; restoring it restores the stream. With a ``device``,
     the batches are moved there, and a builder that defers augmentation has it done there.
+
+    ``n`` samples make an epoch. ``order`` says which sample sits at each position of an epoch: by default a
+    shard set's :class:`ShuffledOrder`; a simulated stream (``data.stream``) passes :class:`SequentialOrder`,
+    with a builder that renders each index.
     """
 
-    def __init__(self, builder: BatchBuilder, *, n: int, seed: int, rank: int, world: int, batch: int,
+    def __init__(self, builder: BatchFinisher, *, n: int, seed: int, rank: int, world: int, batch: int,
                  accum: int, workers: int, prefetch: int, cursor: Cursor | None = None,
-                 worker_kind: str = "process", device: torch.device | str | None = None):
+                 worker_kind: str = "process", device: torch.device | str | None = None,
+                 order: ShuffledOrder | SequentialOrder | None = None):
         self.builder, self.n, self.seed = builder, n, seed
+        self.order = order if order is not None else ShuffledOrder(n, seed)
         self.rank, self.world, self.batch, self.accum = rank, world, batch, accum
         self.workers, self.prefetch, self.worker_kind = workers, prefetch, worker_kind
         if device is None and builder.defers:
@@ -258,10 +307,11 @@ class TrainStream:
         return self.n // self.global_batch
 
     def _plan(self, epoch: int, offset: int) -> list[list[np.ndarray]]:
-        order = epoch_order(self.n, self.seed, epoch)
-        steps = []
         g = self.global_batch
-        for start in range(offset, self.n - g + 1, g):
+        stop = offset + max(0, (self.n - offset) // g) * g
+        order = self.order.indices(epoch, offset, stop)
+        steps = []
+        for start in range(0, stop - offset, g):
             block = order[start : start + g]
             steps.append([block[(a * self.world + self.rank) * self.batch : (a * self.world + self.rank + 1) * self.batch]
                           for a in range(self.accum)])

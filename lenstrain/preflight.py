@@ -36,7 +36,8 @@ def preflight(cfg: LenstrainConfig, manifest: Manifest, world_size: int = 1) -> 
     except ValueError as exc:
         errors.append(("train.loss", str(exc).replace("train.loss ", "")))
         task = replace(task, loss_name=default_loss(task.target.kind, task.num_classes))  # to check the rest
-    errors += _batch_problems(cfg, manifest, world_size) + _metric_problems(cfg, task) + _model_problems(cfg, task)
+    errors += (_stream_problems(cfg, manifest) + _batch_problems(cfg, manifest, world_size) +
+               _metric_problems(cfg, task) + _model_problems(cfg, task))
     return errors + _init_problems(cfg, task)
 
 
@@ -52,7 +53,7 @@ def _init_problems(cfg: LenstrainConfig, task: Task) -> list[Problem]:
             with torch.device("meta"):
                 model = create_model(cfg.model.name, in_channels=shape[0], num_outputs=task.num_outputs,
                                      image_size=shape[1], **cfg.model.kwargs)
-        except Exception:  # noqa: BLE001 - reported by _model_problems, or checked when training starts
+        except (RuntimeError, TypeError, ValueError):  # reported by _model_problems, or checked when training starts
             return None
         return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
@@ -60,15 +61,27 @@ def _init_problems(cfg: LenstrainConfig, task: Task) -> list[Problem]:
     return [("model.init_from", msg) for msg in init_problems(m.init_from, m.init_skip, m.init_strict, shapes)]
 
 
+def _stream_problems(cfg: LenstrainConfig, manifest: Manifest) -> list[Problem]:
+    """``data.stream``'s options as ``shards simulate`` checks them, then its samples against the shard set."""
+    if cfg.data.stream is None:
+        return []
+    from lenstrain.stream import check_stream
+
+    return check_stream(cfg, manifest)[1]
+
+
 def _batch_problems(cfg: LenstrainConfig, manifest: Manifest, world_size: int) -> list[Problem]:
-    train = manifest.splits.get("train")
-    n_train = train.count if train else 0
     global_batch = cfg.data.batch_size * world_size * cfg.train.grad_accum
+    if cfg.data.stream is not None:
+        n_train, where, what = cfg.data.stream.epoch_size, "data.stream.epoch_size", "samples of a stream epoch"
+    else:
+        train = manifest.splits.get("train")
+        n_train, where, what = train.count if train else 0, "data.batch_size", "train samples"
     if global_batch <= n_train:
         return []
-    return [("data.batch_size", f"a global batch of {global_batch} samples ({cfg.data.batch_size} x {world_size} "
-             f"rank(s) x {cfg.train.grad_accum} accumulation) exceeds the {n_train} train samples; "
-             f"lower data.batch_size")]
+    return [(where, f"a global batch of {global_batch} samples ({cfg.data.batch_size} x {world_size} "
+             f"rank(s) x {cfg.train.grad_accum} accumulation) exceeds the {n_train} {what}; "
+             f"lower data.batch_size" + (" or raise data.stream.epoch_size" if cfg.data.stream else ""))]
 
 
 def _metric_problems(cfg: LenstrainConfig, task: Task) -> list[Problem]:

@@ -350,12 +350,30 @@ def simulated_sets(tmp_path_factory):
             for task in ("halo_mass", "substructure", "axion_mass", "subhalo_fraction")}
 
 
+def stream_set(job: Path, root: Path) -> Path:
+    """A small set of what the job's ``data.stream`` renders (another seed): what its stream must agree with."""
+    from lenstrain.config import StreamConfig
+    from lenstrain.stream import stream_plan
+    from shards.cli import main as shards_main
+
+    stream = StreamConfig(**yaml.safe_load(job.read_text())["data"]["stream"])
+    plan, problems = stream_plan(stream)
+    assert not problems, problems
+    out = root / job.stem
+    assert shards_main(["simulate", *plan.flags, "--seed", str(stream.seed + 1), "--n", "48", "--workers", "1",
+                        "--out", str(out)]) == 0
+    return out
+
+
 @pytest.mark.parametrize("job", JOBS, ids=[p.stem for p in JOBS])
-def test_every_shipped_job_validates(job, simulated_sets):
+def test_every_shipped_job_validates(job, simulated_sets, tmp_path):
     # The shipped jobs' targets, losses, metrics and model options are checked against a real set of
-    # their task; batch 1 lets a small set stand in for a full-size one.
-    task = next((t for t in ("substructure", "axion_mass", "subhalo_fraction") if t in job.stem), "halo_mass")
-    shards = simulated_sets[task]
+    # their task (for a stream, of its stream's physics); batch 1 lets a small set stand in for a full-size one.
+    if "stream" in (yaml.safe_load(job.read_text()).get("data") or {}):
+        shards = stream_set(job, tmp_path)
+    else:
+        task = next((t for t in ("substructure", "axion_mass", "subhalo_fraction") if t in job.stem), "halo_mass")
+        shards = simulated_sets[task]
     # A fine-tuning job's model.init_from names a run the README trains first; tests/test_finetune.py checks
     # init_from against real runs.
     finetune = ["model.init_from=null"] if "init_from" in job.read_text() else []

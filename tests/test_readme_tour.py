@@ -111,6 +111,7 @@ def test_the_tour_is_read_from_the_readme():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # some twenty commands, each a fresh process with its imports
 def test_every_tour_command_works_in_order_on_a_fresh_clone(tmp_path):
     (tmp_path / "jobs").symlink_to(ROOT / "jobs")
     make_inputs(tmp_path)

@@ -1,0 +1,132 @@
+"""The lens-drawn rung with data that never runs out: a fixed 6,000-image set against the stream, at equal steps.
+
+ResNet-18, 3 classes (no_sub / cdm / vortex), DeepLense Model II physics with the main lens drawn
+(``--preset deeplense2 --lens drawn --halo-mass 11.2,12.1``, the ``resnet18-ladder-drawn`` rung of SCIENCE.md),
+the reference protocol (``jobs/resnet18_substructure_deeplense2.yaml``: AdamW 1e-3, weight decay 0.05, one-cycle,
+batch 64, images divided by their maximum, flips), the same number of steps in both arms:
+
+* ``fixed``: the train split (6,000 images) of a set of 7,500 simulated with seed 1, epoch after epoch;
+* ``stream``: ``jobs/stream_substructure.yaml``, fresh images from stream seed 11 (12 for the second seed).
+
+Both validate on that set's validation split and are tested on its test split (750 images each); each arm runs
+with model seeds 0 and 1. One data worker per run (a thread for the shards, a process for the stream), one torch
+thread. Results, with the CPU time each run took, go to ``benchmarks/results/stream_rung.json``; runs already
+there are kept (``--force`` reruns them).
+
+    python benchmarks/stream_rung.py                           # the comparison as committed (186 steps)
+    python benchmarks/stream_rung.py --steps 4685 --arms stream --seeds 0   # the stream to 300k images
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "stream_rung.json"
+SET_FLAGS = ["--task", "substructure", "--preset", "deeplense2", "--lens", "drawn", "--halo-mass", "11.2,12.1",
+             "--seed", "1", "--n", "7500"]
+FIXED_JOB, STREAM_JOB = "jobs/resnet18_substructure_deeplense2.yaml", "jobs/stream_substructure.yaml"
+STREAM_SEEDS = {0: 11, 1: 12}
+
+
+def _child_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _run(argv: list[str], log: Path) -> float:
+    """Run ``python -m ...`` with its output in ``log``; its CPU seconds (with its worker processes)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "LENSTRAIN_NO_PROGRESS": "1"}
+    cpu = _child_cpu()
+    with open(log, "a") as fh:
+        code = subprocess.call([sys.executable, *argv], cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    if code != 0:
+        raise SystemExit(f"{' '.join(argv)} exited {code}; see {log}")
+    return _child_cpu() - cpu
+
+
+def _curve(log: Path, every: int, steps: int) -> list[dict]:
+    """(step, val/auc, val/accuracy) at each validation (every ``every`` steps and at the end), from the log."""
+    out = []
+    for line in log.read_text().splitlines():
+        if "] validation " in line:
+            values = dict(re.findall(r"(val/\w+) ([-\d.e+naif]+)", line))
+            out.append({"step": min((len(out) + 1) * every, steps), "val_auc": float(values["val/auc"]),
+                        "val_accuracy": float(values["val/accuracy"])})
+    return out
+
+
+def _save(results: dict) -> None:
+    """Merge into the file as it is now (two arms may run at once, each in its own process)."""
+    current = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": {}}
+    current = {**current, **{k: v for k, v in results.items() if k != "runs"},
+               "runs": {**current.get("runs", {}), **results["runs"]}}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(current, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=186, help="training steps of each run (default 186: 2 epochs "
+                        "of the fixed set, 11,904 images)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--arms", nargs="+", default=["fixed", "stream"], choices=["fixed", "stream"])
+    parser.add_argument("--val-every", type=int, default=93)
+    parser.add_argument("--root", type=Path, default=ROOT / "data" / "stream-rung")
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args(argv)
+
+    args.root.mkdir(parents=True, exist_ok=True)
+    shards = args.root / "dl2-drawn"
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": {}}
+    results["set"] = {"command": " ".join(["python -m shards simulate", *SET_FLAGS, "--out", "DIR"]),
+                      "train": 6000, "val": 750, "test": 750}
+    if not (shards / "manifest.json").is_file():
+        _run(["-m", "shards", "simulate", *SET_FLAGS, "--workers", "1", "--out", str(shards), "--overwrite"],
+             args.root / "simulate.log")
+    for arm in args.arms:
+        for seed in args.seeds:
+            name = f"{arm}-s{seed}-{args.steps}"
+            if name in results["runs"] and not args.force:
+                print(f"{name}: kept (AUC {results['runs'][name]['test_auc']:.3f})")
+                continue
+            run_dir, log = args.root / "runs" / name, args.root / f"{name}.log"
+            subprocess.call(["rm", "-rf", str(run_dir), str(log)])
+            sets = [f"data.shards={shards}", "train.epochs=null", f"train.max_steps={args.steps}", f"seed={seed}",
+                    f"train.val_every_steps={args.val_every}", "checkpoint.every_steps=0", "data.workers=1",
+                    "log.every_steps=25"]
+            if arm == "stream":
+                sets.append(f"data.stream.seed={STREAM_SEEDS.get(seed, 11 + seed)}")
+            train = ["-m", "lenstrain", "train", FIXED_JOB if arm == "fixed" else STREAM_JOB, "--run-dir", str(run_dir)]
+            for item in sets:
+                train += ["--set", item]
+            wall = time.perf_counter()
+            cpu = _run(train, log)
+            wall = time.perf_counter() - wall
+            _run(["-m", "lenstrain", "eval", str(run_dir), "--split", "test", "--checkpoint", "latest"], log)
+            metrics = json.loads((run_dir / "eval" / "test" / "metrics.json").read_text())["metrics"]
+            results["runs"][name] = {
+                "arm": arm, "seed": seed, "stream_seed": STREAM_SEEDS.get(seed, 11 + seed) if arm == "stream" else None,
+                "steps": args.steps, "images_seen": args.steps * 64,
+                "distinct_images": args.steps * 64 if arm == "stream" else 6000,
+                "test_auc": metrics["auc"], "test_accuracy": metrics["accuracy"], "test_images": 750,
+                "val_curve": _curve(log, args.val_every, args.steps), "train_cpu_s": round(cpu, 1),
+                "train_wall_s": round(wall, 1),
+                "command": "python " + " ".join(train[:4] + [str(x) for x in train[4:]]).replace(str(ROOT) + "/", ""),
+            }
+            _save(results)
+            print(f"{name}: test AUC {metrics['auc']:.3f}, accuracy {metrics['accuracy']:.3f}, "
+                  f"{cpu / 60:.1f} CPU-min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
