@@ -25,7 +25,7 @@ EXTENSIONS_DIR = Path(__file__).resolve().parents[1] / ".cache" / "torch_extensi
 
 # The modules of the tests marked ``slurm``; the collection hook below checks that the two agree.
 SLURM_MODULES = frozenset({"test_devcluster.py", "test_launcher_slurm.py", "test_launcher_slurm_deepspeed.py",
-                           "test_sweep_slurm.py"})
+                           "test_sweep_slurm.py", "test_cluster_users_slurm.py"})
 SLURM_GROUP = "slurm"
 DEVCLUSTER_WAIT_S = 2400  # how long a run waits for another run on this machine to bring its devcluster down
 
