@@ -802,7 +802,7 @@ def render_report(results: list[dict]) -> str:
     for table, title in TABLES.items():
         names = [e.name for e in EXPERIMENTS if e.table == table or e.name == TABLE_BASELINE.get(table)]
         groups = [sorted(by_experiment[n], key=lambda r: r["seed"]) for n in names if n in by_experiment]
-        if not groups:
+        if not groups or all(g[0]["experiment"] == TABLE_BASELINE.get(table) for g in groups):
             not_run.append(table)
             continue
         lines += [f"### {title}", ""]
