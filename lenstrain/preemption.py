@@ -14,7 +14,6 @@ import time
 
 # Training's exit statuses, here for their importers; the table with their meanings is shards.exitcodes.
 from shards.exitcodes import EXIT_CHECKPOINT_FAILED as EXIT_CHECKPOINT_FAILED
-from shards.exitcodes import EXIT_CHECKPOINT_UNREADABLE as EXIT_CHECKPOINT_UNREADABLE
 from shards.exitcodes import EXIT_NONFINITE as EXIT_NONFINITE
 from shards.exitcodes import EXIT_REQUEUE as EXIT_REQUEUE
 

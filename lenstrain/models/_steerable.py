@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from escnn import gspaces
 
-from lenstrain.models.equivariant import SteerableConfig
+from lenstrain.models.steerable_config import SteerableConfig
 
 
 def _patch_escnn_svd() -> None:
