@@ -214,7 +214,9 @@ def launcher_run(*argv, timeout: float = 240) -> tuple[int, str]:
 
 @pytest.mark.multiprocess
 def test_a_cancelled_sweep_resumes_its_stopped_trials_under_their_numbers(tmp_path, ring_shards):
-    steps = 60
+    # Long enough that the cancel (a new process) lands while both trials still train: with models importing
+    # only their own family, 60 steps of alternet_tiny could finish before it.
+    steps = 200
     base = write_base(tmp_path, ring_shards, steps=steps)
     sweep = write_sweep(tmp_path, base, name="cr", trials=3, parallel=2, sampler="random")
     runs_dir, root = tmp_path / "runs", tmp_path / "runs" / "cr"
