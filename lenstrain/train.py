@@ -53,7 +53,6 @@ from lenstrain.parallel import Backend
 from lenstrain.parallel.base import StepFlags
 from lenstrain.preemption import (
     EXIT_CHECKPOINT_FAILED,
-    EXIT_CHECKPOINT_UNREADABLE,
     EXIT_NONFINITE,
     EXIT_REQUEUE,
     PreemptionFlag,
@@ -62,6 +61,7 @@ from lenstrain.preflight import has_split
 from lenstrain.profiling import StepProfiler
 from lenstrain.rundir import RunDir, write_json_atomic
 from lenstrain.tb import TBLogger
+from shards.exitcodes import EXIT_ERROR as EXIT_CHECKPOINT_UNREADABLE  # corruption found: nothing readable
 
 
 @dataclass
