@@ -94,6 +94,8 @@ def _fmt_type(annotation: Any) -> str:
         return "any"
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
+    if origin is typing.Annotated:  # a validated type (launcher.values): its base type is what a user writes
+        return _fmt_type(args[0])
     if annotation is type(None):
         return "null"
     if origin is Literal:
