@@ -190,7 +190,14 @@ def refuse_active(job: Launch) -> None:
                          f"{job.name}")
 
 
-def start_local(job: Launch, state: str, local_job) -> int:
+def start_local(job: Launch, state: str, local_job=None) -> int:
+    """Train ``job`` here; ``local_job`` is its record in jobs.json, made here (under the run lock) if not given."""
+    if local_job is None:
+        with runs.run_lock(job.run_dir):
+            if state == "resubmit":
+                refuse_active(job)
+            runs.write_run(job.run_dir, job.spec)
+            local_job = local.register_local(job.spec, job.run_dir, job.nproc)
     for note in job.notes:
         print(f"[launcher] {note}")
     print(f"[launcher] {'resubmitting' if state == 'resubmit' else 'starting'} run {job.name} locally in "

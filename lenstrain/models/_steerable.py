@@ -11,8 +11,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from escnn import gspaces
 
-from lenstrain.models.steerable_config import SteerableConfig
-
 
 def _patch_escnn_svd() -> None:
     """escnn solves for kernel bases with sklearn's ``randomized_svd`` on an ``np.matrix``, which recent
@@ -126,7 +124,7 @@ def disk_mask(size: int, margin: float = 0.0, sigma: float = 2.0) -> torch.Tenso
 class SteerableCNN(nn.Module):
     """Steerable CNN: [R2Conv-Norm-ReLU-AntialiasedPool] x L, GroupPooling, global mean, MLP."""
 
-    def __init__(self, cfg: SteerableConfig):
+    def __init__(self, cfg):  # a lenstrain.models.equivariant.SteerableConfig
         super().__init__()
         self.cfg = cfg
         if cfg.flips:
@@ -185,6 +183,3 @@ class SteerableCNN(nn.Module):
         return self.head(self.invariant_features(x))
 
 
-def create(n_rotations: int, flips: bool, fields: tuple[int, ...], **kwargs) -> SteerableCNN:
-    kwargs.setdefault("fields", fields)
-    return SteerableCNN(SteerableConfig(n_rotations=n_rotations, flips=flips, **kwargs))

@@ -36,25 +36,50 @@ that listing the zoo, or training any other model, never imports it.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch.nn as nn
 
 from lenstrain.models.registry import register_model
 
 # ----------------------------------------------------------------------------------------------- config
-# SteerableConfig lives in its own module, which both this file and the escnn implementation import.
-from lenstrain.models.steerable_config import SteerableConfig  # noqa: E402
 
-__all__ = ["SteerableConfig"]
+
+@dataclass
+class SteerableConfig:
+    in_channels: int = 1
+    num_outputs: int = 1
+    image_size: int = 150  # not used: every input is resized to ``canvas``
+    n_rotations: int = 8
+    flips: bool = False
+    fields: tuple[int, ...] = (8, 16, 24, 32, 48)  # regular fields per layer; a pool follows all but the last
+    kernel_sizes: tuple[int, ...] = (7, 5, 3, 3, 3)
+    canvas: int = 129  # odd, so that stride-2 pooling keeps the rotation centre on a pixel
+    mask: bool = True
+    pool_sigma: float = 0.66
+    hidden: int = 64
+    drop_rate: float = 0.0
+    norm: str = "bn"
+
+    def __post_init__(self) -> None:
+        if self.canvas % 2 == 0:
+            raise ValueError(f"canvas must be odd to keep the rotation centre, got {self.canvas}")
+        if len(self.fields) != len(self.kernel_sizes):
+            raise ValueError("fields and kernel_sizes must have the same length")
+        if self.norm not in ("bn", "gn", "ln"):
+            raise ValueError(f"Unknown norm {self.norm!r}; choose one of bn, gn, ln")
+        if any(k % 2 == 0 for k in self.kernel_sizes):
+            raise ValueError("kernel sizes must be odd")
 
 
 # --------------------------------------------------------------------------------------------- variants
 
 
 def _create(n_rotations: int, flips: bool, fields: tuple[int, ...], **kwargs) -> nn.Module:
-    from lenstrain.models._steerable import create  # escnn: imported only for these models
+    from lenstrain.models._steerable import SteerableCNN  # escnn: imported only for these models
 
-    return create(n_rotations, flips, fields, **kwargs)
+    kwargs.setdefault("fields", fields)
+    return SteerableCNN(SteerableConfig(n_rotations=n_rotations, flips=flips, **kwargs))
 
 
 # D8 regular fields are twice as wide as C8 ones; dividing the field counts by about sqrt(2) keeps

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch.nn as nn
 
 COMMON_KEYWORDS = ("in_channels", "num_outputs", "image_size")
-NOT_FAMILIES = {"registry", "blocks", "steerable_config"}  # the modules of this package that define no models
+NOT_FAMILIES = {"registry", "blocks"}  # the modules of this package that define no models
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
