@@ -46,7 +46,8 @@ def test_a_submission_validates_the_job_once(launcher_job, tmp_path, validations
 
 def test_the_task_carries_the_run_directory_not_the_config(tmp_path):
     task = pickle.loads(pickle.dumps(TrainTask(tmp_path, max_requeues=3, name="r")))
-    assert vars(task) == {"run_dir": str(tmp_path), "max_requeues": 3, "name": "r", "restart_offset": 0}
+    assert vars(task) == {"run_dir": str(tmp_path), "max_requeues": 3, "name": "r", "restart_offset": 0,
+                          "array_task": False}
 
 
 def test_a_local_rank_trains_from_config_yaml(launcher_shards, tmp_path):
