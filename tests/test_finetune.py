@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -92,11 +93,11 @@ def test_init_skip_and_strict(tmp_path, ring_shards, source):
 
 def test_a_resumed_fine_tuning_run_reads_its_own_checkpoint(tmp_path, ring_shards, source):
     config = write_config(tmp_path / "ft.yaml", ring_shards, model={"name": "alternet_tiny", "init_from": str(source)},
-                          train={"max_steps": 2}, checkpoint={"every_steps": 1})
+                          train={"max_steps": 3}, checkpoint={"every_steps": 1, "keep": 3})
     lenstrain("train", config, "--run-dir", tmp_path / "ft", check=True)
-    longer = write_config(tmp_path / "ft.yaml", ring_shards, model={"name": "alternet_tiny", "init_from": str(source)},
-                          train={"max_steps": 3}, checkpoint={"every_steps": 1})
-    proc = lenstrain("train", longer, "--run-dir", tmp_path / "ft", check=True)
+    # As if killed after step 2: the last checkpoint gone, the run's config unchanged (its keys are fixed).
+    shutil.rmtree(max((tmp_path / "ft" / "checkpoints").glob("step-*")))
+    proc = lenstrain("train", config, "--run-dir", tmp_path / "ft", check=True)
     assert "resumed from" in proc.stdout and "initial weights from" not in proc.stdout
 
 
