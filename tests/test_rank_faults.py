@@ -131,8 +131,10 @@ def test_a_hung_local_rank_ends_the_run_by_the_collective_timeout(ring_shards, t
     waited = time.monotonic() - stopped
     assert 4 < waited < 30, out  # 5 s of timeout and the launcher's grace, not the 10 min default
     summary = out.rstrip().splitlines()[-3:]
-    assert summary[0].startswith(f"[launcher] rank 0 exited with status {EXIT_RANK_LOST} (a collective failed: "
-                                 "another rank died or hung past parallel.timeout_s); stopped 1 other rank(s)"), out
+    from shards.exitcodes import MEANINGS
+
+    assert summary[0].startswith(f"[launcher] rank 0 exited with status {EXIT_RANK_LOST} ({MEANINGS[EXIT_RANK_LOST]}); "
+                                 "stopped 1 other rank(s)"), out
     assert summary[2].startswith("  resume with: python -m launcher resume"), out
     assert proc.returncode == EXIT_RANK_LOST
     (record,) = runs.read_jobs(run_dir)["jobs"]
