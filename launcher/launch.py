@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from launcher import local, runs
 from launcher.clusters import ClusterProfile
 from launcher.spec import JobSpec, check_job
+from launcher.steps import parse_steps
 from lenstrain.config import ConfigError
 from lenstrain.rundir import TB_DIR, RunDir
 from shards.clikit import Problem, UsageError, format_problems
@@ -50,9 +51,7 @@ def plan(spec: JobSpec, profile: ClusterProfile | None, problems: list[Problem],
     except ValidationError as exc:
         raise UsageError(f"run name: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
     job = Launch(spec, profile, name, run_dir, job_ref, problems=list(problems))
-    from launcher.steps import parse_steps
-
-    job.then = parse_steps(getattr(args, "then", None))
+    job.then = parse_steps(getattr(args, "then", None))  # resume has no --then
     job.local = args.local or (profile is not None and profile.kind == "local")
     if job.local:
         job.nproc = args.nproc or local.default_nproc(spec)

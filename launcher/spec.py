@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator
 
 from launcher.clusters import ClusterProfile, ProfileName, default_cluster, list_profiles, load_profile
 from launcher.sbatch_options import (
@@ -202,20 +202,14 @@ class Resources(Section):
             raise ValueError(problems_message(problems, "resources.sbatch"))
         return value
 
-    @model_validator(mode="after")
-    def _gres_gpus(self) -> Resources:
-        gpus = gres_gpus(self.gres) if self.gres else None
-        if gpus is not None and gpus != self.gpus_per_node:
-            raise ValueError(f"resources.gres {self.gres!r} asks for {gpus} GPU(s) per node but "
-                             f"resources.gpus_per_node is {self.gpus_per_node}; set them equal (one task per GPU)")
-        return self
-
     @property
     def gres_line(self) -> str | None:
-        """``--gres``: as given, else ``gpu:N`` from ``gpus_per_node``."""
+        """``--gres``: as given (with ``gpu:N`` added when it names no GPUs and ``gpus_per_node`` asks for some),
+        else ``gpu:N`` from ``gpus_per_node``."""
+        gpus = f"gpu:{self.gpus_per_node}" if self.gpus_per_node else None
         if self.gres:
-            return self.gres
-        return f"gpu:{self.gpus_per_node}" if self.gpus_per_node else None
+            return self.gres if gpus is None or gres_gpus(self.gres) is not None else f"{self.gres},{gpus}"
+        return gpus
     # --- end of the site SLURM options
 
     @field_validator("time")
@@ -298,6 +292,10 @@ def check_resources(res: Resources, profile: ClusterProfile) -> list[tuple[str, 
                 "one task drives one GPU, so they must be equal (or leave tasks_per_node unset)",
             )
         )
+    gres = gres_gpus(res.gres) if res.gres else None
+    if gres is not None and gres != res.gpus_per_node:
+        errors.append(("resources.gres", f"{res.gres!r} asks for {gres} GPU(s) per node but resources.gpus_per_node "
+                                         f"is {res.gpus_per_node}; set them equal (one task drives one GPU)"))
     cpus = res.ntasks_per_node * (res.cpus_per_task or 1)
     if profile.cpus_per_node is not None and cpus > profile.cpus_per_node:
         where = "resources.cpus_per_task" if res.cpus_per_task else "resources.tasks_per_node"

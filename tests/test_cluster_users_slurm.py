@@ -27,8 +27,6 @@ FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 def cli(capsys, *argv) -> tuple[int, str]:
     code = main([str(a) for a in argv])
     out = capsys.readouterr()
-    with capsys.disabled():  # shown with -s, kept out of the next command's capture
-        print(out.out, out.err)
     return code, out.out + out.err
 
 

@@ -93,12 +93,13 @@ def test_init_skip_and_strict(tmp_path, ring_shards, source):
 
 def test_a_resumed_fine_tuning_run_reads_its_own_checkpoint(tmp_path, ring_shards, source):
     config = write_config(tmp_path / "ft.yaml", ring_shards, model={"name": "alternet_tiny", "init_from": str(source)},
-                          train={"max_steps": 3}, checkpoint={"every_steps": 1, "keep": 3})
+                          train={"max_steps": 3, "epochs": 40}, checkpoint={"every_steps": 1, "keep": 3})
     lenstrain("train", config, "--run-dir", tmp_path / "ft", check=True)
     # As if killed after step 2: the last checkpoint gone, the run's config unchanged (its keys are fixed).
     shutil.rmtree(max((tmp_path / "ft" / "checkpoints").glob("step-*")))
     proc = lenstrain("train", config, "--run-dir", tmp_path / "ft", check=True)
     assert "resumed from" in proc.stdout and "initial weights from" not in proc.stdout
+    assert "note: train.max_steps (3) is set, so train.epochs (40) is not used" in proc.stdout
 
 
 def test_the_launcher_stores_init_from_absolute_and_checks_it(tmp_path, ring_shards, source, monkeypatch, capsys,

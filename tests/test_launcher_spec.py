@@ -84,7 +84,7 @@ BAD_SETS = [
     (["resources.mail_type=END,SOMETIMES"], "resources.mail_type: unknown mail type 'SOMETIMES'; valid choices"),
     (["resources.mail_user=nobody"], "resources.mail_user: 'nobody' is not a mail address"),
     (["resources.exclude=n1;rm"], "resources.exclude: 'n1;rm' is not a SLURM node list"),
-    (["resources.gres=gpu:a100:2"], "resources.gres 'gpu:a100:2' asks for 2 GPU(s) per node but resources.gpus_per_node is 0"),
+    (["resources.gres=gpu:a100:2"], "resources.gres: 'gpu:a100:2' asks for 2 GPU(s) per node but resources.gpus_per_node is 0"),
     (["resources.exclusive=always"], "resources.exclusive"),
 ]
 
