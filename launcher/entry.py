@@ -7,8 +7,8 @@ installed package) and calls it on each of the job's ``srun`` tasks. The task:
    ``SystemExit`` on global rank 0 only, mid-collective); training installs its own right after;
 2. derives RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from SLURM's variables;
 3. loads the run's ``config.yaml`` (written once by the launcher) and calls
-   :func:`lenstrain.train.run_training`, which resumes from the newest complete checkpoint;
-4. on :data:`~lenstrain.preemption.EXIT_REQUEUE` (a collective save after SIGUSR2/SIGTERM), global
+   :func:`lenstrain.run.train.run_training`, which resumes from the newest complete checkpoint;
+4. on :data:`~lenstrain.run.preemption.EXIT_REQUEUE` (a collective save after SIGUSR2/SIGTERM), global
    rank 0 requeues the job with ``scontrol requeue`` if the run's requeues so far (every job's, across
    resumes) are below ``max_requeues`` and the job is not being cancelled or requeued already; then
    every rank leaves with ``os._exit`` and no return value, so that submitit writes no result pickle
@@ -36,8 +36,8 @@ import time
 from pathlib import Path
 
 from launcher.recovery import EXIT_RANK_LOST, collective_failure, describe_failure
-from lenstrain.hooks import EXIT_PRUNED
-from lenstrain.preemption import EXIT_NONFINITE, EXIT_REQUEUE, PreemptionFlag
+from lenstrain.run.hooks import EXIT_PRUNED
+from lenstrain.run.preemption import EXIT_NONFINITE, EXIT_REQUEUE, PreemptionFlag
 
 # States in which the controller is already taking the job down (cancel, requeue, preemption):
 # requeueing it again would undo a cancel or race SLURM's own requeue.
@@ -106,7 +106,7 @@ class TrainTask:
         threading.Thread(target=_redeliver_early_signal, args=(early, started), daemon=True).start()
         slurm = "SLURM_JOB_ID" in os.environ and "SLURM_PROCID" in os.environ
         if slurm:
-            from lenstrain.distributed import env_from_slurm
+            from lenstrain.parallel.distributed import env_from_slurm
 
             os.environ.update(env_from_slurm())
             if getattr(self, "array_task", False) and "SLURM_ARRAY_JOB_ID" in os.environ:
@@ -120,7 +120,7 @@ class TrainTask:
         _set_threads()
 
         from launcher import runs
-        from lenstrain.train import run_training
+        from lenstrain.run.train import run_training
 
         config = runs.load_training_config(run_dir)
         if rank == 0:
@@ -146,7 +146,7 @@ class TrainTask:
             if slurm:
                 atexit.register(exit_clean_after_result)
             return {"run_dir": self.run_dir, "step": step, "exit": 0}
-        if code == EXIT_PRUNED:  # a sweep's pruner stopped the run after a checkpoint (lenstrain.hooks)
+        if code == EXIT_PRUNED:  # a sweep's pruner stopped the run after a checkpoint (lenstrain.run.hooks)
             if rank == 0:
                 runs.record_end(run_dir, job_id, state="PRUNED", outcome="pruned", exit=code, step=step)
                 _say(f"pruned at step {step}")

@@ -18,8 +18,8 @@ from launcher import local, runs
 from launcher.clusters import ClusterProfile
 from launcher.spec import JobSpec, check_job
 from launcher.steps import parse_steps
-from lenstrain.config import ConfigError
-from lenstrain.rundir import TB_DIR, RunDir
+from lenstrain.checkpointing.rundir import TB_DIR, RunDir
+from lenstrain.config.schema import ConfigError
 from shards.clikit import Problem, UsageError, format_problems
 
 
@@ -69,7 +69,7 @@ def plan(spec: JobSpec, profile: ClusterProfile | None, problems: list[Problem],
 
 def disk_space_note(spec: JobSpec, run_dir: Path) -> str | None:
     """A warning when the run directory has under about 2x one checkpoint's estimated size free."""
-    from lenstrain.checkpoint_space import estimate_job_checkpoint_bytes, free_space_warning
+    from lenstrain.checkpointing.space import estimate_job_checkpoint_bytes, free_space_warning
     from shards.manifest import load_manifest
 
     shape = tuple(load_manifest(spec.data.shards).image.shape)

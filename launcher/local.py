@@ -5,7 +5,7 @@ N processes (``--nproc``, default ``resources.tasks_per_node`` capped to this ma
 the training entry the SLURM tasks run, on gloo (CPU) or one process per local GPU. Their output
 streams to the terminal (rank 0 as is, others prefixed) and into ``RUN/logs/``. Ctrl-C, SIGTERM and
 SIGUSR2 are passed to every rank as SIGTERM/SIGUSR2, so they checkpoint together and stop with
-:data:`~lenstrain.preemption.EXIT_REQUEUE`; running the same command again resumes. A second Ctrl-C
+:data:`~lenstrain.run.preemption.EXIT_REQUEUE`; running the same command again resumes. A second Ctrl-C
 kills them. ``launcher cancel`` finds the ranks through the pids recorded in ``jobs.json``.
 
 When one rank exits abnormally (a signal, an error), the others cannot go on (their collectives
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from launcher import runs
 from launcher.spec import JobSpec
-from lenstrain.rundir import RunDir
+from lenstrain.checkpointing.rundir import RunDir
 from shards.exitcodes import EXIT_REQUEUE, MEANINGS
 
 STOP_GRACE_S = 3.0  # survivors of a dead rank get this long to leave on their own, then are killed
@@ -120,7 +120,7 @@ def _pump(stream, sinks, prefix: str) -> None:
 
 
 def _rank_env(spec: JobSpec, nproc: int, job_id: str) -> dict:
-    from lenstrain.distributed import free_port
+    from lenstrain.parallel.distributed import free_port
 
     fair = max(1, (os.cpu_count() or 1) // nproc)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}

@@ -1,6 +1,6 @@
 """A job: the ``resources:`` the launcher asks SLURM for, plus lenstrain's training sections.
 
-:class:`JobSpec` extends lenstrain's :class:`~lenstrain.config.LenstrainConfig` with ``name`` and
+:class:`JobSpec` extends lenstrain's :class:`~lenstrain.config.schema.LenstrainConfig` with ``name`` and
 ``resources``, so one strict validation (unknown keys rejected) covers the whole file and every
 error names its dotted path. That validation happens once, in :func:`read_job`; :func:`check_job`
 then checks what pydantic cannot: the requests against the cluster profile (nodes, GPUs, CPUs,
@@ -32,7 +32,8 @@ from launcher.sbatch_options import (
     problems_message,
 )
 from launcher.values import RunName, SbatchValue, ShellLine, SlurmNames, one_line
-from lenstrain.config import (
+from lenstrain.config.inherit import resolve_bases
+from lenstrain.config.schema import (
     ConfigError,
     LenstrainConfig,
     Section,
@@ -41,7 +42,6 @@ from lenstrain.config import (
     parse_yaml_text,
     read_text,
 )
-from lenstrain.inherit import resolve_bases
 
 TRAINING_SECTIONS = tuple(LenstrainConfig.model_fields)
 _TIME_RE = re.compile(r"(?:(?P<d>\d+)-)?(?P<h>\d+):(?P<m>\d{1,2}):(?P<s>\d{1,2})")
@@ -75,7 +75,7 @@ _JobLoader.add_implicit_resolver(
 
 
 def _read_one_job_yaml(path: str | Path) -> dict:
-    """One job file like :func:`lenstrain.config.read_yaml` (missing file, bad YAML, size limits named),
+    """One job file like :func:`lenstrain.config.schema.read_yaml` (missing file, bad YAML, size limits named),
     keeping ``1:30:00`` a string."""
     path = Path(path)
     if not path.is_file():
@@ -84,8 +84,8 @@ def _read_one_job_yaml(path: str | Path) -> dict:
 
 
 def read_job_yaml(path: str | Path) -> dict:
-    """Read a job file like :func:`lenstrain.config.read_yaml`, keeping ``1:30:00`` a string, with its
-    ``base:`` chain merged in (:mod:`lenstrain.inherit`: a deep merge, bases relative to the file naming them)."""
+    """Read a job file like :func:`lenstrain.config.schema.read_yaml`, keeping ``1:30:00`` a string, with its
+    ``base:`` chain merged in (:mod:`lenstrain.config.inherit`: a deep merge, bases relative to the file naming them)."""
     return resolve_bases(path, _read_one_job_yaml, ConfigError)
 
 
@@ -342,7 +342,7 @@ def check_training(spec: JobSpec, world_size: int | None = None) -> list[tuple[s
         manifest = load_manifest(spec.data.shards)
     except (ManifestError, ValidationError) as exc:
         return [*errors, ("data.shards", str(exc).splitlines()[0])]
-    from lenstrain.preflight import preflight
+    from lenstrain.run.preflight import preflight
 
     return errors + preflight(spec, manifest, world_size=world_size)
 
@@ -368,7 +368,7 @@ def read_job(
     if not shards.is_absolute():
         spec.data.shards = (base / shards).resolve()
     if spec.model.init_from:  # fine-tuning's source: absolute too (its @best / @STEP kept)
-        from lenstrain.finetune import parse_init_from
+        from lenstrain.checkpointing.finetune import parse_init_from
 
         path, which = parse_init_from(spec.model.init_from)
         if not path.is_absolute():

@@ -14,7 +14,7 @@ from rich.table import Table
 from launcher import runs
 from launcher.local import lost_jobs
 from launcher.slurm import sacct_attempts, sacct_jobs, squeue_state, use_profile_slurm_conf
-from lenstrain.rundir import RunDir
+from lenstrain.checkpointing.rundir import RunDir
 
 STATE_STYLES = {"RUNNING": "green", "COMPLETED": "bold green", "PENDING": "yellow", "REQUEUED": "yellow",
                 "FAILED": "red", "CANCELLED": "magenta", "STOPPED": "magenta", "TIMEOUT": "red", "PREEMPTED": "yellow",
@@ -225,7 +225,7 @@ def show(runs_dir: Path | None, ref: str | None) -> int:
             for jid in slurm_jobs:
                 for row in sacct_attempts(jid):
                     out.print("  " + "  ".join(f"{k}={v}" for k, v in row.items()), highlight=False)
-        from lenstrain.checkpoint import COMPLETE, list_checkpoints
+        from lenstrain.checkpointing.checkpoint import COMPLETE, list_checkpoints
 
         ckpts = list_checkpoints(RunDir(run_dir).checkpoints)
         complete = [p.name for _, p in ckpts if (p / COMPLETE).is_file()]

@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from launcher.spec import JobSpec, read_job_yaml
 from launcher.sweep.samplers import PRUNERS, SAMPLER_CLASSES, SAMPLERS, option_problems
 from launcher.values import RunName
-from lenstrain.config import ConfigError, apply_overrides, format_validation_error, read_yaml
-from lenstrain.metrics import mode_for
+from lenstrain.config.schema import ConfigError, apply_overrides, format_validation_error, read_yaml
+from lenstrain.evaluation.metrics import mode_for
 from shards.clikit import Problem
 
 KINDS = ("log_uniform", "uniform", "int", "choice")
@@ -183,8 +183,8 @@ def problems_for(problems: list[Problem], key: str) -> bool:
 def _shape(job: dict) -> tuple[int, int, int]:
     """(in_channels, num_outputs, image_size) of the base job's shard set where it can be read, else generic ones
     (a model option such as norm does not depend on them)."""
-    from lenstrain.build import task_for
-    from lenstrain.config import validate_config
+    from lenstrain.config.schema import validate_config
+    from lenstrain.run.build import task_for
     from shards.manifest import load_manifest
 
     try:
@@ -199,7 +199,7 @@ def _shape(job: dict) -> tuple[int, int, int]:
 def model_value_problems(key: str, dist: Distribution, job: dict) -> list[Problem]:
     """Each value of a ``model.*`` space key, built into the model (on the meta device), as ``submit`` checks
     ``model.kwargs``: a norm of ``foo`` is refused here, not in the middle of the sweep."""
-    from lenstrain.preflight import model_kwargs_problem
+    from lenstrain.run.preflight import model_kwargs_problem
 
     in_channels, outputs, size = _shape(job)
     for value in dist.examples():
@@ -246,7 +246,7 @@ def resolve_metric(spec: SweepSpec, job: JobSpec) -> list[Problem]:
 def measured_metrics(job: JobSpec) -> list[str]:
     """The metrics a trial's validation records: those of the base job's target kind where its shard set can be
     read, else those of any kind."""
-    from lenstrain.metrics import metric_names
+    from lenstrain.evaluation.metrics import metric_names
     from shards.manifest import load_manifest
 
     try:
