@@ -135,6 +135,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     _checkpoint_arg(p)
     p.add_argument("--shards", type=Path, help="evaluate on another shard set (default: the run's own)")
     p.add_argument("--tta", type=int, default=None, help="test-time rotation averaging over k 90-degree turns")
+    p.add_argument("--step", type=int, default=None, help="the checkpoint of step N (default: --checkpoint's choice)")
 
 
 def _predict_args(p: argparse.ArgumentParser) -> None:

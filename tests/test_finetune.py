@@ -161,3 +161,17 @@ def test_predict_images_matches_predict_shards(tmp_path, ring_shards, source):
     assert not (tmp_path / "x.csv").exists()
     proc = lenstrain("predict", source, "--images", folder, "--out", tmp_path / "s3.csv", "--step", "3", check=True)
     assert "step 3, as asked" in proc.stdout
+
+
+def test_eval_reads_the_checkpoint_of_a_step(source):
+    """``eval --step N``: the learning curve of one run, a checkpoint at a time."""
+    losses = {}
+    for step in (3, 6):
+        proc = lenstrain("eval", source, "--split", "val", "--step", str(step), check=True)
+        assert f"step {step}, as asked" in proc.stdout
+        metrics = json.loads((source / "eval" / "val" / "metrics.json").read_text())
+        assert metrics["step"] == step
+        losses[step] = metrics["metrics"]["loss"]
+    assert losses[3] != losses[6]  # two different models were read
+    missing = lenstrain("eval", source, "--split", "val", "--step", "4")
+    assert missing.returncode == 2 and "step 4: no such checkpoint; complete checkpoints at steps: 3, 6" in missing.stderr

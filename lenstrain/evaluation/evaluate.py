@@ -277,7 +277,7 @@ def _finite_or_none(metrics: dict[str, float]) -> dict[str, float | None]:
 
 def main_eval(args) -> int:
     try:
-        run = load_run(args.run, args.checkpoint, args.shards)
+        run = load_run(args.run, args.checkpoint, args.shards, step=getattr(args, "step", None))
         n = check_split(run.data_task.manifest, args.split, Path(run.data_cfg.data.shards))
         rotations = tta_rotations(args.tta, run.cfg)
     except UsageError as exc:
