@@ -15,6 +15,12 @@ there are kept (``--force`` reruns them).
 
     python benchmarks/stream_rung.py                           # the comparison as committed (186 steps)
     python benchmarks/stream_rung.py --steps 4685 --arms stream --seeds 0   # the stream to 300k images
+    python benchmarks/stream_rung.py --curve --steps 2400 --every 300     # test AUC against images seen
+
+``--curve`` trains one stream run (model seed 0, stream seed 11) with a checkpoint every ``--every`` steps,
+evaluates each checkpoint on the test split as it appears (``lenstrain eval --step N``), and writes the points
+to ``benchmarks/results/stream_curve.json`` as they come, then plots them to ``benchmarks/stream_curve.png``
+(``--plot`` only replots). Run again, it resumes the run from its last checkpoint and keeps the points it has.
 """
 
 from __future__ import annotations
@@ -73,6 +79,81 @@ def _save(results: dict) -> None:
     RESULTS.write_text(json.dumps(current, indent=1) + "\n")
 
 
+CURVE, CURVE_PNG = RESULTS.with_name("stream_curve.json"), ROOT / "benchmarks" / "stream_curve.png"
+
+
+def _curve_point(run_dir: Path, step: int, log: Path) -> dict:
+    cpu = _run(["-m", "lenstrain", "eval", str(run_dir), "--split", "test", "--step", str(step)], log)
+    metrics = json.loads((run_dir / "eval" / "test" / "metrics.json").read_text())["metrics"]
+    return {"step": step, "images_seen": step * 64, "test_auc": metrics["auc"], "test_accuracy": metrics["accuracy"],
+            "eval_cpu_s": round(cpu, 1)}
+
+
+def _complete_steps(run_dir: Path) -> list[int]:
+    root = run_dir / "checkpoints"
+    return sorted(int(p.parent.name.removeprefix("step-")) for p in root.glob("step-*/COMPLETE")) if root.is_dir() else []
+
+
+def curve(args: argparse.Namespace, shards: Path) -> None:
+    """One stream run, each checkpoint scored on the test split as it appears (see the module's docstring)."""
+    name = f"stream-s0-curve-{args.steps}"
+    run_dir, log = args.root / "runs" / name, args.root / f"{name}.log"
+    sets = [f"data.shards={shards}", "train.epochs=null", f"train.max_steps={args.steps}", "seed=0",
+            f"train.val_every_steps={args.every}", f"checkpoint.every_steps={args.every}", "checkpoint.keep=1000",
+            "data.workers=1", "log.every_steps=50", f"data.stream.seed={STREAM_SEEDS[0]}"]
+    train = ["-m", "lenstrain", "train", STREAM_JOB, "--run-dir", str(run_dir)] + [x for s in sets for x in ("--set", s)]
+    result = json.loads(CURVE.read_text()) if CURVE.is_file() else {}
+    if result.get("command") != _command(train):
+        result = {"command": _command(train), "points": []}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "LENSTRAIN_NO_PROGRESS": "1"}
+    start = _child_cpu()
+    with open(log, "a") as fh:
+        trainer = subprocess.Popen([sys.executable, *train], cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    while True:
+        done = trainer.poll() is not None
+        for step in (s for s in _complete_steps(run_dir) if s not in {p["step"] for p in result["points"]}):
+            result["points"].append(_curve_point(run_dir, step, log))
+            result["points"].sort(key=lambda p: p["step"])
+            CURVE.write_text(json.dumps(result, indent=1) + "\n")
+            print(f"step {step}: test AUC {result['points'][-1]['test_auc']:.3f}", flush=True)
+        if done:
+            break
+        time.sleep(20)
+    if trainer.returncode != 0:
+        raise SystemExit(f"training exited {trainer.returncode}; see {log}")
+    result["train_and_eval_cpu_s_this_call"] = round(_child_cpu() - start, 1)
+    CURVE.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def _command(train: list[str]) -> str:
+    return "python " + " ".join(train).replace(str(ROOT) + "/", "")
+
+
+def plot_curve() -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    result = json.loads(CURVE.read_text())
+    rung = json.loads(RESULTS.read_text())["runs"] if RESULTS.is_file() else {}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    points = result["points"]
+    ax.plot([p["images_seen"] for p in points], [p["test_auc"] for p in points], "o-", label="ResNet-18, stream")
+    fixed = [r for r in rung.values() if r["arm"] == "fixed"]
+    if fixed:
+        ax.scatter([r["images_seen"] for r in fixed], [r["test_auc"] for r in fixed], marker="s", color="C1",
+                   label="ResNet-18, fixed 6,000 images")
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--", label="chance")
+    ax.axhline(0.70, color="C2", lw=0.8, ls=":", label="goal 0.70")
+    ax.set(xlabel="training images seen", ylabel="test macro AUC (750 images)",
+           title="Lens-drawn rung, 3 classes: test AUC against images seen")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(CURVE_PNG, dpi=110)
+    return CURVE_PNG
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=186, help="training steps of each run (default 186: 2 epochs "
@@ -82,7 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-every", type=int, default=93)
     parser.add_argument("--root", type=Path, default=ROOT / "data" / "stream-rung")
     parser.add_argument("--force", action="store_true")
+    parser.add_argument("--curve", action="store_true", help="test AUC against images seen, one stream run")
+    parser.add_argument("--every", type=int, default=300, help="with --curve: steps between checkpoints")
+    parser.add_argument("--plot", action="store_true", help="only replot benchmarks/stream_curve.png")
     args = parser.parse_args(argv)
+    if args.plot:
+        print(f"wrote {plot_curve()}")
+        return 0
 
     args.root.mkdir(parents=True, exist_ok=True)
     shards = args.root / "dl2-drawn"
@@ -92,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     if not (shards / "manifest.json").is_file():
         _run(["-m", "shards", "simulate", *SET_FLAGS, "--workers", "1", "--out", str(shards), "--overwrite"],
              args.root / "simulate.log")
+    if args.curve:
+        curve(args, shards)
+        print(f"wrote {CURVE} and {plot_curve()}")
+        return 0
     for arm in args.arms:
         for seed in args.seeds:
             name = f"{arm}-s{seed}-{args.steps}"
