@@ -125,44 +125,11 @@ def stream_plan(stream) -> tuple[StreamPlan | None, list[Problem]]:
 
     parser, actions, allowed = _parser()
     problems: list[Problem] = []
-    base = {}
-    for key, value in (("task", stream.task), ("preset", stream.preset)):
-        chosen = actions[key]
-        try:
-            parser.parse_args([_flag(chosen), str(value), *_required(actions, skip=key)])
-            base[key] = str(value)
-        except _Refused as exc:
-            problems.append((f"{PREFIX}.{key}", _detail(exc.args[0])))
-            base[key] = next(iter(chosen.choices))  # to go on checking the options
-    head = ["--task", base["task"], "--preset", base["preset"]]
-    required = ["--n", "1", "--out", "-"]
-    argv, given = list(head), {}
-    for raw_key, value in stream.options.items():
-        key, path = _key(raw_key), f"{PREFIX}.options.{raw_key}"
-        if key not in allowed:
-            problems.append((path, f"is data.stream.{key}" if key in ("task", "preset", "seed") else
-                             f"{_flag(actions[key])} describes a shard set, not a sample" if key in actions else
-                             f"unknown option; valid options: {', '.join(sorted(allowed))}"))
-            continue
-        if key in given:
-            problems.append((path, f"the same option as data.stream.options.{given[key]}"))
-            continue
-        if value is None:
-            continue
-        flag = _argv(actions[key], value)
-        if isinstance(flag, str):
-            problems.append((path, flag))
-            continue
-        try:
-            parser.parse_args([*head, *required, *flag])
-        except _Refused as exc:
-            problems.append((path, _detail(exc.args[0])))
-            continue
-        argv += flag
-        given[key] = raw_key
+    head = _check_base(stream, parser, actions, problems)
+    argv, given = _check_options(stream, parser, actions, allowed, head, problems)
     if problems:
         return None, problems
-    args = parser.parse_args([*argv, *required])
+    args = parser.parse_args([*argv, *REQUIRED])
     physics = physics_overrides(args)
     takes = set(inspect.signature(plan).parameters) - {"task", "n", "seed", "preset", "physics", "instrument"}
     kwargs = {}
@@ -184,6 +151,53 @@ def stream_plan(stream) -> tuple[StreamPlan | None, list[Problem]]:
         named = [given[_key(flag)] for flag in re.findall(r"--[a-z0-9-]+", message) if _key(flag) in given]
         return None, [(f"{PREFIX}.options" + (f".{named[0]}" if named else ""), message)]
     return StreamPlan(config, tuple(argv)), []
+
+
+REQUIRED = ["--n", "1", "--out", "-"]  # the flags simulate requires besides --task, with harmless values
+
+
+def _check_base(stream, parser, actions: dict[str, argparse.Action], problems: list[Problem]) -> list[str]:
+    """``--task T --preset P`` of the stream; a refused value is a problem, and a valid stand-in goes on."""
+    base = {}
+    for key, value in (("task", stream.task), ("preset", stream.preset)):
+        chosen = actions[key]
+        try:
+            parser.parse_args([_flag(chosen), str(value), *_required(actions, skip=key)])
+            base[key] = str(value)
+        except _Refused as exc:
+            problems.append((f"{PREFIX}.{key}", _detail(exc.args[0])))
+            base[key] = next(iter(chosen.choices))  # to go on checking the options
+    return ["--task", base["task"], "--preset", base["preset"]]
+
+
+def _check_options(stream, parser, actions: dict[str, argparse.Action], allowed: set[str], head: list[str],
+                   problems: list[Problem]) -> tuple[list[str], dict[str, str]]:
+    """Each option checked alone as its ``shards simulate`` flag: the argv of the valid ones, and their keys."""
+    argv, given = list(head), {}
+    for raw_key, value in stream.options.items():
+        key, path = _key(raw_key), f"{PREFIX}.options.{raw_key}"
+        if key not in allowed:
+            problems.append((path, f"is data.stream.{key}" if key in ("task", "preset", "seed") else
+                             f"{_flag(actions[key])} describes a shard set, not a sample" if key in actions else
+                             f"unknown option; valid options: {', '.join(sorted(allowed))}"))
+            continue
+        if key in given:
+            problems.append((path, f"the same option as data.stream.options.{given[key]}"))
+            continue
+        if value is None:
+            continue
+        flag = _argv(actions[key], value)
+        if isinstance(flag, str):
+            problems.append((path, flag))
+            continue
+        try:
+            parser.parse_args([*head, *REQUIRED, *flag])
+        except _Refused as exc:
+            problems.append((path, _detail(exc.args[0])))
+            continue
+        argv += flag
+        given[key] = raw_key
+    return argv, given
 
 
 def _required(actions: dict[str, argparse.Action], skip: str) -> list[str]:
