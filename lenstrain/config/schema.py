@@ -71,6 +71,10 @@ class StreamConfig(Section):
         " size: 64, ...}; a range is a list [LOW, HIGH] or one number"))
     epoch_size: int = Field(ge=1, description="samples per epoch: what train.epochs, schedules, logs and "
                                               "checkpoints count in")
+    auxiliary: Literal["none", "smooth"] = Field("none", description=(
+        "smooth: each training sample also carries its smooth lens (the same main lens and source, no "
+        "substructure, no noise, normalised as the image) as an auxiliary target, for a model that predicts it "
+        "(smooth_residual_net); its MSE, weighted by train.auxiliary_weight, is added to the loss"))
 
 
 class DataConfig(Section):
@@ -212,6 +216,8 @@ class TrainConfig(Section):
     val_every_steps: int = Field(0, ge=0, description="0: validate at the end only")
     early_stopping: EarlyStoppingConfig | None = None
     tta_rotations: int = Field(1, ge=1, description="test-time rotation averaging in eval")
+    auxiliary_weight: float = Field(1.0, ge=0, description=(
+        "weight of the auxiliary target's MSE in the training loss (with data.stream.auxiliary)"))
     profile: ProfileConfig | None = None  # torch.profiler traces of a window of steps, in RUN/profile/
 
     @model_validator(mode="after")
@@ -267,10 +273,22 @@ class LenstrainConfig(Section):
             # DeepSpeed broadcasts parameters as byte views, which needs contiguous weights.
             raise ValueError("model.channels_last is not supported with parallel.strategy 'deepspeed'; "
                              "set model.channels_last: false or use 'ddp'")
+        self._check_auxiliary()
         contradictions = [_contradiction(*pair) for pair in self._metric_modes()]
         if any(contradictions):
             raise ValueError("\n  ".join(c for c in contradictions if c))
         return self
+
+    def _check_auxiliary(self) -> None:
+        stream = self.data.stream
+        if stream is None or stream.auxiliary == "none":
+            return
+        from lenstrain.models import auxiliary_outputs, models_with_auxiliary
+
+        if stream.auxiliary not in auxiliary_outputs(self.model.name):
+            raise ValueError(f"data.stream.auxiliary: {stream.auxiliary!r} needs a model that predicts it; model.name "
+                             f"{self.model.name!r} does not (models that do: "
+                             f"{', '.join(models_with_auxiliary(stream.auxiliary))})")
 
     def _metric_modes(self) -> list[tuple[str, str | None, str, str]]:
         """(metric key, metric, mode key, mode) for each setting that judges a metric by a direction."""

@@ -49,3 +49,16 @@ NORMALIZERS: dict[str, Callable[[torch.Tensor, float, float], torch.Tensor]] = {
     "asinh": asinh,
     "none": none,
 }
+
+
+def like_image(target: torch.Tensor, image: torch.Tensor, name: str, mean: float, std: float) -> torch.Tensor:
+    """``target`` (an image-shaped auxiliary target, e.g. the smooth lens) normalised as ``image`` is by
+    ``name``: with ``image``'s own per-image statistics where the normaliser uses them, so that the image less the
+    target is the residual in the model's units. ``image`` is read before it is normalised and left unchanged."""
+    if name == "per_image_max":
+        peak = image.amax(dim=IMAGE_DIMS, keepdim=True)
+        return target / peak.masked_fill(peak <= 0, 1.0)
+    if name == "per_image_std":
+        spread = image.std(dim=IMAGE_DIMS, keepdim=True, correction=0)
+        return (target - image.mean(dim=IMAGE_DIMS, keepdim=True)) / spread.masked_fill(spread == 0, 1.0)
+    return NORMALIZERS[name](target.clone(), mean, std)  # pixel by pixel: the same function

@@ -31,10 +31,12 @@ import numpy as np
 import torch
 
 from lenstrain.data.loader import BatchFinisher, TargetTransform, batch_buffer
+from lenstrain.data.normalize import like_image
 from shards.pack import BadSample, _stored_image
 
 Problem = tuple[str, str]  # (dotted path, message)
 PREFIX = "data.stream"
+AUXILIARY = ("none", "smooth")  # data.stream.auxiliary: what else a stream batch may carry
 
 # The `shards simulate` flags that describe a shard set rather than a sample (and those the stream has as keys
 # of its own: preset, task, seed). The packing options are added to these from `add_pack_options` itself.
@@ -315,13 +317,17 @@ class StreamBatchBuilder(BatchFinisher):
     """
 
     def __init__(self, planned: StreamPlan, target: TargetTransform, *, dtype: str, seed: int, normalize: str,
-                 mean: float, std: float, rotate: bool, flip: bool, augment_device: str = "cpu"):
+                 mean: float, std: float, rotate: bool, flip: bool, augment_device: str = "cpu",
+                 auxiliary: str = "none"):
         from shards.simulate.physics import Simulator
 
+        if auxiliary not in AUXILIARY:
+            raise ValueError(f"auxiliary {auxiliary!r}; valid: {', '.join(AUXILIARY)}")
         super().__init__(target, seed=seed, normalize=normalize, mean=mean, std=std, rotate=rotate, flip=flip,
-                         augment_device=augment_device)
+                         augment_device="cpu" if auxiliary != "none" else augment_device)
         self.simulator = Simulator(planned.config)
         self.dtype = dtype
+        self.auxiliary = auxiliary  # "smooth": each batch also carries "smooth", the image's smooth lens
         size = planned.config.instrument.size
         self.shape = (1, size, size)
 
@@ -339,13 +345,38 @@ class StreamBatchBuilder(BatchFinisher):
         except BadSample as exc:
             raise ValueError(f"stream sample {index} (seed {self.simulator.config.seed}): {exc}") from None
 
+    def render_pair(self, index: int) -> tuple[np.ndarray, np.ndarray, dict]:
+        """Sample ``index`` as :meth:`render` gives it, and its smooth version stored the same way."""
+        image, smooth, labels = self.simulator.with_smooth(int(index))
+        try:
+            return _stored_image(np.asarray(image), self.dtype), _stored_image(smooth, self.dtype), labels
+        except BadSample as exc:
+            raise ValueError(f"stream sample {index} (seed {self.simulator.config.seed}): {exc}") from None
+
     def __call__(self, indices: np.ndarray, epoch: int | None) -> dict[str, torch.Tensor]:
         indices = np.asarray(indices, dtype=np.int64)
         x = batch_buffer((len(indices), *self.shape))
-        out = x.numpy()
+        smooth = torch.empty(x.shape) if self.auxiliary == "smooth" else None
+        out, smooth_out = x.numpy(), None if smooth is None else smooth.numpy()
         targets = np.empty(len(indices), dtype=np.float64)
         for k, index in enumerate(indices.tolist()):
-            image, labels = self.render(index)
+            if smooth_out is None:
+                image, labels = self.render(index)
+            else:
+                image, smooth_out[k], labels = self.render_pair(index)
             out[k] = image
             targets[k] = self.target.encode(labels)
-        return self.assemble(x, targets, indices, epoch)
+        if smooth is None:
+            return self.assemble(x, targets, indices, epoch)
+        return self._with_smooth(x, smooth, targets, indices, epoch)
+
+    def _with_smooth(self, x: torch.Tensor, smooth: torch.Tensor, targets: np.ndarray, indices: np.ndarray,
+                     epoch: int | None) -> dict[str, torch.Tensor]:
+        """The batch and its smooth images, turned and flipped by the same draws and normalised alike."""
+        if epoch is not None and self.augment.enabled:
+            both = self.augment.apply(torch.cat([x, smooth], dim=1), self.augment.params(indices, epoch))
+            x, smooth = both[:, : x.shape[1]].contiguous(), both[:, x.shape[1]:].contiguous()
+        smooth = like_image(smooth, x, self.normalize, self.mean, self.std)
+        batch = self.assemble(x, targets, indices, None)  # augmented already: only normalised there
+        batch["smooth"] = smooth
+        return batch

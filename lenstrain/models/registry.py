@@ -85,6 +85,20 @@ def list_models() -> list[str]:
     return sorted(set(family_index()) | set(_REGISTRY))
 
 
+def auxiliary_outputs(name: str) -> tuple[str, ...]:
+    """What ``name`` predicts besides its outputs, for an auxiliary target to train (``data.stream.auxiliary``):
+    a variant function declares it as its ``auxiliary`` attribute, and the model keeps the prediction of the
+    last forward as ``<output>_prediction`` (e.g. ``smooth_prediction``)."""
+    _import_family_of(name)
+    return tuple(getattr(_REGISTRY[name], "auxiliary", ()))
+
+
+def models_with_auxiliary(output: str) -> list[str]:
+    """The registered models that predict ``output`` besides their outputs (imports every family)."""
+    _import_families()
+    return sorted(name for name, fn in _REGISTRY.items() if output in getattr(fn, "auxiliary", ()))
+
+
 def model_options(name: str) -> tuple[str, ...] | None:
     """The family-specific keywords ``name`` takes (the fields of its family's ``*Config`` dataclass), or
     None where its module does not define exactly one such dataclass."""

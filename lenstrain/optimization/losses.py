@@ -133,3 +133,15 @@ def weight_penalty(model: nn.Module, l1: float, l2: float) -> torch.Tensor | Non
             term = term + l2 * p.pow(2).sum()
         total = term if total is None else total + term
     return total
+
+
+def auxiliary_loss(model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor | None:
+    """The MSE of the model's prediction of the batch's auxiliary target (``smooth``: the smooth lens, with
+    ``data.stream.auxiliary``), from its last forward; None when the batch carries none (validation batches
+    from shards never do)."""
+    if "smooth" not in batch:
+        return None
+    import torch.nn.functional as F
+
+    target = batch["smooth"].to(device, non_blocking=True)
+    return F.mse_loss(model.smooth_prediction.float(), target)

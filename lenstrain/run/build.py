@@ -151,7 +151,8 @@ def build_stream_builder(cfg: LenstrainConfig, task: Task, augment_device: str =
     builder = StreamBatchBuilder(plan, task.target, dtype=task.manifest.image.dtype, seed=cfg.seed,
                                  normalize=cfg.data.normalize, mean=stats.mean if stats else 0.0,
                                  std=stats.std if stats else 1.0, rotate=cfg.data.augment.rotate,
-                                 flip=cfg.data.augment.flip, augment_device=augment_device)
+                                 flip=cfg.data.augment.flip, augment_device=augment_device,
+                                 auxiliary=cfg.data.stream.auxiliary)
     return builder, cfg.data.stream.epoch_size
 
 

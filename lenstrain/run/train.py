@@ -35,7 +35,7 @@ from lenstrain.config.schema import ConfigError, LenstrainConfig
 from lenstrain.data.loader import Cursor, TrainStream
 from lenstrain.evaluation.inference import evaluate
 from lenstrain.evaluation.metrics import better
-from lenstrain.optimization.losses import weight_penalty
+from lenstrain.optimization.losses import auxiliary_loss, weight_penalty
 from lenstrain.optimization.optimizers import PlateauScheduler, build_optimizer, build_scheduler
 from lenstrain.parallel import Backend
 from lenstrain.parallel.base import StepFlags
@@ -398,6 +398,9 @@ def train_step(run: Run) -> StepFlags:
             loss = run.loss_fn(run.forward(x), y)
             if cfg.optim.l1 or cfg.optim.l2:
                 loss = loss + weight_penalty(run.model, cfg.optim.l1, cfg.optim.l2)
+            auxiliary = auxiliary_loss(run.model, batch, info.device)
+            if auxiliary is not None:
+                loss = loss + cfg.train.auxiliary_weight * auxiliary
         backend.backward(loss / len(micro_batches))
         loss_total += loss.detach()
     run.carried.loss = loss_total / len(micro_batches)

@@ -593,5 +593,22 @@ class Simulator:
         params = draw_params(self.config, index)
         image = render(self.config, params)
         if self.config.physics.scaling == "max":  # as DeepLense's files: each image divided by its maximum
-            image /= max(float(image.max()), np.finfo(np.float32).tiny)
+            image /= self._peak(image)
         return image, params
+
+    def with_smooth(self, index: int) -> tuple[np.ndarray, np.ndarray, dict]:
+        """Sample ``index`` as :meth:`__call__` gives it, and its smooth version (1, H, W) float32: the same main
+        lens and source without substructure (:func:`smooth_twin`) and without noise, scaled as the image is
+        (divided by the observed image's maximum where the preset divides images by it)."""
+        params = draw_params(self.config, index)
+        image = render(self.config, params)
+        smooth = render_clean(self.config, smooth_twin(params)).astype(np.float32)[None]
+        if self.config.physics.scaling == "max":
+            peak = self._peak(image)
+            image /= peak
+            smooth /= peak
+        return image, smooth, params
+
+    @staticmethod
+    def _peak(image: np.ndarray) -> float:
+        return max(float(image.max()), np.finfo(np.float32).tiny)
