@@ -6,7 +6,7 @@ source). The model has two parts, trained jointly:
 * an encoder-decoder (a two-level U-Net) that predicts the image's smooth version: the same main lens and
   source without substructure and without noise. With ``data.stream.auxiliary: smooth`` the stream renders that
   image for every training sample, and its MSE against this prediction is added to the loss
-  (``train.auxiliary_weight``). Its last layer starts at zero, so the prediction starts as the image itself;
+  (``train.auxiliary_weight``). Its last layer starts near zero, so the prediction starts as the image itself;
 * a classifier from the zoo (ResNet-18 by default) that reads two channels per input channel: the image, and
   its residual against the predicted smooth image.
 
@@ -39,14 +39,14 @@ def _block(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class SmoothUNet(nn.Module):
-    """Image -> its smooth version, as the image plus a correction (zero at the start)."""
+    """Image -> its smooth version, as the image plus a correction (near zero at the start)."""
 
     def __init__(self, channels: int, width: int):
         super().__init__()
         self.enc1, self.enc2, self.mid = _block(channels, width), _block(width, 2 * width), _block(2 * width, 4 * width)
         self.dec2, self.dec1 = _block(6 * width, 2 * width), _block(3 * width, width)
         self.correction = nn.Conv2d(width, channels, 1)
-        nn.init.zeros_(self.correction.weight)
+        nn.init.normal_(self.correction.weight, std=1e-3)  # small, not zero: every layer gets a gradient
         nn.init.zeros_(self.correction.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
