@@ -16,6 +16,7 @@ there are kept (``--force`` reruns them).
     python benchmarks/stream_rung.py                           # the comparison as committed (186 steps)
     python benchmarks/stream_rung.py --steps 4685 --arms stream --seeds 0   # the stream to 300k images
     python benchmarks/stream_rung.py --curve --steps 2400 --every 300     # test AUC against images seen
+    python benchmarks/stream_rung.py --curve --steps 2400 --every 300 --curve-model smooth_residual_net
 
 ``--curve`` trains one stream run (model seed 0, stream seed 11) with a checkpoint every ``--every`` steps,
 evaluates each checkpoint on the test split as it appears (``lenstrain eval --step N``), and writes the points
@@ -80,6 +81,16 @@ def _save(results: dict) -> None:
 
 
 CURVE, CURVE_PNG = RESULTS.with_name("stream_curve.json"), ROOT / "benchmarks" / "stream_curve.png"
+CURVE_JOBS = {  # --curve-model: its stream job, and its label in the plot
+    "resnet18": (STREAM_JOB, "ResNet-18, stream"),
+    "smooth_residual_net": ("jobs/stream_substructure_smooth.yaml", "smooth_residual_net + smooth target, stream"),
+}
+
+
+def _curves() -> dict:
+    """{model: its curve}; a file from before there were several curves holds ResNet-18's alone."""
+    data = json.loads(CURVE.read_text()) if CURVE.is_file() else {}
+    return data.get("curves", {"resnet18": data} if "points" in data else {})
 
 
 def _curve_point(run_dir: Path, step: int, log: Path) -> dict:
@@ -96,15 +107,21 @@ def _complete_steps(run_dir: Path) -> list[int]:
 
 def curve(args: argparse.Namespace, shards: Path) -> None:
     """One stream run, each checkpoint scored on the test split as it appears (see the module's docstring)."""
-    name = f"stream-s0-curve-{args.steps}"
+    job = CURVE_JOBS[args.curve_model][0]
+    name = f"stream-s0-curve-{args.steps}" + ("" if args.curve_model == "resnet18" else f"-{args.curve_model}")
     run_dir, log = args.root / "runs" / name, args.root / f"{name}.log"
     sets = [f"data.shards={shards}", "train.epochs=null", f"train.max_steps={args.steps}", "seed=0",
             f"train.val_every_steps={args.every}", f"checkpoint.every_steps={args.every}", "checkpoint.keep=1000",
             "data.workers=1", "log.every_steps=50", f"data.stream.seed={STREAM_SEEDS[0]}"]
-    train = ["-m", "lenstrain", "train", STREAM_JOB, "--run-dir", str(run_dir)] + [x for s in sets for x in ("--set", s)]
-    result = json.loads(CURVE.read_text()) if CURVE.is_file() else {}
+    train = ["-m", "lenstrain", "train", job, "--run-dir", str(run_dir)] + [x for s in sets for x in ("--set", s)]
+    curves = _curves()
+    result = curves.get(args.curve_model, {})
     if result.get("command") != _command(train):
-        result = {"command": _command(train), "points": []}
+        result = curves[args.curve_model] = {"command": _command(train), "points": []}
+
+    def save() -> None:  # merged into the file as it is now: two curves may run at once
+        CURVE.write_text(json.dumps({"curves": {**_curves(), args.curve_model: result}}, indent=1) + "\n")
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "LENSTRAIN_NO_PROGRESS": "1"}
     start = _child_cpu()
     with open(log, "a") as fh:
@@ -114,7 +131,7 @@ def curve(args: argparse.Namespace, shards: Path) -> None:
         for step in (s for s in _complete_steps(run_dir) if s not in {p["step"] for p in result["points"]}):
             result["points"].append(_curve_point(run_dir, step, log))
             result["points"].sort(key=lambda p: p["step"])
-            CURVE.write_text(json.dumps(result, indent=1) + "\n")
+            save()
             print(f"step {step}: test AUC {result['points'][-1]['test_auc']:.3f}", flush=True)
         if done:
             break
@@ -122,7 +139,7 @@ def curve(args: argparse.Namespace, shards: Path) -> None:
     if trainer.returncode != 0:
         raise SystemExit(f"training exited {trainer.returncode}; see {log}")
     result["train_and_eval_cpu_s_this_call"] = round(_child_cpu() - start, 1)
-    CURVE.write_text(json.dumps(result, indent=1) + "\n")
+    save()
 
 
 def _command(train: list[str]) -> str:
@@ -135,11 +152,11 @@ def plot_curve() -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    result = json.loads(CURVE.read_text())
     rung = json.loads(RESULTS.read_text())["runs"] if RESULTS.is_file() else {}
     fig, ax = plt.subplots(figsize=(6, 4))
-    points = result["points"]
-    ax.plot([p["images_seen"] for p in points], [p["test_auc"] for p in points], "o-", label="ResNet-18, stream")
+    for model, result in _curves().items():
+        points = result["points"]
+        ax.plot([p["images_seen"] for p in points], [p["test_auc"] for p in points], "o-", label=CURVE_JOBS[model][1])
     fixed = [r for r in rung.values() if r["arm"] == "fixed"]
     if fixed:
         ax.scatter([r["images_seen"] for r in fixed], [r["test_auc"] for r in fixed], marker="s", color="C1",
@@ -165,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true")
     parser.add_argument("--curve", action="store_true", help="test AUC against images seen, one stream run")
     parser.add_argument("--every", type=int, default=300, help="with --curve: steps between checkpoints")
+    parser.add_argument("--curve-model", default="resnet18", choices=list(CURVE_JOBS),
+                        help="with --curve: which stream job (default resnet18)")
     parser.add_argument("--plot", action="store_true", help="only replot benchmarks/stream_curve.png")
     args = parser.parse_args(argv)
     if args.plot:
