@@ -18,9 +18,8 @@ from lenstrain.losses import default_loss
 from lenstrain.metrics import metric_names
 from lenstrain.models import create_model
 from lenstrain.models.registry import ModelOptionError
+from shards.clikit import Problem
 from shards.manifest import Manifest
-
-Problem = tuple[str, str]  # (dotted path, message)
 
 
 def preflight(cfg: LenstrainConfig, manifest: Manifest, world_size: int = 1) -> list[Problem]:

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from lenstrain.data import BatchFinisher, TargetTransform, batch_buffer
+from shards.clikit import Problem
 from shards.pack import BadSample, _stored_image
 
-Problem = tuple[str, str]  # (dotted path, message)
 PREFIX = "data.stream"
 
 # The `shards simulate` flags that describe a shard set rather than a sample (and those the stream has as keys
