@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from launcher import runs
@@ -88,32 +89,51 @@ def submit(args) -> int:
     return launch(plan(spec, profile, problems, name, run_dir, args, job_ref=str(args.job)), args.dry_run)
 
 
-def resume(args) -> int:
-    from launcher.launch import launch, plan
+def named(ref: str, runs_dir: Path | None) -> tuple[str, Path]:
+    """What a name given to ``resume``, ``status`` or ``cancel`` refers to, asked here only: ``("sweep", its
+    directory)`` or ``("run", its directory)``; a :class:`ConfigError` when it is neither."""
+    sweep_dir = find_sweep(ref, runs_dir)
+    if sweep_dir is not None:
+        return "sweep", sweep_dir
+    return "run", runs.find_run(ref, runs_dir)
 
-    if (sweep_dir := find_sweep(args.run, args.runs_dir)) is not None:
-        return sweep_cli.resume(sweep_dir, args)
-    run_dir = runs.find_run(args.run, args.runs_dir)
-    spec, profile, problems = read_job(runs.read_job_dict(run_dir), args.set)
-    job = plan(spec, profile, problems, spec.name or run_dir.name, run_dir, args, job_ref=str(RunDir(run_dir).job))
-    return launch(job, args.dry_run)
+
+def on_named(args, *, on_run: Callable[[Path, argparse.Namespace], int],
+             on_sweep: Callable[[Path, argparse.Namespace], int]) -> int:
+    """Run the command's form for a run or for a sweep, as :func:`named` finds ``args.run``."""
+    kind, path = named(args.run, args.runs_dir)
+    return (on_sweep if kind == "sweep" else on_run)(path, args)
+
+
+def resume(args) -> int:
+    return on_named(args, on_run=resume_run, on_sweep=sweep_cli.resume)
 
 
 def status(args) -> int:
     from launcher import status as status_mod
 
-    if args.run and (sweep_dir := find_sweep(args.run, args.runs_dir)) is not None:
-        return sweep_cli.status(sweep_dir)
-    return status_mod.show(args.runs_dir, args.run)
+    if not args.run:
+        return status_mod.show_all(args.runs_dir)
+    return on_named(args, on_run=lambda run_dir, _: status_mod.show_one(run_dir), on_sweep=sweep_cli.status)
 
 
 def cancel(args) -> int:
+    return on_named(args, on_run=cancel_run, on_sweep=sweep_cli.cancel)
+
+
+def resume_run(run_dir: Path, args) -> int:
+    from launcher.launch import launch, plan
+
+    spec, profile, problems = read_job(runs.read_job_dict(run_dir), args.set)
+    job = plan(spec, profile, problems, spec.name or run_dir.name, run_dir, args, job_ref=str(RunDir(run_dir).job))
+    return launch(job, args.dry_run)
+
+
+def cancel_run(run_dir: Path, args) -> int:
     from launcher import local
     from launcher.status import refresh_states, use_run_cluster
 
-    if (sweep_dir := find_sweep(args.run, args.runs_dir)) is not None:
-        return sweep_cli.cancel(sweep_dir)
-    run_dir = runs.find_run(args.run, args.runs_dir)
+    del args
     use_run_cluster(run_dir)
     data, _ = refresh_states(run_dir)
     active = [j["job_id"] for j in runs.active_jobs(data)]

@@ -26,13 +26,14 @@ from launcher.launch import (
     Launch,
     check_slurm,
     plan,
+    print_dry_run_end,
     refuse_active,
     start_local,
     submit_then,
 )
 from lenstrain.config import ConfigError
 from lenstrain.rundir import RunDir
-from shards.clikit import UsageError, format_problems
+from shards.clikit import UsageError
 
 _SEEDS = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 MAX_SEEDS = 100
@@ -152,10 +153,7 @@ def print_dry_run(jobs: list[Launch], states: list[str], problems) -> None:
     if first.then:
         print(f"\n# then: {', '.join(first.then)} for each seed, after its array task (afterok)"
               if not first.local else f"\n# then: {', '.join(first.then)} after each seed, here")
-    if problems:
-        header = f"warning: submitting these runs would stop at {len(problems)} problem(s)"
-        print("\n" + "\n".join(f"# {line}" for line in format_problems(problems, header).splitlines()))
-    print("\n# dry run: nothing submitted")
+    print_dry_run_end(problems, "these runs")
 
 
 def submit_array(todo: list[tuple[Launch, str]]) -> int:

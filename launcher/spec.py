@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
@@ -37,11 +38,16 @@ from lenstrain.config import (
     LenstrainConfig,
     Section,
     apply_overrides,
-    format_validation_error,
     parse_yaml_text,
     read_text,
+    validated,
 )
 from lenstrain.inherit import resolve_bases
+from shards.clikit import Problem
+
+if TYPE_CHECKING:
+    from lenstrain.preflight import MetaModel
+    from shards.manifest import Manifest
 
 TRAINING_SECTIONS = tuple(LenstrainConfig.model_fields)
 _TIME_RE = re.compile(r"(?:(?P<d>\d+)-)?(?P<h>\d+):(?P<m>\d{1,2}):(?P<s>\d{1,2})")
@@ -319,32 +325,38 @@ def check_resources(res: Resources, profile: ClusterProfile) -> list[tuple[str, 
     return errors
 
 
-def check_training(spec: JobSpec, world_size: int | None = None) -> list[tuple[str, str]]:
+@dataclass
+class JobCheck:
+    """Every problem of a schema-valid job, and the model its checks built on the meta device (None when they
+    stopped before it), which the checkpoint-space estimate shares."""
+
+    problems: list[Problem] = field(default_factory=list)
+    meta: MetaModel | None = None
+
+
+def check_training(spec: JobSpec, world_size: int | None = None, manifest: Manifest | None = None) -> JobCheck:
     """Consistency of the training sections with the ranks that will run, and the config against its shard set.
 
-    ``world_size`` is the number of ranks that will really run (default: ``resources``' nodes x tasks).
+    ``world_size`` is the number of ranks that will really run (default: ``resources``' nodes x tasks);
+    ``manifest``: the shard set's, when the caller has loaded it already (else it is loaded here, once).
     """
+    from lenstrain.preflight import run_preflight
     from shards.manifest import ManifestError, load_manifest
 
-    errors: list[tuple[str, str]] = []
+    errors: list[Problem] = []
     world_size = spec.resources.world_size if world_size is None else world_size
     if spec.parallel.strategy == "single" and world_size > 1:
-        errors.append(
-            (
-                "parallel.strategy",
-                f"'single' runs one process, but {world_size} ranks would run; "
-                "valid choices: ddp, deepspeed (or set resources.nodes=1, resources.tasks_per_node=1)",
-            )
-        )
+        errors.append(("parallel.strategy", f"'single' runs one process, but {world_size} ranks would run; "
+                       "valid choices: ddp, deepspeed (or set resources.nodes=1, resources.tasks_per_node=1)"))
     if spec.parallel.backend == "nccl" and spec.resources.gpus_per_node == 0:
         errors.append(("parallel.backend", "nccl needs GPUs (resources.gpus_per_node is 0); valid choices: auto, gloo"))
-    try:
-        manifest = load_manifest(spec.data.shards)
-    except (ManifestError, ValidationError) as exc:
-        return [*errors, ("data.shards", str(exc).splitlines()[0])]
-    from lenstrain.preflight import preflight
-
-    return errors + preflight(spec, manifest, world_size=world_size)
+    if manifest is None:
+        try:
+            manifest = load_manifest(spec.data.shards)
+        except (ManifestError, ValidationError) as exc:
+            return JobCheck([*errors, ("data.shards", str(exc).splitlines()[0])])
+    checked = run_preflight(spec, manifest, world_size=world_size)
+    return JobCheck(errors + checked.problems, checked.meta)
 
 
 def read_job(
@@ -359,10 +371,7 @@ def read_job(
     """
     data = read_job_yaml(source) if not isinstance(source, dict) else source
     data = apply_overrides(data, _quote_times(overrides))
-    try:
-        spec = JobSpec.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, JobSpec)) from None
+    spec = validated(JobSpec, data)
     base = Path.cwd() if base is None else Path(base)
     shards = Path(spec.data.shards)
     if not shards.is_absolute():
@@ -380,9 +389,19 @@ def read_job(
     return spec, load_profile(spec.resources.cluster), []
 
 
-def check_job(spec: JobSpec, profile: ClusterProfile | None, world_size: int | None = None) -> list[tuple[str, str]]:
+def check_job(spec: JobSpec, profile: ClusterProfile | None, world_size: int | None = None,
+              manifest: Manifest | None = None) -> list[Problem]:
     """Every problem of a schema-valid job: its requests against the cluster, and its training checks."""
-    return (check_resources(spec.resources, profile) if profile else []) + check_training(spec, world_size)
+    return job_check(spec, profile, world_size, manifest).problems
+
+
+def job_check(spec: JobSpec, profile: ClusterProfile | None, world_size: int | None = None,
+              manifest: Manifest | None = None) -> JobCheck:
+    """:func:`check_job`, with the model its training checks built on the meta device."""
+    checked = check_training(spec, world_size, manifest)
+    if profile:
+        checked.problems[:0] = check_resources(spec.resources, profile)
+    return checked
 
 
 def load_job(

@@ -109,7 +109,8 @@ def test_dry_run_prints_the_array_script_and_first_trials(tmp_path, base, capsys
     )
     assert main(["sweep", str(sweep), "--runs-dir", str(tmp_path / "runs"), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "#SBATCH --array=0-1%2" in out and "launcher.sweep.recover" in out
+    # the teardown is a run's: the one recovery entry point, given the sweep's directory
+    assert "#SBATCH --array=0-1%2" in out and f"-m launcher.recovery {tmp_path / 'runs' / 'sw'} " in out
     assert "#   trial 0: optim.lr=" in out and "#   trial 3: " in out
     assert "dry run: nothing submitted" in out and not (tmp_path / "runs").exists()
 
