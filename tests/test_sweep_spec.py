@@ -9,10 +9,12 @@ import pytest
 
 from launcher.__main__ import main
 from launcher.sweep.spec import read_sweep
+from tests import counting
 from tests.sweep_helpers import write_base, write_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "jobs" / "sweeps").glob("*.yaml"))
+validations, calls = counting.validations, counting.calls  # fixtures
 
 
 @pytest.fixture
@@ -122,3 +124,27 @@ def test_a_multi_node_base_job_makes_each_array_task_that_many_tasks(tmp_path, r
     out = capsys.readouterr().out
     assert "#SBATCH --array=0-1%2" in out and "#SBATCH --nodes=2" in out and "#SBATCH --ntasks-per-node=1" in out
     assert "problem" not in out
+
+
+@pytest.mark.parametrize("where", [[], ["--local"]], ids=["slurm", "local"])
+def test_a_sweep_checks_its_space_once_per_corner(tmp_path, base, validations, calls, capsys, where):
+    """Four space keys (two ranges, choices of two and three): the base job is validated once, and the space once
+    per corner (three: each end of each range and each choice stands in one), every key at once, not once per key
+    and value (eleven); the manifest is loaded once; the model is built once for the preflight and once per corner
+    for its model keys."""
+    space = {"optim.lr": {"log_uniform": [1e-4, 1e-2]}, "optim.name": {"choice": ["adam", "adamw"]},
+             "model.kwargs.norm": {"choice": ["bn", "gn", "ln"]}, "model.kwargs.drop_rate": {"uniform": [0.0, 0.5]}}
+    sweep = write_sweep(tmp_path, base, trials=4, space=space)
+    assert main(["sweep", str(sweep), "--runs-dir", str(tmp_path / "runs"), "--dry-run", *where]) == 0
+    assert validations == ["JobSpec"] * (1 + 3)
+    assert calls["manifest loaded"] == 1 and calls["model built"] == 1 + 3
+    assert "dry run: nothing submitted" in capsys.readouterr().out
+
+
+def test_a_bad_corner_still_names_its_key(tmp_path, base, capsys):
+    """A corner that fails is checked key by key, so the error names the key and its value, as before."""
+    space = {"optim.lr": {"log_uniform": [1e-4, 1e-2]}, "model.kwargs.norm": {"choice": ["bn", "foo"]}}
+    sweep = write_sweep(tmp_path, base, space=space)
+    assert main(["sweep", str(sweep), "--runs-dir", str(tmp_path / "runs"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "space.model.kwargs.norm:" in err and "(value 'foo')" in err and "space.optim.lr" not in err
