@@ -291,13 +291,8 @@ def check_resources(res: Resources, profile: ClusterProfile) -> list[tuple[str, 
         have = f"{profile.gpus_per_node} GPUs per node" if profile.gpus_per_node else "no GPUs"
         errors.append(("resources.gpus_per_node", f"{res.gpus_per_node} GPUs per node requested; {p} has {have}"))
     if res.gpus_per_node and res.tasks_per_node is not None and res.tasks_per_node != res.gpus_per_node:
-        errors.append(
-            (
-                "resources.tasks_per_node",
-                f"{res.tasks_per_node} tasks per node with {res.gpus_per_node} GPUs per node; "
-                "one task drives one GPU, so they must be equal (or leave tasks_per_node unset)",
-            )
-        )
+        errors.append(("resources.tasks_per_node", f"{res.tasks_per_node} tasks per node with {res.gpus_per_node} "
+                       "GPUs per node; one task drives one GPU, so they must be equal (or leave tasks_per_node unset)"))
     gres = gres_gpus(res.gres) if res.gres else None
     if gres is not None and gres != res.gpus_per_node:
         errors.append(("resources.gres", f"{res.gres!r} asks for {gres} GPU(s) per node but resources.gpus_per_node "
@@ -305,23 +300,13 @@ def check_resources(res: Resources, profile: ClusterProfile) -> list[tuple[str, 
     cpus = res.ntasks_per_node * (res.cpus_per_task or 1)
     if profile.cpus_per_node is not None and cpus > profile.cpus_per_node:
         where = "resources.cpus_per_task" if res.cpus_per_task else "resources.tasks_per_node"
-        errors.append(
-            (
-                where,
-                f"{res.ntasks_per_node} tasks x {res.cpus_per_task or 1} CPUs = {cpus} CPUs per node; "
-                f"{p} has {profile.cpus_per_node}",
-            )
-        )
+        errors.append((where, f"{res.ntasks_per_node} tasks x {res.cpus_per_task or 1} CPUs = {cpus} CPUs per node; "
+                              f"{p} has {profile.cpus_per_node}"))
     if res.mem_gb is not None and profile.mem_per_node_gb is not None and res.mem_gb > profile.mem_per_node_gb:
         errors.append(("resources.mem", f"{res.mem} per node requested; {p} nodes have {profile.mem_per_node_gb:g}G"))
     if res.signal_delay_s >= res.time_minutes * 60:
-        errors.append(
-            (
-                "resources.signal_delay_s",
-                f"{res.signal_delay_s} s is not shorter than the time limit ({res.time_minutes} min); "
-                "the job would be signalled as it starts",
-            )
-        )
+        errors.append(("resources.signal_delay_s", f"{res.signal_delay_s} s is not shorter than the time limit "
+                       f"({res.time_minutes} min); the job would be signalled as it starts"))
     return errors
 
 

@@ -113,17 +113,9 @@ def requeue_count(run_dir: Path, data: dict) -> str:
     return f"{count}/{limit}"
 
 
-def run_summary(run_dir: Path, data: dict) -> dict:
-    """The figures of one run's row."""
-    now = time.time()
-    progress = runs.read_progress(run_dir) or {}
-    jobs = data["jobs"]
-    training = [j for j in jobs if not j.get("steps")]  # the jobs that train; chained steps (--then) come after
-    latest = training[-1] if training else None
-    state = str(latest.get("state", "?")) if latest else "NEW"
-    if progress.get("state") == "done" and state not in runs.ACTIVE_STATES:
-        state = "COMPLETED"
-    elapsed = 0.0
+def elapsed_s(training: list[dict], progress: dict) -> float:
+    """Seconds the run has trained, over every attempt of its training jobs (one still running counts to now)."""
+    now, elapsed = time.time(), 0.0
     for job in training:
         for attempt in job.get("attempts", []):
             start = _number(attempt.get("started"))
@@ -132,16 +124,34 @@ def run_summary(run_dir: Path, data: dict) -> dict:
                 end = now if job.get("state") in runs.ACTIVE_STATES else _number(progress.get("updated", start))
             if start is not None and end is not None:
                 elapsed += max(0.0, end - start)
-    eta = None
+    return elapsed
+
+
+def eta_s(run_dir: Path, latest: dict, progress: dict) -> float | None:
+    """Seconds left for a running run at its last throughput; None when that cannot be computed."""
     step, total, rate = progress.get("step"), progress.get("total_steps"), progress.get("samples_per_s")
-    if state == "RUNNING" and step is not None and total and rate:
-        try:
-            cfg = runs.read_job_dict(run_dir)
-            world = (latest.get("attempts") or [{}])[-1].get("world_size") or 1
-            global_batch = cfg["data"]["batch_size"] * cfg["train"]["grad_accum"] * world
-            eta = (total - step) * global_batch / rate
-        except (KeyError, TypeError, ValueError, ZeroDivisionError, runs.BrokenRunError):
-            eta = None
+    if step is None or not total or not rate:
+        return None
+    try:
+        cfg = runs.read_job_dict(run_dir)
+        world = (latest.get("attempts") or [{}])[-1].get("world_size") or 1
+        global_batch = cfg["data"]["batch_size"] * cfg["train"]["grad_accum"] * world
+        return (total - step) * global_batch / rate
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, runs.BrokenRunError):
+        return None
+
+
+def run_summary(run_dir: Path, data: dict) -> dict:
+    """The figures of one run's row."""
+    progress = runs.read_progress(run_dir) or {}
+    jobs = data["jobs"]
+    training = [j for j in jobs if not j.get("steps")]  # the jobs that train; chained steps (--then) come after
+    latest = training[-1] if training else None
+    state = str(latest.get("state", "?")) if latest else "NEW"
+    if progress.get("state") == "done" and state not in runs.ACTIVE_STATES:
+        state = "COMPLETED"
+    elapsed = elapsed_s(training, progress)
+    eta = eta_s(run_dir, latest, progress) if state == "RUNNING" else None
     best = progress.get("best_metric")
     return {
         "run": run_dir.name,
