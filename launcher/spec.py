@@ -28,9 +28,8 @@ from launcher.sbatch_options import (
     check_mail_user,
     check_name,
     check_sbatch_text,
+    checked_options,
     gres_gpus,
-    option_problems,
-    problems_message,
 )
 from launcher.values import RunName, SbatchValue, ShellLine, SlurmNames, one_line
 from lenstrain.config import (
@@ -203,10 +202,7 @@ class Resources(Section):
     @field_validator("sbatch")
     @classmethod
     def _sbatch(cls, value: dict) -> dict:
-        problems = option_problems(value)
-        if problems:
-            raise ValueError(problems_message(problems, "resources.sbatch"))
-        return value
+        return checked_options(value, "resources.sbatch")
 
     @property
     def gres_line(self) -> str | None:
