@@ -31,8 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.loader import make_data, train_stream  # noqa: E402
-from lenstrain.augment import Augment  # noqa: E402
-from lenstrain.normalize import NORMALIZERS  # noqa: E402
+from lenstrain.data.augment import Augment  # noqa: E402
+from lenstrain.data.normalize import NORMALIZERS  # noqa: E402
 
 
 def median_ms(fn, repeats: int, device: torch.device, per: int = 20) -> float:

@@ -13,7 +13,7 @@ fresh processes, one per GPU (``--nproc``, all visible GPUs by default), for ``-
 - bf16 eager and bf16 ``torch.compile``d; and ``alternet_large`` in fp32 eager under DDP (TF32 off), the
   baseline of the bf16 target (at least 1.5x).
 
-FLOPs per sample come from ``lenstrain.flops`` (``torch.utils.flop_counter``, forward x3 to train) and the
+FLOPs per sample come from ``lenstrain.run.flops`` (``torch.utils.flop_counter``, forward x3 to train) and the
 peaks from its ``PEAKS`` table (``--peak-tflops`` overrides), exactly as training logs ``perf/tflops`` and
 ``perf/mfu``. The table is printed and appended to ``benchmarks/RESULTS.md`` with the device and the date.
 
@@ -97,13 +97,13 @@ def matrix(args) -> list[Config]:
 def run_worker(config: Config, out: Path) -> None:
     """One rank of one configuration (RANK/WORLD_SIZE/... in the environment); rank 0 writes the result to ``out``."""
     from benchmarks.step import lenstrain_step
-    from lenstrain.config import OptimConfig
-    from lenstrain.distributed import init_distributed, shutdown_distributed
-    from lenstrain.flops import flop_rate
-    from lenstrain.losses import make_loss
+    from lenstrain.config.schema import OptimConfig
     from lenstrain.models import create_model
-    from lenstrain.optim import build_optimizer
+    from lenstrain.optimization.losses import make_loss
+    from lenstrain.optimization.optimizers import build_optimizer
     from lenstrain.parallel import build_backend
+    from lenstrain.parallel.distributed import init_distributed, shutdown_distributed
+    from lenstrain.run.flops import flop_rate
 
     precision, compiled = MODES[config.mode]
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 is fp32
@@ -174,7 +174,7 @@ def synchronize(device: torch.device) -> None:
 
 def run_config(config: Config, nproc: int, timeout: float) -> dict:
     """``config`` on ``nproc`` fresh processes (one per GPU); its result, or ``{"error": ...}``."""
-    from lenstrain.distributed import free_port
+    from lenstrain.parallel.distributed import free_port
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
@@ -286,7 +286,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=20, help="untimed steps first (compilation included)")
     p.add_argument("--nproc", type=int, help="processes, one per GPU (default: every visible GPU)")
     p.add_argument(
-        "--peak-tflops", type=float, help="the device's dense peak (default: lenstrain.flops.PEAKS)"
+        "--peak-tflops", type=float, help="the device's dense peak (default: lenstrain.run.flops.PEAKS)"
     )
     p.add_argument("--compile-backend", default="inductor", help="torch.compile's backend")
     p.add_argument("--timeout", type=float, default=900, help="seconds per configuration")

@@ -6,7 +6,7 @@ The same N images (C x S x S float32, 3 classes) exist three times:
   array ``[image, label]`` saved with pickle; a torch ``Dataset`` whose ``__getitem__`` calls
   ``np.load(path, allow_pickle=True)``, batched by ``DataLoader``'s default collation with shuffling.
 - **ours**: the shard set that ``shards import deeplense`` makes of that folder, read by
-  ``lenstrain.data.TrainStream`` (images copied from the memory-mapped tars, targets from the manifest's
+  ``lenstrain.data.loader.TrainStream`` (images copied from the memory-mapped tars, targets from the manifest's
   label table, whole batches per worker; ``--kinds`` picks thread and/or process workers).
 - **raw**: the limit. One contiguous float32 file of all images, memory-mapped; each batch is a sorted
   fancy-index gather of a random permutation's next ``batch`` rows (numpy copies the rows into a new
@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lenstrain.data import BatchBuilder, TargetTransform, TrainStream  # noqa: E402
+from lenstrain.data.loader import BatchBuilder, TargetTransform, TrainStream  # noqa: E402
 from shards.manifest import load_manifest  # noqa: E402
 from shards.options import PackOptions  # noqa: E402
 from shards.reader import ShardReader  # noqa: E402

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/models.py [--size 150] [--batch 8] [--threads 2] [--models a,b]
 
 GFLOPs count one forward pass of one image (a multiply-add is 2 FLOPs), with
-``lenstrain.flops.forward_flops_per_sample`` (``torch.utils.flop_counter``), as training counts them. The step time is forward + backward + AdamW step, best of 3 after a warm-up.
+``lenstrain.run.flops.forward_flops_per_sample`` (``torch.utils.flop_counter``), as training counts them. The step time is forward + backward + AdamW step, best of 3 after a warm-up.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lenstrain.flops import forward_flops_per_sample  # noqa: E402
 from lenstrain.models import create_model, list_models  # noqa: E402
+from lenstrain.run.flops import forward_flops_per_sample  # noqa: E402
 
 
 def gflops(model: torch.nn.Module, size: int) -> float:

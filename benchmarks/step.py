@@ -1,13 +1,13 @@
 """Train-step overhead: lenstrain's step against a bare PyTorch loop, on the same model and batch.
 
-Ours is the body of ``lenstrain.train.train_loop`` for one step with its data already in memory:
+Ours is the body of ``lenstrain.run.train.train_loop`` for one step with its data already in memory:
 ``backend.accumulating``/``backend.autocast`` around the forward and the loss (``make_loss``),
 ``backend.backward``, the step's flags (non-finite loss, preemption, checkpoint due) built and
 agreed on the device (``backend.reduce_flags``), the previous step's flags read on the host one step
 late, ``backend.step`` with its update skippable on the device (unscale, clip, update, zero) and
 ``scheduler.step()``. The bare loop is ``model(x)``, ``F.mse_loss``, ``zero_grad``, ``backward``,
 ``clip_grad_norm_`` and ``optimizer.step()``. Both start from identical weights and the same optimizer,
-built by ``lenstrain.optim.build_optimizer`` (``--optim``; AdamW, fused, by default): the comparison is of
+built by ``lenstrain.optimization.optimizers.build_optimizer`` (``--optim``; AdamW, fused, by default): the comparison is of
 the step around it.
 
 Blocks of steps alternate between the two (which goes first alternates too). Each side reports its
@@ -34,12 +34,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lenstrain.config import OptimConfig, ScheduleConfig  # noqa: E402
-from lenstrain.distributed import DistInfo  # noqa: E402
-from lenstrain.losses import make_loss  # noqa: E402
+from lenstrain.config.schema import OptimConfig, ScheduleConfig  # noqa: E402
 from lenstrain.models import create_model  # noqa: E402
-from lenstrain.optim import OPTIMIZERS, build_optimizer, build_scheduler  # noqa: E402
+from lenstrain.optimization.losses import make_loss  # noqa: E402
+from lenstrain.optimization.optimizers import OPTIMIZERS, build_optimizer, build_scheduler  # noqa: E402
 from lenstrain.parallel import build_backend  # noqa: E402
+from lenstrain.parallel.distributed import DistInfo  # noqa: E402
 
 
 def make_ours(model, optim: OptimConfig, clip: float, total_steps: int, precision: str):
@@ -51,7 +51,7 @@ def make_ours(model, optim: OptimConfig, clip: float, total_steps: int, precisio
 
 
 def lenstrain_step(backend, loss_fn, scheduler=None, forward=None, channels_last: bool = False):
-    """One step of ``lenstrain.train``'s loop on micro-batches already at hand (also used by ``gpu.py``):
+    """One step of ``lenstrain.run.train``'s loop on micro-batches already at hand (also used by ``gpu.py``):
     forward and backward per micro-batch, the flags agreed on the device, the last step's flags read one
     step late, the skippable update, the schedule."""
     device = backend.info.device

@@ -5,7 +5,7 @@ Everything on the lens-drawn DeepLense Model II rung (``--preset deeplense2 --le
 
 1. **Rendering.** ``--images`` images by ``--workers`` processes, either as the bare simulator (a fork pool mapping
    :class:`~shards.simulate.physics.Simulator` over the indices, each image reduced to a number) or as the stream
-   (:class:`~lenstrain.data.TrainStream` with :class:`~lenstrain.stream.StreamBatchBuilder`: worker processes
+   (:class:`~lenstrain.data.loader.TrainStream` with :class:`~lenstrain.data.stream.StreamBatchBuilder`: worker processes
    rendering whole batches of 64, flipped and normalised, handed over in shared memory). Both start cold (the
    processes forked after the same warm-up in the parent) and end when the last image is in the parent.
 2. **Training.** A model at 64 px (``--models``; ResNet-18 and a tiny one) trained with AdamW, batch 64, from the
@@ -14,7 +14,7 @@ Everything on the lens-drawn DeepLense Model II rung (``--preset deeplense2 --le
    each turn first takes, untimed, the batches its workers can have made ahead (workers x prefetch).
 3. **Cores per GPU.** The simulator's CPU time per image at 64 px (``deeplense2``, lens drawn) and 150 px
    (``deeplense1``, lens drawn), one process; each model's training FLOPs per image (3x the forward,
-   ``lenstrain.flops``) at 40% of an H100's dense bf16 peak (989 TFLOP/s): how many cores keep one GPU fed.
+   ``lenstrain.run.flops``) at 40% of an H100's dense bf16 peak (989 TFLOP/s): how many cores keep one GPU fed.
 
     python benchmarks/stream.py                       # about 10 CPU-minutes on a 2-core machine
     python benchmarks/stream.py --skip-training --rounds 5
@@ -40,11 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 os.environ.setdefault("LENSTRAIN_NO_PROGRESS", "1")
 
-from lenstrain.config import StreamConfig  # noqa: E402
-from lenstrain.data import BatchBuilder, SequentialOrder, TargetTransform, TrainStream  # noqa: E402
-from lenstrain.flops import TRAIN_FLOPS_PER_FORWARD, forward_flops_per_sample  # noqa: E402
+from lenstrain.config.schema import StreamConfig  # noqa: E402
+from lenstrain.data.loader import BatchBuilder, SequentialOrder, TargetTransform, TrainStream  # noqa: E402
+from lenstrain.data.stream import StreamBatchBuilder, stream_plan  # noqa: E402
 from lenstrain.models import create_model  # noqa: E402
-from lenstrain.stream import StreamBatchBuilder, stream_plan  # noqa: E402
+from lenstrain.run.flops import TRAIN_FLOPS_PER_FORWARD, forward_flops_per_sample  # noqa: E402
 from shards.manifest import load_manifest  # noqa: E402
 from shards.reader import ShardReader  # noqa: E402
 

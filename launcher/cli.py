@@ -21,7 +21,7 @@ from launcher.spec import read_job
 from launcher.sweep import cli as sweep_cli
 from launcher.sweep.cli import sweep, sweep_args  # noqa: F401 - rows of the COMMANDS table
 from launcher.sweep.paths import find_sweep
-from lenstrain.rundir import RunDir
+from lenstrain.checkpointing.rundir import RunDir
 from shards.clikit import UsageError
 
 # ------------------------------------------------------------------------------------ arguments
@@ -257,7 +257,7 @@ def clusters(args) -> int:
         load_profile,
         profile_files,
     )
-    from lenstrain.config import ConfigError
+    from lenstrain.config.schema import ConfigError
 
     del args
     found = profile_files()

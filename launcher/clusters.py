@@ -21,14 +21,14 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from launcher.values import SbatchValue, ShellLine, SlurmNames, _run_name
-from lenstrain.config import ConfigError, format_validation_error, read_yaml
+from lenstrain.config.schema import ConfigError, format_validation_error, read_yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLUSTERS_ENV = "LENSTRAIN_CLUSTERS_DIR"
 DEFAULT_CLUSTER_ENV = "LENSTRAIN_CLUSTER"
 FALLBACK_CLUSTER = "devcluster"
 USER_CLUSTERS_DIR = Path("~/.config/lenstrain/clusters")
-# The signals the training loop turns into a collective checkpoint (lenstrain.preemption).
+# The signals the training loop turns into a collective checkpoint (lenstrain.run.preemption).
 PREEMPT_SIGNALS = ("USR2", "TERM")
 
 

@@ -2,7 +2,7 @@
 
 Every key of a job file (:class:`launcher.spec.JobSpec`), a sweep file (:class:`launcher.sweep.spec.SweepSpec`)
 and a cluster profile (:class:`launcher.clusters.ClusterProfile`) with its type, default and description. A
-key's text is its field's ``description``, else its line in :mod:`lenstrain.config_docs`.
+key's text is its field's ``description``, else its line in :mod:`lenstrain.config.docs`.
 
     python -m launcher.configref           # print it
     python -m launcher.configref --write   # rewrite launcher/docs/config.md (a test fails when it is stale)
@@ -150,7 +150,7 @@ def _sub_model(annotation: Any) -> type[BaseModel] | None:
 
 
 def describe(key: str, field, extra_prefix: str) -> str:
-    from lenstrain.config_docs import DESCRIPTIONS
+    from lenstrain.config.docs import DESCRIPTIONS
 
     text = field.description or EXTRA.get(f"{extra_prefix}.{key}") or DESCRIPTIONS.get(key) or ""
     return " ".join(text.split()).replace("|", "\\|")

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from lenstrain.rundir import RunDir
+from lenstrain.checkpointing.rundir import RunDir
 from shards.manifest import MANIFEST_NAME
 
 ROOT = Path(__file__).resolve().parents[1]

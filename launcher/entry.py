@@ -36,8 +36,8 @@ from pathlib import Path
 
 from launcher.lifecycle.decide import requeue_job
 from launcher.recovery import EXIT_RANK_LOST, collective_failure, describe_failure
-from lenstrain.hooks import EXIT_PRUNED
-from lenstrain.preemption import EXIT_NONFINITE, EXIT_REQUEUE, PreemptionFlag
+from lenstrain.run.hooks import EXIT_PRUNED
+from lenstrain.run.preemption import EXIT_NONFINITE, EXIT_REQUEUE, PreemptionFlag
 
 # States in which the controller is already taking the job down (cancel, requeue, preemption):
 # requeueing it again would undo a cancel or race SLURM's own requeue.
@@ -46,7 +46,7 @@ _NO_REQUEUE_STATES = {"CANCELLED", "COMPLETING", "COMPLETED", "REQUEUED", "REQUE
 
 
 # How training may end with a result: complete, or pruned (a sweep's pruner stopped it after a checkpoint, see
-# lenstrain.hooks): the job's state, the attempt's outcome, and what is said.
+# lenstrain.run.hooks): the job's state, the attempt's outcome, and what is said.
 _ENDINGS = {0: ("COMPLETED", "completed", "training complete"), EXIT_PRUNED: ("PRUNED", "pruned", "pruned")}
 
 
@@ -114,7 +114,7 @@ class TrainTask:
         _set_threads()
 
         from launcher import runs
-        from lenstrain.train import run_training
+        from lenstrain.run.train import run_training
 
         config = runs.load_training_config(run_dir)
         if rank == 0:
@@ -136,7 +136,7 @@ class TrainTask:
         the job's id in ``jobs.json`` and this attempt's number (counted from ``restart_offset``)."""
         slurm = "SLURM_JOB_ID" in os.environ and "SLURM_PROCID" in os.environ
         if slurm:
-            from lenstrain.distributed import env_from_slurm
+            from lenstrain.parallel.distributed import env_from_slurm
 
             os.environ.update(env_from_slurm())
             if getattr(self, "array_task", False) and "SLURM_ARRAY_JOB_ID" in os.environ:

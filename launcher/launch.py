@@ -20,12 +20,12 @@ from launcher.clusters import ClusterProfile
 from launcher.lifecycle.processes import cap_workers
 from launcher.spec import JobSpec, job_check
 from launcher.steps import parse_steps
-from lenstrain.config import ConfigError
-from lenstrain.rundir import TB_DIR, RunDir
+from lenstrain.checkpointing.rundir import TB_DIR, RunDir
+from lenstrain.config.schema import ConfigError
 from shards.clikit import Problem, UsageError, format_problems
 
 if TYPE_CHECKING:
-    from lenstrain.preflight import MetaModel
+    from lenstrain.run.preflight import MetaModel
 
 
 @dataclass
@@ -76,7 +76,7 @@ def plan(spec: JobSpec, profile: ClusterProfile | None, problems: list[Problem],
 def disk_space_note(meta: MetaModel, run_dir: Path) -> str | None:
     """A warning when the run directory has under about 2x one checkpoint's estimated size free; the estimate
     counts the model the preflight built on the meta device."""
-    from lenstrain.checkpoint_space import estimate_meta_checkpoint_bytes, free_space_warning
+    from lenstrain.checkpointing.space import estimate_meta_checkpoint_bytes, free_space_warning
 
     if meta.model is None:
         return (f"note: free space for checkpoints not checked: {meta.name} cannot be built on the meta device to "

@@ -27,7 +27,7 @@ from launcher.lifecycle.processes import Children, describe_exit, terminate
 from launcher.lifecycle.processes import live_jobs as live_jobs  # cancel and a second submit ask it
 from launcher.lifecycle.processes import rank_alive as rank_alive  # whether a rank still runs here
 from launcher.spec import JobSpec
-from lenstrain.rundir import RunDir
+from lenstrain.checkpointing.rundir import RunDir
 from shards.exitcodes import EXIT_REQUEUE
 
 STOP_GRACE_S = 3.0  # survivors of a dead rank get this long to leave on their own, then are killed
@@ -68,7 +68,7 @@ def check_local(spec: JobSpec, nproc: int) -> list[tuple[str, str]]:
 
 
 def _rank_env(spec: JobSpec, nproc: int, job_id: str) -> dict:
-    from lenstrain.distributed import free_port
+    from lenstrain.parallel.distributed import free_port
 
     fair = max(1, (os.cpu_count() or 1) // nproc)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}

@@ -1,6 +1,6 @@
 """A run directory as the launcher sees it, and its ``jobs.json``.
 
-Every file name of a run comes from :mod:`lenstrain.rundir`. The launcher writes ``job.yaml`` (the
+Every file name of a run comes from :mod:`lenstrain.checkpointing.rundir`. The launcher writes ``job.yaml`` (the
 resolved job) and ``config.yaml`` (its training sections, what every task trains from) once per
 submission; ``jobs.json`` lists every job (SLURM or local) that served the run: id, state, requeues
 and attempts. ``jobs.json`` is updated by the launcher (submit, status, cancel) and by global rank 0
@@ -27,8 +27,8 @@ import yaml
 from launcher.lifecycle.conflict import RunConflict as RunConflict  # raised by check_run
 from launcher.lifecycle.conflict import holds_same
 from launcher.lifecycle.lock import exclusive
-from lenstrain.config import ConfigError, LenstrainConfig
-from lenstrain.rundir import JOB_FILE, JOBS_FILE, RunDir, write_atomic, write_json_atomic
+from lenstrain.checkpointing.rundir import JOB_FILE, JOBS_FILE, RunDir, write_atomic, write_json_atomic
+from lenstrain.config.schema import ConfigError, LenstrainConfig
 
 DEFAULT_RUNS_DIR = Path("runs")
 
@@ -146,7 +146,7 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 def load_training_config(run_dir: Path) -> LenstrainConfig:
     """The run's training config, as the launcher wrote it to ``config.yaml``."""
-    from lenstrain.config import load_config
+    from lenstrain.config.schema import load_config
 
     return load_config(RunDir(run_dir).config)
 
@@ -330,7 +330,7 @@ def read_progress(run_dir: Path) -> dict | None:
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint with its ``COMPLETE`` marker: where a resume starts."""
-    from lenstrain.checkpoint import COMPLETE, list_checkpoints
+    from lenstrain.checkpointing.checkpoint import COMPLETE, list_checkpoints
 
     found = [p for _, p in list_checkpoints(RunDir(run_dir).checkpoints) if (p / COMPLETE).is_file()]
     return found[-1] if found else None

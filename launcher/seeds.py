@@ -31,8 +31,8 @@ from launcher.launch import (
     start_local,
     submit_then,
 )
-from lenstrain.config import ConfigError
-from lenstrain.rundir import RunDir
+from lenstrain.checkpointing.rundir import RunDir
+from lenstrain.config.schema import ConfigError
 from shards.clikit import UsageError
 
 _SEEDS = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
@@ -212,7 +212,7 @@ def seed_runs(name: str, runs_dir: Path | None) -> list[tuple[int, Path]]:
 
 def _eval_metrics(run_dir: Path, split: str) -> dict:
     """The run's metrics on ``split`` with its best checkpoint: ``eval`` again unless it already ran on it."""
-    from lenstrain.evaluate import choose_checkpoint, main_eval, read_run_config
+    from lenstrain.evaluation.evaluate import choose_checkpoint, main_eval, read_run_config
 
     cfg = read_run_config(run_dir)
     checkpoint, _ = choose_checkpoint(run_dir, "best", cfg.checkpoint.best_metric, cfg.checkpoint.best_mode,

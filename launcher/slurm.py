@@ -21,7 +21,7 @@ from pathlib import Path
 from launcher.clusters import ClusterProfile
 from launcher.sbatch_options import sbatch_parameters
 from launcher.spec import JobSpec
-from lenstrain.rundir import SUBMITIT_DIR
+from lenstrain.checkpointing.rundir import SUBMITIT_DIR
 
 SLURM_TIMEOUT_S = 20
 KILL_ON_BAD_EXIT = ["--kill-on-bad-exit=1"]
@@ -113,7 +113,7 @@ def check_script_values(params: dict, run_dir: Path, profile: ClusterProfile) ->
     """The last guard before the script is rendered: every string that reaches it is one line (the job's fields
     were validated where they entered; this covers the rest, the run directory included). Exit 2 naming the key."""
     from launcher.values import script_problems
-    from lenstrain.config import ConfigError
+    from lenstrain.config.schema import ConfigError
 
     where = {"job_name": "run name", "partition": "resources.partition", "account": "resources.account",
              "qos": "resources.qos", "constraint": "resources.constraint", "mem": "resources.mem",

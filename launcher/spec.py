@@ -32,7 +32,8 @@ from launcher.sbatch_options import (
     gres_gpus,
 )
 from launcher.values import RunName, SbatchValue, ShellLine, SlurmNames, one_line
-from lenstrain.config import (
+from lenstrain.config.inherit import resolve_bases
+from lenstrain.config.schema import (
     ConfigError,
     LenstrainConfig,
     Section,
@@ -41,11 +42,10 @@ from lenstrain.config import (
     read_text,
     validated,
 )
-from lenstrain.inherit import resolve_bases
 from shards.clikit import Problem
 
 if TYPE_CHECKING:
-    from lenstrain.preflight import MetaModel
+    from lenstrain.run.preflight import MetaModel
     from shards.manifest import Manifest
 
 TRAINING_SECTIONS = tuple(LenstrainConfig.model_fields)
@@ -90,7 +90,7 @@ def _read_one_job_yaml(path: str | Path) -> dict:
 
 def read_job_yaml(path: str | Path) -> dict:
     """Read a job file like :func:`lenstrain.config.read_yaml`, keeping ``1:30:00`` a string, with its
-    ``base:`` chain merged in (:mod:`lenstrain.inherit`: a deep merge, bases relative to the file naming them)."""
+    ``base:`` chain merged in (:mod:`lenstrain.config.inherit`: a deep merge, bases relative to the file naming them)."""
     return resolve_bases(path, _read_one_job_yaml, ConfigError)
 
 
@@ -321,7 +321,7 @@ def check_training(spec: JobSpec, world_size: int | None = None, manifest: Manif
     ``world_size`` is the number of ranks that will really run (default: ``resources``' nodes x tasks);
     ``manifest``: the shard set's, when the caller has loaded it already (else it is loaded here, once).
     """
-    from lenstrain.preflight import run_preflight
+    from lenstrain.run.preflight import run_preflight
     from shards.manifest import ManifestError, load_manifest
 
     errors: list[Problem] = []
@@ -358,7 +358,7 @@ def read_job(
     if not shards.is_absolute():
         spec.data.shards = (base / shards).resolve()
     if spec.model.init_from:  # fine-tuning's source: absolute too (its @best / @STEP kept)
-        from lenstrain.finetune import parse_init_from
+        from lenstrain.checkpointing.finetune import parse_init_from
 
         path, which = parse_init_from(spec.model.init_from)
         if not path.is_absolute():

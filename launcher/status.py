@@ -13,7 +13,7 @@ from rich.table import Table
 from launcher import runs
 from launcher.lifecycle.processes import lost_jobs
 from launcher.slurm import sacct_attempts, sacct_jobs, squeue_state, use_profile_slurm_conf
-from lenstrain.rundir import RunDir
+from lenstrain.checkpointing.rundir import RunDir
 
 STATE_STYLES = {"RUNNING": "green", "COMPLETED": "bold green", "PENDING": "yellow", "REQUEUED": "yellow",
                 "FAILED": "red", "CANCELLED": "magenta", "STOPPED": "magenta", "TIMEOUT": "red", "PREEMPTED": "yellow",
@@ -66,7 +66,7 @@ def use_job_cluster(job: dict, where: Path) -> None:
     """Talk to the cluster of ``job`` (a run's, or a sweep's base job) unless SLURM_CONF says otherwise; a job
     whose profile cannot be loaded keeps the environment's SLURM, and says so in one line."""
     from launcher.clusters import load_profile
-    from lenstrain.config import ConfigError
+    from lenstrain.config.schema import ConfigError
 
     try:
         use_profile_slurm_conf(load_profile(job["resources"]["cluster"]))
@@ -244,7 +244,7 @@ def show_one(run_dir: Path) -> int:
         for jid in slurm_jobs:
             for row in sacct_attempts(jid):
                 out.print("  " + "  ".join(f"{k}={v}" for k, v in row.items()), highlight=False)
-    from lenstrain.checkpoint import COMPLETE, list_checkpoints
+    from lenstrain.checkpointing.checkpoint import COMPLETE, list_checkpoints
 
     complete = [p.name for _, p in list_checkpoints(RunDir(run_dir).checkpoints) if (p / COMPLETE).is_file()]
     out.print(f"checkpoints: {', '.join(complete[-5:]) or 'none'}", highlight=False)

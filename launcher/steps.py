@@ -28,13 +28,13 @@ EXPORT_FILE = Path("export") / "model.safetensors"
 
 
 def _eval(run_dir: Path) -> int:
-    from lenstrain.evaluate import main_eval
+    from lenstrain.evaluation.evaluate import main_eval
 
     return main_eval(argparse.Namespace(run=run_dir, split="test", checkpoint="best", shards=None, tta=None))
 
 
 def _export(run_dir: Path) -> int:
-    from lenstrain.export import export_run
+    from lenstrain.evaluation.export import export_run
 
     export_run(run_dir, run_dir / EXPORT_FILE, best=True)
     return 0
@@ -128,7 +128,7 @@ def submit_steps(spec, profile, run_dir: Path, name: str, steps: list[str], afte
     import submitit
 
     from launcher import slurm
-    from lenstrain.rundir import SUBMITIT_DIR
+    from lenstrain.checkpointing.rundir import SUBMITIT_DIR
 
     executor = submitit.SlurmExecutor(folder=Path(run_dir) / SUBMITIT_DIR, max_num_timeout=0,
                                       python=slurm.python_command())

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from lenstrain.config import ConfigError, LenstrainConfig, dump_config, load_config
-from lenstrain.rundir import RunDir, write_atomic
+from lenstrain.checkpointing.rundir import RunDir, write_atomic
+from lenstrain.config.schema import ConfigError, LenstrainConfig, dump_config, load_config
 from shards.clikit import Command, run_cli
 from shards.exitcodes import EXIT_ERROR
 
@@ -22,7 +22,7 @@ def check_against_shards(config: LenstrainConfig, world_size: int) -> None:
     """Raise :class:`ConfigError` naming every way ``config`` cannot train on its shard set."""
     from pydantic import ValidationError
 
-    from lenstrain.preflight import preflight
+    from lenstrain.run.preflight import preflight
     from shards.manifest import ManifestError, load_manifest
 
     try:
@@ -49,10 +49,10 @@ def _train(args) -> int:
             run.root.mkdir(parents=True, exist_ok=True)
             write_atomic(run.config, dump_config(config))
     if args.nproc > 1:
-        from lenstrain.spawn import spawn_local
+        from lenstrain.parallel.spawn import spawn_local
 
         return spawn_local(["train", str(run.config), "--run-dir", str(run.root)], args.nproc)
-    from lenstrain.train import run_training
+    from lenstrain.run.train import run_training
 
     code = run_training(config, run.root)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -175,13 +175,13 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 COMMANDS = (
     Command("train", "train from a config or job file (resumes from the newest checkpoint)", _train_args, _train),
     Command("eval", "metrics and plots of a run's model on a split", _eval_args,
-            _command("lenstrain.evaluate", "main_eval")),
+            _command("lenstrain.evaluation.evaluate", "main_eval")),
     Command("predict", "write a CSV of predictions for a shard set", _predict_args,
-            _command("lenstrain.evaluate", "main_predict")),
+            _command("lenstrain.evaluation.evaluate", "main_predict")),
     Command("lr-find", "LR range test: loss against learning rate, and a suggested lr", _lr_find_args,
-            _command("lenstrain.lr_find", "main")),
+            _command("lenstrain.optimization.lr_find", "main")),
     Command("export", "write a run's model as one fp32 state dict (.safetensors or .pt) with model.json beside it",
-            _export_args, _command("lenstrain.export", "main")),
+            _export_args, _command("lenstrain.evaluation.export", "main")),
 )
 
 
@@ -196,7 +196,7 @@ def _unreadable(exc: BaseException) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lenstrain.safepickle import CheckpointReadError
+    from lenstrain.checkpointing.safepickle import CheckpointReadError
     from shards.manifest import ManifestError
     from shards.reader import CorruptSampleError
 

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from lenstrain.config import LenstrainConfig
+from lenstrain.config.schema import LenstrainConfig
 
 
 @pytest.fixture
@@ -29,9 +29,9 @@ def calls(monkeypatch) -> Counter:
     """From now on, how often a job file is parsed, a manifest loaded, a model built (on the meta device, by the
     checks) and a checkpoint's size estimated from one."""
     import launcher.spec
-    import lenstrain.checkpoint_space
+    import lenstrain.checkpointing.space
     import lenstrain.models
-    import lenstrain.preflight
+    import lenstrain.run.preflight
     import shards.manifest
 
     seen: Counter = Counter()
@@ -47,7 +47,7 @@ def calls(monkeypatch) -> Counter:
 
     count(launcher.spec, "parse_yaml_text", "job parsed")
     count(shards.manifest, "load_manifest", "manifest loaded")
-    count(lenstrain.preflight, "create_model", "model built")
+    count(lenstrain.run.preflight, "create_model", "model built")
     count(lenstrain.models, "create_model", "model built")
-    count(lenstrain.checkpoint_space, "estimate_meta_checkpoint_bytes", "checkpoint size estimated")
+    count(lenstrain.checkpointing.space, "estimate_meta_checkpoint_bytes", "checkpoint size estimated")
     return seen

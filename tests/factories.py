@@ -10,8 +10,8 @@ import numpy as np
 import torch
 import yaml
 
-from lenstrain.checkpoint import latest_complete, load_model_state
-from lenstrain.rundir import RunDir
+from lenstrain.checkpointing.checkpoint import latest_complete, load_model_state
+from lenstrain.checkpointing.rundir import RunDir
 from shards.options import PackOptions
 from shards.pack import TargetSpec, pack_shard_set
 from shards.splits import stratified_split

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from lenstrain.checkpointing.stateio import COMPLETE, save_state_file, sha256_file
 from lenstrain.models import create_model
-from lenstrain.stateio import COMPLETE, save_state_file, sha256_file
 from tests.factories import config_dict
 
 

@@ -11,8 +11,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from launcher import runs
 from launcher.sweep.study import open_study, read_sweep_dir
-from lenstrain.checkpoint import read_meta
-from lenstrain.rundir import RunDir
+from lenstrain.checkpointing.checkpoint import read_meta
+from lenstrain.checkpointing.rundir import RunDir
 from tests.factories import config_dict, merged
 
 ONE_TASK = {

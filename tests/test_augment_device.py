@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from lenstrain.augment import Augment
-from lenstrain.build import augment_place
-from lenstrain.config import load_config
-from lenstrain.preemption import EXIT_REQUEUE
+from lenstrain.config.schema import load_config
+from lenstrain.data.augment import Augment
+from lenstrain.run.build import augment_place
+from lenstrain.run.preemption import EXIT_REQUEUE
 from tests.factories import assert_same_weights, config_dict, final_weights, make_ring_shards, write_config
 from tests.test_data_loader import assert_same_steps, stream
 from tests.train_helpers import lenstrain, train_until_signalled

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from lenstrain.checkpoint import (
+from lenstrain.checkpointing.checkpoint import (
     COMPLETE,
     best_checkpoint,
     estimate_checkpoint_bytes,
@@ -26,10 +26,8 @@ from lenstrain.checkpoint import (
     step_dir_name,
     verify_checkpoint,
 )
-from lenstrain.models import create_model
-from lenstrain.preemption import EXIT_CHECKPOINT_FAILED, EXIT_REQUEUE
-from lenstrain.rundir import RunDir
-from lenstrain.stateio import (
+from lenstrain.checkpointing.rundir import RunDir
+from lenstrain.checkpointing.stateio import (
     UntrustedFileError,
     load_listed_pickle,
     load_rng_file,
@@ -39,6 +37,8 @@ from lenstrain.stateio import (
     set_rng_state,
     sha256_file,
 )
+from lenstrain.models import create_model
+from lenstrain.run.preemption import EXIT_CHECKPOINT_FAILED, EXIT_REQUEUE
 from tests.factories import assert_same_weights, final_weights, write_config
 from tests.train_helpers import ROOT, env, lenstrain, train_until_signalled
 

@@ -8,13 +8,13 @@ import math
 import pytest
 
 from lenstrain.cli import main
-from lenstrain.config import ConfigError, load_config
-from lenstrain.losses import LOSSES
-from lenstrain.metrics import METRICS, better, mode_for
+from lenstrain.config.schema import ConfigError, load_config
+from lenstrain.data.normalize import NORMALIZERS
+from lenstrain.evaluation.metrics import METRICS, better, mode_for
 from lenstrain.models import create_model, list_models
 from lenstrain.models.registry import ModelOptionError, model_options
-from lenstrain.normalize import NORMALIZERS
-from lenstrain.optim import OPTIMIZERS, SCHEDULES
+from lenstrain.optimization.losses import LOSSES
+from lenstrain.optimization.optimizers import OPTIMIZERS, SCHEDULES
 from tests.factories import config_dict, write_config
 
 

@@ -17,7 +17,7 @@ import yaml
 
 from launcher.__main__ import main
 from launcher.spec import read_job_yaml
-from lenstrain.config import ConfigError, load_config
+from lenstrain.config.schema import ConfigError, load_config
 from tests.factories import config_dict, launcher_job_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +116,7 @@ def test_the_shipped_near_copies_inherit(capsys):
 def test_the_config_reference_is_current_and_complete():
     from launcher.configref import REFERENCE, missing_descriptions, render
 
-    assert missing_descriptions() == [], "give each key a description= or a line in lenstrain/config_docs.py"
+    assert missing_descriptions() == [], "give each key a description= or a line in lenstrain/config/docs.py"
     assert REFERENCE.read_text() == render(), (
         "launcher/docs/config.md is stale: run `python -m launcher.configref --write`")
     text = REFERENCE.read_text()
@@ -269,8 +269,8 @@ def test_a_resnet18_ddp_run_imports_neither_escnn_nor_deepspeed(tmp_path, ring_s
     script = tmp_path / "ranks.py"
     script.write_text(
         "import json, sys\n"
-        "from lenstrain.config import load_config\n"
-        "from lenstrain.train import run_training\n"
+        "from lenstrain.config.schema import load_config\n"
+        "from lenstrain.run.train import run_training\n"
         "cfg = load_config(sys.argv[1])\n"
         "code = run_training(cfg, sys.argv[2])\n"
         "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'escnn', 'deepspeed'})\n"

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from lenstrain.config import ConfigError, load_config
-from lenstrain.data import BatchBuilder, TargetTransform, TrainStream
+from lenstrain.config.schema import ConfigError, load_config
+from lenstrain.data.loader import BatchBuilder, TargetTransform, TrainStream
 from shards.manifest import MANIFEST_NAME, load_manifest
 from shards.mapped import MappedImages
 from shards.options import PackOptions

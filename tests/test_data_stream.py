@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from lenstrain.build import build_eval_batches, build_task, local_info
-from lenstrain.config import load_config
-from lenstrain.data import BatchBuilder, Cursor, TargetTransform, TrainStream, epoch_order
-from lenstrain.normalize import NORMALIZERS
+from lenstrain.config.schema import load_config
+from lenstrain.data.loader import BatchBuilder, Cursor, TargetTransform, TrainStream, epoch_order
+from lenstrain.data.normalize import NORMALIZERS
+from lenstrain.run.build import build_eval_batches, build_task, local_info
 from shards.manifest import load_manifest
 from shards.reader import ShardReader
 from tests.factories import config_dict, make_ring_shards

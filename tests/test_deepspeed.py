@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lenstrain.checkpoint import latest_complete, list_checkpoints, load_model_state, read_meta
+from lenstrain.checkpointing.checkpoint import latest_complete, list_checkpoints, load_model_state, read_meta
 from lenstrain.models import create_model
-from lenstrain.preemption import EXIT_REQUEUE
+from lenstrain.run.preemption import EXIT_REQUEUE
 from tests.factories import assert_same_weights, write_config
 from tests.train_helpers import ROOT, env, lenstrain, train_until_signalled
 
@@ -128,7 +128,7 @@ def test_zero2_resumes_on_another_world_size_with_the_samples_accounted_as_ddp(t
 
 def test_deepspeed_is_imported_only_when_a_deepspeed_backend_is_built():
     code = (
-        "import sys, lenstrain.parallel, lenstrain.checkpoint, lenstrain.train, lenstrain.evaluate; "
+        "import sys, lenstrain.parallel, lenstrain.checkpointing.checkpoint, lenstrain.run.train, lenstrain.evaluation.evaluate; "
         "from lenstrain.parallel import BACKENDS; "
         "assert set(BACKENDS) == {'single', 'ddp', 'deepspeed'}; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'deepspeed'))"
@@ -154,9 +154,9 @@ def test_a_failed_deepspeed_file_write_is_raised_after_the_engine_save(tmp_path)
 
 FLAGGED_STEP = """
 import torch
-from lenstrain.config import OptimConfig
-from lenstrain.distributed import DistInfo
-from lenstrain.optim import build_optimizer
+from lenstrain.config.schema import OptimConfig
+from lenstrain.parallel.distributed import DistInfo
+from lenstrain.optimization.optimizers import build_optimizer
 from lenstrain.parallel import build_backend
 
 info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

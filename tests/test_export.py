@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from lenstrain.checkpoint import latest_complete, list_checkpoints, load_model_state, read_meta
-from lenstrain.export import export_run, info_path, load_exported, predict
-from lenstrain.rundir import RunDir
+from lenstrain.checkpointing.checkpoint import latest_complete, list_checkpoints, load_model_state, read_meta
+from lenstrain.checkpointing.rundir import RunDir
+from lenstrain.evaluation.export import export_run, info_path, load_exported, predict
 from shards.reader import ShardReader
 from tests.factories import write_config
 from tests.train_helpers import ROOT, env, lenstrain
@@ -35,7 +35,7 @@ spec = json.load(open(path.rsplit(".", 1)[0] + ".json"))["model"]
 model = create_model(spec["name"], in_channels=spec["in_channels"], num_outputs=spec["num_outputs"],
                      image_size=spec["image_size"], **spec["kwargs"])
 model.load_state_dict(state, strict=True)
-from lenstrain.export import load_exported
+from lenstrain.evaluation.export import load_exported
 load_exported(path)
 assert "deepspeed" not in sys.modules, "deepspeed was imported"
 assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())

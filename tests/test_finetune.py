@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from lenstrain.finetune import parse_init_from
-from lenstrain.rundir import RunDir
+from lenstrain.checkpointing.finetune import parse_init_from
+from lenstrain.checkpointing.rundir import RunDir
 from tests.factories import final_weights, write_config
 from tests.train_helpers import lenstrain
 
@@ -29,7 +29,7 @@ def source(tmp_path_factory, ring_shards) -> Path:
 
 
 def _weights_at(run: Path, step: int) -> dict[str, torch.Tensor]:
-    from lenstrain.checkpoint import load_model_state, step_dir_name
+    from lenstrain.checkpointing.checkpoint import load_model_state, step_dir_name
 
     return load_model_state(RunDir(run).checkpoints / step_dir_name(step))
 

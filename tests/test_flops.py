@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lenstrain.flops import (
+from lenstrain.run.flops import (
     FlopRate,
     device_peak,
     flop_rate,

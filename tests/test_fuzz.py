@@ -71,7 +71,7 @@ def models_built_once(monkeypatch):
     """The checks build the job's model on the meta device (twice per job); the same model is built once here,
     and the same failure raised again, so that the fuzz spends its time on the input rather than on models."""
     import lenstrain.models
-    import lenstrain.preflight
+    import lenstrain.run.preflight
 
     real = lenstrain.models.create_model
     made: dict = {}
@@ -89,7 +89,7 @@ def models_built_once(monkeypatch):
         return model
 
     monkeypatch.setattr(lenstrain.models, "create_model", create_model)
-    monkeypatch.setattr(lenstrain.preflight, "create_model", create_model)
+    monkeypatch.setattr(lenstrain.run.preflight, "create_model", create_model)
 
 
 # ------------------------------------------------------------------------------------ values of every kind
@@ -250,7 +250,7 @@ def tiny_shards(tmp_path_factory):
 
 def read_like_training(directory: Path) -> None:
     """What training and eval read: the manifest, every split's images from the maps, and their labels."""
-    from lenstrain.data import TargetTransform
+    from lenstrain.data.loader import TargetTransform
     from shards.manifest import load_manifest
     from shards.mapped import MappedImages
     from shards.reader import ShardReader
@@ -307,7 +307,7 @@ def test_fuzz_manifest_mutations_exit_0_1_or_2_naming_the_file(tmp_path, tiny_sh
 
 
 def test_fuzz_complete_marker_mutations_exit_0_1_or_2_naming_the_file(tmp_path, tiny_shards):
-    from lenstrain.checkpoint import verify_checkpoint
+    from lenstrain.checkpointing.checkpoint import verify_checkpoint
 
     run_dir = make_run(tmp_path / "run", tiny_shards, steps=(4,), data={"augment": {"device": "cpu"}})
     step_dir = run_dir / "checkpoints" / "step-00000004"
@@ -385,8 +385,8 @@ def torch_zip_with(stream: bytes, template: bytes) -> bytes:
 
 
 def test_fuzz_pickle_streams_load_or_are_refused_and_never_run_code(tmp_path):
-    from lenstrain.safepickle import CheckpointReadError, check_pickle_file, pickle_globals
-    from lenstrain.stateio import load_listed_pickle, load_state_file
+    from lenstrain.checkpointing.safepickle import CheckpointReadError, check_pickle_file, pickle_globals
+    from lenstrain.checkpointing.stateio import load_listed_pickle, load_state_file
     from shards.pack import BadSample
     from shards.sources.npyfile import read_npy
     from tests.hardening_helpers import seal

@@ -22,7 +22,7 @@ import yaml
 
 from launcher import runs
 from launcher.values import valid_run_name
-from lenstrain.stateio import COMPLETE
+from lenstrain.checkpointing.stateio import COMPLETE
 from shards.manifest import MANIFEST_NAME, ManifestError, load_manifest
 from shards.pack import OutputExistsError, lock_path
 from tests.factories import LAUNCHER_JOB, config_dict, launcher_job_dict, write_config
@@ -200,9 +200,9 @@ def test_03_training_another_config_into_a_run_is_refused_before_anything_is_wri
 
 
 def test_03_the_same_config_resumes_and_a_launcher_run_is_held_to_its_keys(tmp_path, ring_shards):
+    from lenstrain.checkpointing.rundir import RunDir
     from lenstrain.cli import check_same_run
-    from lenstrain.config import load_config
-    from lenstrain.rundir import RunDir
+    from lenstrain.config.schema import load_config
 
     run = make_run(tmp_path / "run", ring_shards)
     same = write_config(tmp_path / "same.yaml", ring_shards)
@@ -510,7 +510,7 @@ def test_10_training_resumes_from_the_checkpoint_before_an_unreadable_one(tmp_pa
     assert "Traceback" not in again.stdout + again.stderr
     assert f"checkpoint step-00000008 cannot be read ({model}" in again.stdout
     assert f"resumed from {run / 'checkpoints' / 'step-00000004'}" in again.stdout
-    from lenstrain.checkpoint import load_model_state, verify_checkpoint
+    from lenstrain.checkpointing.checkpoint import load_model_state, verify_checkpoint
 
     assert verify_checkpoint(model.parent) is None and load_model_state(model.parent)  # written anew
 

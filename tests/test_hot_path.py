@@ -11,14 +11,14 @@ import pytest
 import torch
 
 import lenstrain
-import lenstrain.train as train_module
-from lenstrain.config import OptimConfig, load_config
-from lenstrain.distributed import DistInfo
-from lenstrain.optim import OPTIMIZERS, build_optimizer
+import lenstrain.run.train as train_module
+from lenstrain.checkpointing.rundir import RunDir
+from lenstrain.config.schema import OptimConfig, load_config
+from lenstrain.optimization.optimizers import OPTIMIZERS, build_optimizer
 from lenstrain.parallel import build_backend
-from lenstrain.preemption import EXIT_NONFINITE
-from lenstrain.rundir import RunDir
-from lenstrain.train import run_training
+from lenstrain.parallel.distributed import DistInfo
+from lenstrain.run.preemption import EXIT_NONFINITE
+from lenstrain.run.train import run_training
 from tests.factories import config_dict
 
 # Each of these makes the host wait for the device when the tensor lives there.

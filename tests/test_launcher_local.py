@@ -17,8 +17,8 @@ import yaml
 from launcher import runs
 from launcher.__main__ import main
 from launcher.local import rank_alive
-from lenstrain.checkpoint import latest_complete, read_meta
-from lenstrain.preemption import EXIT_REQUEUE
+from lenstrain.checkpointing.checkpoint import latest_complete, read_meta
+from lenstrain.run.preemption import EXIT_REQUEUE
 from tests.factories import assert_same_weights, final_weights, launcher_job_dict
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ from launcher import runs
 from launcher.__main__ import main
 from launcher.slurm import render_sbatch
 from launcher.spec import load_job
-from lenstrain.checkpoint import COMPLETE, latest_complete, list_checkpoints, read_meta
+from lenstrain.checkpointing.checkpoint import COMPLETE, latest_complete, list_checkpoints, read_meta
 from tests.factories import assert_same_weights, final_weights, launcher_job_dict
 from tests.slurm_helpers import (
     DEVCLUSTER,

@@ -352,8 +352,8 @@ def simulated_sets(tmp_path_factory):
 
 def stream_set(job: Path, root: Path) -> Path:
     """A small set of what the job's ``data.stream`` renders (another seed): what its stream must agree with."""
-    from lenstrain.config import StreamConfig
-    from lenstrain.stream import stream_plan
+    from lenstrain.config.schema import StreamConfig
+    from lenstrain.data.stream import stream_plan
     from shards.cli import main as shards_main
 
     stream = StreamConfig(**yaml.safe_load(job.read_text())["data"]["stream"])

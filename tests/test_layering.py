@@ -7,6 +7,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 FLOORS = ("shards", "lenstrain", "launcher")  # each may import only the ones before it
 
@@ -105,3 +107,29 @@ def test_each_floor_imports_only_the_floors_below():
     upward = [f"{name} imports {dep}" for name, deps in graph.items() for dep in deps
               if FLOORS.index(dep.split(".")[0]) > FLOORS.index(name.split(".")[0])]
     assert upward == []
+
+
+def test_lenstrain_is_grouped_by_concern():
+    top = sorted(p.name for p in (ROOT / "lenstrain").iterdir() if p.suffix == ".py" or (p / "__init__.py").is_file())
+    assert len(top) <= 12, top
+    assert {"config", "data", "models", "optimization", "run", "checkpointing", "parallel", "evaluation"} <= set(top)
+
+
+def test_the_old_flat_module_paths_import_as_the_modules_themselves():
+    import importlib
+
+    import lenstrain
+
+    for old, home in lenstrain.MOVED.items():
+        assert not (ROOT / (old.replace(".", "/") + ".py")).exists(), old
+        module = importlib.import_module(old)
+        assert module is importlib.import_module(home), old
+        assert module.__spec__.name == home  # the alias leaves the module's own spec alone
+    from lenstrain.config import load_config
+    from lenstrain.config.schema import load_config as at_home
+    from lenstrain.data import TrainStream
+    from lenstrain.data.loader import TrainStream as loader_home
+
+    assert load_config is at_home and TrainStream is loader_home
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        lenstrain.config.nothing_here  # noqa: B018

@@ -16,19 +16,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 from lion_pytorch import Lion
 
-from lenstrain.build import build_builder, build_loss, build_model, build_task
-from lenstrain.checkpoint import list_checkpoints, read_meta
+from lenstrain.checkpointing.checkpoint import list_checkpoints, read_meta
+from lenstrain.checkpointing.rundir import RunDir
 from lenstrain.cli import main as cli
-from lenstrain.config import dump_config, load_config
-from lenstrain.distributed import DistInfo
-from lenstrain.evaluate import choose_checkpoint, split_keys
-from lenstrain.inference import evaluate
-from lenstrain.losses import LOSSES, make_loss, weight_penalty
-from lenstrain.lr_find import suggest_lr
-from lenstrain.optim import OPTIMIZERS, SCHEDULES, PlateauScheduler, build_optimizer, build_scheduler
+from lenstrain.config.schema import dump_config, load_config
+from lenstrain.evaluation.evaluate import choose_checkpoint, split_keys
+from lenstrain.evaluation.inference import evaluate
+from lenstrain.optimization.losses import LOSSES, make_loss, weight_penalty
+from lenstrain.optimization.lr_find import suggest_lr
+from lenstrain.optimization.optimizers import (
+    OPTIMIZERS,
+    SCHEDULES,
+    PlateauScheduler,
+    build_optimizer,
+    build_scheduler,
+)
 from lenstrain.parallel import Backend
-from lenstrain.rundir import RunDir
-from lenstrain.train import run_training
+from lenstrain.parallel.distributed import DistInfo
+from lenstrain.run.build import build_builder, build_loss, build_model, build_task
+from lenstrain.run.train import run_training
 from shards.manifest import load_manifest
 from shards.pack import TargetSpec, pack_shard_set
 from tests.factories import config_dict, merged, write_config

@@ -36,7 +36,7 @@ def test_naming_or_building_a_model_imports_its_family_only():
     """A config names its model: checking it (and building the model) imports no other family, so a
     training process of a small model does not import escnn or torchvision's model zoo."""
     code = ("import sys; from lenstrain.models import create_model; "
-            "from lenstrain.config import ModelConfig; ModelConfig(name='resnet18'); create_model('resnet18'); "
+            "from lenstrain.config.schema import ModelConfig; ModelConfig(name='resnet18'); create_model('resnet18'); "
             "print(sorted(m for m in sys.modules if m.startswith('lenstrain.models.')), 'escnn' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300,
                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout

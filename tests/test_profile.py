@@ -7,8 +7,8 @@ import json
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lenstrain.checkpointing.rundir import RunDir
 from lenstrain.cli import main
-from lenstrain.rundir import RunDir
 from tests.factories import write_config
 
 

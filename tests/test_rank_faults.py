@@ -18,8 +18,8 @@ import yaml
 
 from launcher import runs
 from launcher.recovery import EXIT_RANK_LOST, collective_failure, decision, describe_failure
-from lenstrain.config import LenstrainConfig
-from lenstrain.distributed import nccl_watchdog_env
+from lenstrain.config.schema import LenstrainConfig
+from lenstrain.parallel.distributed import nccl_watchdog_env
 from tests.factories import config_dict, launcher_job_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,13 +146,13 @@ def test_a_hung_local_rank_ends_the_run_by_the_collective_timeout(ring_shards, t
 
 
 def test_a_jobs_master_port_is_agreed_from_its_id_and_outside_the_ephemeral_range(monkeypatch):
-    from lenstrain.distributed import env_from_slurm, master_port_for_job
+    from lenstrain.parallel.distributed import env_from_slurm, master_port_for_job
 
     low, high = 32768, 60999  # Linux's default ip_local_port_range
     ports = {master_port_for_job(job_id) for job_id in range(65238500, 65238500 + 5000)}
     assert len(ports) == 4500 and all(not low <= port <= high and port < 65536 for port in ports), (low, high)
     assert master_port_for_job("65238512_3") == master_port_for_job(65238512)  # array tasks share their job's
-    monkeypatch.setattr("lenstrain.distributed.first_host", lambda nodelist: "n1")
+    monkeypatch.setattr("lenstrain.parallel.distributed.first_host", lambda nodelist: "n1")
     task = {"SLURM_JOB_ID": "65238512", "SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0",
             "SLURM_JOB_NODELIST": "n[1-2]"}
     assert env_from_slurm(task)["MASTER_PORT"] == str(master_port_for_job(65238512))

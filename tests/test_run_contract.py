@@ -16,7 +16,7 @@ from launcher import runs
 from launcher.__main__ import main
 from launcher.entry import TrainTask
 from launcher.spec import JobSpec, load_job
-from lenstrain.rundir import RunDir
+from lenstrain.checkpointing.rundir import RunDir
 from tests import counting
 from tests.factories import launcher_job_dict, write_config
 from tests.train_helpers import lenstrain

@@ -16,14 +16,14 @@ import pytest
 import torch
 import yaml
 
-from lenstrain.build import build_builder, build_stream_builder, build_task
-from lenstrain.checkpoint import latest_complete, list_checkpoints, read_meta
+from lenstrain.checkpointing.checkpoint import latest_complete, list_checkpoints, read_meta
+from lenstrain.checkpointing.rundir import RunDir
 from lenstrain.cli import main as lenstrain_main
-from lenstrain.config import load_config
-from lenstrain.data import Cursor, SequentialOrder, TrainStream
-from lenstrain.preemption import EXIT_REQUEUE
-from lenstrain.rundir import RunDir
-from lenstrain.stream import StreamBatchBuilder, manifest_problems, stream_plan
+from lenstrain.config.schema import load_config
+from lenstrain.data.loader import Cursor, SequentialOrder, TrainStream
+from lenstrain.data.stream import StreamBatchBuilder, manifest_problems, stream_plan
+from lenstrain.run.build import build_builder, build_stream_builder, build_task
+from lenstrain.run.preemption import EXIT_REQUEUE
 from shards.reader import ShardReader
 from tests.factories import assert_same_weights, final_weights, merged
 from tests.train_helpers import lenstrain, signal_at_step, train_until_signalled

@@ -23,8 +23,8 @@ import yaml
 from optuna.trial import TrialState
 
 from launcher.__main__ import main
-from lenstrain.checkpoint import read_meta
-from lenstrain.rundir import RunDir
+from lenstrain.checkpointing.checkpoint import read_meta
+from lenstrain.checkpointing.rundir import RunDir
 from tests.slurm_helpers import wait_for
 from tests.sweep_helpers import (
     check_orphaned,

@@ -14,8 +14,8 @@ from optuna.trial import TrialState
 
 from launcher import runs
 from launcher.__main__ import main
-from lenstrain.checkpoint import best_checkpoint, read_meta
-from lenstrain.rundir import RunDir
+from lenstrain.checkpointing.checkpoint import best_checkpoint, read_meta
+from lenstrain.checkpointing.rundir import RunDir
 from tests.factories import assert_same_weights, final_weights
 from tests.slurm_helpers import sacct_records, sbatch, scancel, squeue_jobs, wait_for
 from tests.sweep_helpers import (

@@ -11,10 +11,10 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from launcher.status import fmt_number, run_summary
-from lenstrain.config import load_config
-from lenstrain.preemption import DEFAULT_SIGNALS, EXIT_NONFINITE
-from lenstrain.rundir import RunDir
-from lenstrain.train import run_training
+from lenstrain.checkpointing.rundir import RunDir
+from lenstrain.config.schema import load_config
+from lenstrain.run.preemption import DEFAULT_SIGNALS, EXIT_NONFINITE
+from lenstrain.run.train import run_training
 from tests.factories import config_dict
 
 

@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from lenstrain.checkpoint import latest_complete, list_checkpoints, verify_checkpoint
-from lenstrain.preemption import EXIT_REQUEUE
+from lenstrain.checkpointing.checkpoint import latest_complete, list_checkpoints, verify_checkpoint
+from lenstrain.run.preemption import EXIT_REQUEUE
 from tests.factories import assert_same_weights, final_weights, write_config
 from tests.train_helpers import lenstrain, train_until_signalled
 

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from lenstrain.rundir import RunDir
+from lenstrain.checkpointing.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 

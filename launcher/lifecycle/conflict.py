@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from lenstrain.config import ConfigError
+from lenstrain.config.schema import ConfigError
 
 
 class RunConflict(ConfigError):

@@ -4,7 +4,7 @@ run by one SLURM job array of trial workers, each trial an ordinary run in ``run
 spec.py     the sweep file, validated strictly; every space key checked as a ``--set`` would be
 samplers.py the sampler and pruner tables
 study.py    the sweep directory, the journal study, claiming trials, failing those of dead workers
-worker.py   one worker: claim a trial, train it (pruning through :mod:`lenstrain.hooks`), tell, repeat
+worker.py   one worker: claim a trial, train it (pruning through :mod:`lenstrain.run.hooks`), tell, repeat
 submit.py   ``sweep FILE``: --dry-run, --local workers, or one SLURM array
 recover.py  the array's batch-script teardown after a worker's step failed
 report.py   ``sweep report``: best.yaml, trials.csv, Optuna's plots

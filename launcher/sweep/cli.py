@@ -11,7 +11,7 @@ from launcher import runs
 from launcher.cliargs import add_job_args, add_runs_dir
 from launcher.lifecycle.processes import live_jobs, terminate
 from launcher.values import valid_run_name
-from lenstrain.rundir import RunDir
+from lenstrain.checkpointing.rundir import RunDir
 from shards.clikit import UsageError
 
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lenstrain.rundir import write_atomic
+from lenstrain.checkpointing.rundir import write_atomic
 
 ORDERS_DIR = ".orders"
 TRAIN, DONE = "train", "done"

@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 from launcher import runs
 from launcher.sweep.spec import with_params
 from launcher.sweep.study import SweepDir, open_study, read_sweep_dir
-from lenstrain.rundir import write_atomic
+from lenstrain.checkpointing.rundir import write_atomic
 from shards.clikit import UsageError
 
 PLOTS = {

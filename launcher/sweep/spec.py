@@ -20,8 +20,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from launcher.spec import JobSpec, read_job_yaml
 from launcher.sweep.samplers import PRUNERS, SAMPLER_CLASSES, SAMPLERS, option_problems
 from launcher.values import RunName
-from lenstrain.config import ConfigError, apply_overrides, format_validation_error, read_yaml, validated
-from lenstrain.metrics import mode_for
+from lenstrain.config.schema import (
+    ConfigError,
+    apply_overrides,
+    format_validation_error,
+    read_yaml,
+    validated,
+)
+from lenstrain.evaluation.metrics import mode_for
 from shards.clikit import Problem
 
 if TYPE_CHECKING:
@@ -151,7 +157,7 @@ class BaseJob:
     def shape(self) -> tuple[int, int, int]:
         """(in_channels, num_outputs, image_size) of the shard set where it can be read, else generic ones (a
         model option such as norm does not depend on them)."""
-        from lenstrain.build import task_for
+        from lenstrain.run.build import task_for
 
         if self.manifest is None:
             return 1, 1, 64
@@ -252,7 +258,7 @@ def _job_problems(trial: dict, named: tuple[str, Any] | None) -> list[Problem]:
 def _model_problem(trial: dict, base: BaseJob) -> str | None:
     """Why the trial's model cannot be built (on the meta device) with its ``model.*`` values, as ``submit``
     checks ``model.kwargs``: a norm of ``foo`` is refused here, not in the middle of the sweep."""
-    from lenstrain.preflight import model_kwargs_problem
+    from lenstrain.run.preflight import model_kwargs_problem
 
     in_channels, outputs, size = base.shape()
     model = trial.get("model") or {}
@@ -295,7 +301,7 @@ def resolve_metric(spec: SweepSpec, base: BaseJob) -> list[Problem]:
 def measured_metrics(base: BaseJob) -> list[str]:
     """The metrics a trial's validation records: those of the base job's target kind where its shard set can be
     read, else those of any kind."""
-    from lenstrain.metrics import metric_names
+    from lenstrain.evaluation.metrics import metric_names
 
     job, manifest = base.spec, base.manifest
     target = manifest.targets.get(job.data.target or manifest.primary_target) if manifest else None

@@ -26,7 +26,7 @@ from launcher.lifecycle.processes import worker_alive
 from launcher.sweep.paths import JOURNAL_FILE, SWEEP_FILE, SweepDir, find_sweep, is_sweep  # noqa: F401
 from launcher.sweep.samplers import make_pruner, make_sampler
 from launcher.sweep.spec import SweepSpec
-from lenstrain.rundir import JOB_FILE, write_atomic
+from lenstrain.checkpointing.rundir import JOB_FILE, write_atomic
 
 ORPHAN_GRACE_S = (
     120  # a RUNNING trial with no owner yet (its worker died while claiming it) is dead after this

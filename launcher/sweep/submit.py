@@ -28,9 +28,9 @@ from launcher.sweep.study import (
     reap,
     write_sweep,
 )
-from lenstrain.config import ConfigError
-from lenstrain.preemption import EXIT_REQUEUE
-from lenstrain.rundir import LOGS_DIR, SUBMITIT_DIR
+from lenstrain.checkpointing.rundir import LOGS_DIR, SUBMITIT_DIR
+from lenstrain.config.schema import ConfigError
+from lenstrain.run.preemption import EXIT_REQUEUE
 from shards.clikit import UsageError
 
 PREVIEW_TRIALS = 4

@@ -4,7 +4,7 @@
 A trial trains through :class:`launcher.entry.TrainTask`, exactly as a submitted run does: a preemption
 or time limit checkpoints and requeues this array task, which on restart adopts the same trial (its
 owner is this job id) and resumes it from its run directory. Each validation reaches the trial through
-:mod:`lenstrain.hooks`: the value is reported at its step (a step already reported by an earlier attempt
+:mod:`lenstrain.run.hooks`: the value is reported at its step (a step already reported by an earlier attempt
 is not reported again) and the study's pruner decides whether the run stops there (exit 46: PRUNED).
 
 A base job with several tasks (nodes x tasks_per_node) makes each array task that many SLURM tasks: the
@@ -44,10 +44,10 @@ from launcher.sweep.study import (
     read_sweep_dir,
     this_owner,
 )
-from lenstrain import hooks
-from lenstrain.checkpoint import read_meta
-from lenstrain.preemption import EXIT_REQUEUE, PreemptionFlag
-from lenstrain.rundir import JOB_FILE
+from lenstrain.checkpointing.checkpoint import read_meta
+from lenstrain.checkpointing.rundir import JOB_FILE
+from lenstrain.run import hooks
+from lenstrain.run.preemption import EXIT_REQUEUE, PreemptionFlag
 
 if TYPE_CHECKING:
     from launcher.entry import TrainTask
@@ -140,7 +140,7 @@ def trial_value(run_dir: Path, metric: str) -> tuple[float | None, int | None]:
     step) with the checkpoint ``python -m lenstrain eval RUN`` loads by default, the best by the run's
     ``checkpoint.best_metric``, else the newest. So the study's best is the best trial's own ``eval`` metric
     on the validation split, and the model ``eval``, ``predict`` and ``export --best`` use."""
-    from lenstrain.evaluate import choose_checkpoint
+    from lenstrain.evaluation.evaluate import choose_checkpoint
     from shards.clikit import UsageError
 
     cfg = runs.load_training_config(run_dir)

@@ -6,10 +6,10 @@ with ZeRO. DeepSpeed itself is imported only when a ``deepspeed`` backend is bui
 
 from __future__ import annotations
 
-from lenstrain.distributed import DistInfo
 from lenstrain.parallel.base import Backend
 from lenstrain.parallel.ddp import DDPBackend
 from lenstrain.parallel.deepspeed import DeepSpeedBackend
+from lenstrain.parallel.distributed import DistInfo
 
 BACKENDS: dict[str, type[Backend]] = {"single": Backend, "ddp": DDPBackend, "deepspeed": DeepSpeedBackend}
 

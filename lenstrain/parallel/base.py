@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lenstrain.distributed import DistInfo
+from lenstrain.checkpointing.stateio import load_state_file, save_state_file
+from lenstrain.parallel.distributed import DistInfo
 from lenstrain.parallel.skip import SkippableStep, fill_momentum_buffers, poison_gradients
-from lenstrain.stateio import load_state_file, save_state_file
 
 
 class Backend:

@@ -38,11 +38,11 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from lenstrain.distributed import DistInfo, free_port
+from lenstrain.checkpointing.stateio import DEEPSPEED_DIR
 from lenstrain.parallel.base import Backend
 from lenstrain.parallel.ddp import DDPBackend
+from lenstrain.parallel.distributed import DistInfo, free_port
 from lenstrain.parallel.skip import fill_momentum_buffers, skip_kind
-from lenstrain.stateio import DEEPSPEED_DIR
 
 
 def ensure_process_group(info: DistInfo) -> str:
@@ -300,8 +300,8 @@ class DeepSpeedBackend(DDPBackend):
 
     def _load_engine(self, directory: Path) -> None:
         """DeepSpeed's own load of the model and optimizer partitions (the scheduler is ours). Every pickle it
-        may read is scanned first: a global outside :data:`lenstrain.safepickle.ALLOWED_GLOBALS` is refused."""
-        from lenstrain.safepickle import CheckpointReadError, check_pickle_tree
+        may read is scanned first: a global outside :data:`lenstrain.checkpointing.safepickle.ALLOWED_GLOBALS` is refused."""
+        from lenstrain.checkpointing.safepickle import CheckpointReadError, check_pickle_tree
 
         check_pickle_tree(directory / DEEPSPEED_DIR)
         try:

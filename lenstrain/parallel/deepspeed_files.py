@@ -1,13 +1,13 @@
 """DeepSpeed's checkpoint files written and read through lenstrain's state-file rules.
 
-Imported only once DeepSpeed is in use. Writes go through :func:`~lenstrain.stateio.save_state_file`,
+Imported only once DeepSpeed is in use. Writes go through :func:`~lenstrain.checkpointing.stateio.save_state_file`,
 so a full disk gives the OS's error rather than torch's vague one, raised once the engine's save
 has finished on every rank. DeepSpeed's files hold objects of
 its own classes beside the tensors; each is read with ``weights_only=True`` and those classes allowed
-(:mod:`lenstrain.safepickle`), and only if the checkpoint's ``COMPLETE`` marker lists it with the same size
-and sha256 (:func:`~lenstrain.stateio.load_listed_pickle`), that is, only files that the run itself wrote.
+(:mod:`lenstrain.checkpointing.safepickle`), and only if the checkpoint's ``COMPLETE`` marker lists it with the same size
+and sha256 (:func:`~lenstrain.checkpointing.stateio.load_listed_pickle`), that is, only files that the run itself wrote.
 DeepSpeed's own converters unpickle fully: every pickle they will read is scanned first
-(:func:`~lenstrain.safepickle.check_pickle_tree`), and a global outside the allowlist is refused.
+(:func:`~lenstrain.checkpointing.safepickle.check_pickle_tree`), and a global outside the allowlist is refused.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-from lenstrain.safepickle import check_pickle_tree, deepspeed_classes, load_allowlisted
-from lenstrain.stateio import (
+from lenstrain.checkpointing.safepickle import check_pickle_tree, deepspeed_classes, load_allowlisted
+from lenstrain.checkpointing.stateio import (
     DEEPSPEED_DIR,
     UntrustedFileError,
     load_listed_pickle,

@@ -3,7 +3,7 @@
 A step whose loss is not finite must leave the weights and the optimizer state exactly as they were,
 yet the host must not wait to read that flag. Two ways, chosen per optimizer by :func:`skip_kind`:
 
-- ``found_inf`` (Adam, AdamW and SGD, which ``lenstrain.optim`` builds ``fused``): the fused kernels take
+- ``found_inf`` (Adam, AdamW and SGD, which ``lenstrain.optimization.optimizers`` builds ``fused``): the fused kernels take
   a device-side ``found_inf`` flag, the same one ``GradScaler`` hands them, and return at once when it
   is set; Adam's step counts are counted back on the device. No copy: the flag costs nothing.
 - ``masked`` (RAdam, Lion, and any optimizer not fused): :class:`MaskedUpdate` copies the parameters

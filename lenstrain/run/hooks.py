@@ -1,6 +1,6 @@
 """The report hook: how something outside training (a sweep's trial) hears each validation and may stop the run.
 
-Training never imports a tuner. Whoever calls :func:`lenstrain.train.run_training` may first
+Training never imports a tuner. Whoever calls :func:`lenstrain.run.train.run_training` may first
 :func:`install` a function ``(step, metrics) -> prune?``; the loop calls it on the main rank after every
 validation. When it answers True, the run writes a checkpoint, records its hyperparameters and ends with
 :data:`EXIT_PRUNED`. ``hparams`` given to :func:`install` are added to the run's TensorBoard hparams

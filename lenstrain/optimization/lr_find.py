@@ -20,7 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from lenstrain.build import (
+from lenstrain.checkpointing.rundir import TB_DIR, write_json_atomic
+from lenstrain.config.schema import LenstrainConfig, load_config
+from lenstrain.optimization.losses import weight_penalty
+from lenstrain.optimization.optimizers import build_optimizer
+from lenstrain.parallel import Backend
+from lenstrain.run.build import (
     build_loss,
     build_model,
     build_task,
@@ -28,12 +33,7 @@ from lenstrain.build import (
     local_info,
     single_process,
 )
-from lenstrain.config import LenstrainConfig, load_config
-from lenstrain.losses import weight_penalty
-from lenstrain.optim import build_optimizer
-from lenstrain.parallel import Backend
-from lenstrain.rundir import TB_DIR, write_json_atomic
-from lenstrain.tb import TBLogger
+from lenstrain.run.tb import TBLogger
 from shards.clikit import UsageError, fail
 from shards.manifest import MANIFEST_NAME, not_a_shard_set
 
@@ -111,7 +111,7 @@ def range_test(model, backend: Backend, stream, loss_fn, *, min_lr: float, max_l
 
 
 def plot(result: dict, suggested: float):
-    from lenstrain.plots import plt
+    from lenstrain.evaluation.plots import plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     ax.plot(result["lrs"], result["raw_losses"], color="0.75", lw=1, label="loss")

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lenstrain.checkpoint import (
+from lenstrain.checkpointing.checkpoint import (
     CheckpointReadError,
     best_checkpoints,
     complete_checkpoints,
@@ -43,11 +43,11 @@ from lenstrain.checkpoint import (
     step_dir_name,
     verify_checkpoint,
 )
-from lenstrain.data import TargetTransform
-from lenstrain.metrics import predictions_from_output
+from lenstrain.checkpointing.rundir import RunDir, write_atomic, write_json_atomic
+from lenstrain.data.loader import TargetTransform
+from lenstrain.data.normalize import NORMALIZERS
+from lenstrain.evaluation.metrics import predictions_from_output
 from lenstrain.models import create_model
-from lenstrain.normalize import NORMALIZERS
-from lenstrain.rundir import RunDir, write_atomic, write_json_atomic
 from shards.clikit import UsageError
 
 FORMAT_VERSION = 1
@@ -67,7 +67,7 @@ def info_path(weights: str | Path) -> Path:
 
 
 def run_config(run_dir: Path):
-    from lenstrain.config import load_config
+    from lenstrain.config.schema import load_config
 
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir}: no such run directory")
@@ -80,7 +80,7 @@ def run_config(run_dir: Path):
 
 def run_task(cfg):
     """The run's task, from its training shard set, whose statistics normalise and decode."""
-    from lenstrain.build import task_for
+    from lenstrain.run.build import task_for
     from shards.manifest import ManifestError, load_manifest
 
     try:

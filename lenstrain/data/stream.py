@@ -30,7 +30,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from lenstrain.data import BatchFinisher, TargetTransform, batch_buffer
+from lenstrain.data.loader import BatchFinisher, TargetTransform, batch_buffer
 from shards.clikit import Problem
 from shards.pack import BadSample, _stored_image
 

@@ -28,16 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lenstrain.build import (
-    Task,
-    build_eval_batches,
-    build_loss,
-    build_model,
-    local_info,
-    single_process,
-    task_for,
-)
-from lenstrain.checkpoint import (
+from lenstrain.checkpointing.checkpoint import (
     CheckpointReadError,
     best_checkpoint,
     complete_checkpoints,
@@ -47,11 +38,20 @@ from lenstrain.checkpoint import (
     read_meta,
     recorded_metric,
 )
-from lenstrain.config import LenstrainConfig, load_config
-from lenstrain.data import TargetTransform
-from lenstrain.inference import MAX_ROTATIONS, decode, evaluate, predict
+from lenstrain.checkpointing.rundir import RunDir, write_atomic, write_json_atomic
+from lenstrain.config.schema import LenstrainConfig, load_config
+from lenstrain.data.loader import TargetTransform
+from lenstrain.evaluation.inference import MAX_ROTATIONS, decode, evaluate, predict
 from lenstrain.parallel import Backend
-from lenstrain.rundir import RunDir, write_atomic, write_json_atomic
+from lenstrain.run.build import (
+    Task,
+    build_eval_batches,
+    build_loss,
+    build_model,
+    local_info,
+    single_process,
+    task_for,
+)
 from shards.clikit import UsageError, fail
 from shards.manifest import Manifest, ManifestError, load_manifest
 
@@ -158,8 +158,8 @@ def training_task(cfg: LenstrainConfig, other_shards: bool) -> Task:
 
 def step_checkpoint(run_dir: Path, step: int) -> tuple[Path, str]:
     """The complete checkpoint of ``step``; UsageError naming the steps there are."""
-    from lenstrain.checkpoint import list_checkpoints, step_dir_name
-    from lenstrain.stateio import verify_checkpoint
+    from lenstrain.checkpointing.checkpoint import list_checkpoints, step_dir_name
+    from lenstrain.checkpointing.stateio import verify_checkpoint
 
     root = RunDir(run_dir).checkpoints
     path = root / step_dir_name(step)
@@ -311,7 +311,7 @@ def main_eval(args) -> int:
 
 def save_plot(out: Path, task: Task, result: dict) -> Path:
     """Predicted against true (regression), or ROC curves and the confusion matrix (classification)."""
-    from lenstrain import plots
+    from lenstrain.evaluation import plots
 
     pred, true = result["pred"].numpy(), result["true"].numpy()
     if task.target.kind == "regression":
@@ -333,7 +333,7 @@ def predict_split(run: LoadedRun, split: str, rotations: int) -> dict[str, torch
 
 
 def main_predict(args) -> int:
-    from lenstrain.export import check_outputs
+    from lenstrain.evaluation.export import check_outputs
 
     if getattr(args, "images", None) is not None:
         return main_predict_images(args)
@@ -360,9 +360,9 @@ def main_predict(args) -> int:
 
 
 def main_predict_images(args) -> int:
-    """``predict RUN --images PATH``: plain .npy or FITS files (:mod:`lenstrain.predict_files`)."""
-    from lenstrain.export import check_outputs
-    from lenstrain.predict_files import predict_files
+    """``predict RUN --images PATH``: plain .npy or FITS files (:mod:`lenstrain.evaluation.predict_files`)."""
+    from lenstrain.evaluation.export import check_outputs
+    from lenstrain.evaluation.predict_files import predict_files
 
     try:
         check_outputs([Path(args.out)], getattr(args, "force", False))

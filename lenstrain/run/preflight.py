@@ -13,12 +13,12 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn as nn
 
-from lenstrain.build import Task, build_loss, task_for
-from lenstrain.config import LenstrainConfig
-from lenstrain.losses import default_loss
-from lenstrain.metrics import metric_names
+from lenstrain.config.schema import LenstrainConfig
+from lenstrain.evaluation.metrics import metric_names
 from lenstrain.models import create_model
 from lenstrain.models.registry import ModelOptionError
+from lenstrain.optimization.losses import default_loss
+from lenstrain.run.build import Task, build_loss, task_for
 from shards.clikit import Problem
 from shards.manifest import Manifest
 
@@ -71,7 +71,7 @@ def _init_problems(cfg: LenstrainConfig, meta: MetaModel) -> list[Problem]:
     """``model.init_from`` names weights that exist and (where their shapes can be read cheaply) fit the model."""
     if not cfg.model.init_from:
         return []
-    from lenstrain.finetune import init_problems
+    from lenstrain.checkpointing.finetune import init_problems
 
     def shapes() -> dict[str, tuple[int, ...]] | None:  # None: the model was not built (its own problem says why)
         if meta.model is None:
@@ -86,7 +86,7 @@ def _stream_problems(cfg: LenstrainConfig, manifest: Manifest) -> list[Problem]:
     """``data.stream``'s options as ``shards simulate`` checks them, then its samples against the shard set."""
     if cfg.data.stream is None:
         return []
-    from lenstrain.stream import check_stream
+    from lenstrain.data.stream import check_stream
 
     return check_stream(cfg, manifest)[1]
 

@@ -14,7 +14,7 @@ manifest records (one copy per sample, no parsing), targets come from the manife
 workers (threads or processes, ``data.worker_kind``) build whole batches. Augmentation runs in the worker
 or, with ``data.augment.device: device``, on the training process's device, from the same per-sample draws.
 
-A simulated stream (``data.stream``, :mod:`lenstrain.stream`) goes through the same stream, cursor and workers
+A simulated stream (``data.stream``, :mod:`lenstrain.data.stream`) goes through the same stream, cursor and workers
 with another order (:class:`SequentialOrder`: epoch ``e`` holds samples ``e * n`` onwards, none twice) and a
 builder that renders each sample from its index.
 """
@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lenstrain.augment import Augment
-from lenstrain.augment import rotation_grid as augment_rotation_grid
-from lenstrain.batches import Batches, run_batches
-from lenstrain.normalize import NORMALIZERS
+from lenstrain.data.augment import Augment
+from lenstrain.data.augment import rotation_grid as augment_rotation_grid
+from lenstrain.data.batches import Batches, run_batches
+from lenstrain.data.normalize import NORMALIZERS
 from shards.manifest import Manifest
 from shards.mapped import MappedImages
 from shards.reader import ShardReader
@@ -172,7 +172,7 @@ class BatchFinisher:
     """What every batch source shares once a batch's images and targets are in hand: its augmentation (drawn
     per sample from (seed, epoch, index)), its normalisation, and where both run.
 
-    ``normalize`` names an entry of :data:`~lenstrain.normalize.NORMALIZERS`; ``mean`` and ``std`` are the
+    ``normalize`` names an entry of :data:`~lenstrain.data.normalize.NORMALIZERS`; ``mean`` and ``std`` are the
     train split's pixel statistics, which ``global`` and ``asinh`` use. With ``augment_device="device"``, a
     training batch (one with an epoch) leaves the worker as gathered: its consumer moves it to its device and
     calls :meth:`finish` there. Evaluation batches are always finished here.
@@ -252,7 +252,7 @@ class BatchBuilder(BatchFinisher):
 
 
 def rotation_grid(cos: torch.Tensor, sin: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Kept importable from here; see :func:`lenstrain.augment.rotation_grid`."""
+    """Kept importable from here; see :func:`lenstrain.data.augment.rotation_grid`."""
     return augment_rotation_grid(cos, sin, h, w)
 
 

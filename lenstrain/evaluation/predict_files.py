@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lenstrain.rundir import write_atomic
+from lenstrain.checkpointing.rundir import write_atomic
 from shards.clikit import UsageError
 
 NPY_SUFFIXES = (".npy",)
@@ -132,10 +132,10 @@ def count_images(files: list[Path], shape: tuple[int, int, int]) -> int:
 
 
 def predict_files(run, images: Path, out: Path, rotations: int, batch_size: int, log) -> int:
-    """Write predictions of ``run`` (a :class:`lenstrain.evaluate.LoadedRun`) for the images under ``images``."""
-    from lenstrain.inference import Outputs, decode
-    from lenstrain.inference import predict as predict_batches
-    from lenstrain.normalize import NORMALIZERS
+    """Write predictions of ``run`` (a :class:`lenstrain.evaluation.evaluate.LoadedRun`) for the images under ``images``."""
+    from lenstrain.data.normalize import NORMALIZERS
+    from lenstrain.evaluation.inference import Outputs, decode
+    from lenstrain.evaluation.inference import predict as predict_batches
 
     task, cfg = run.task, run.cfg
     shape = tuple(task.manifest.image.shape)

@@ -1,4 +1,4 @@
-"""One line for each config key whose field in :mod:`lenstrain.config` carries no ``description=``.
+"""One line for each config key whose field in :mod:`lenstrain.config.schema` carries no ``description=``.
 
 The config reference (``launcher/docs/config.md``, made by :mod:`launcher.configref`) takes a key's text from its
 field's ``description`` where there is one, else from here; a test fails when a key has neither. Keeping these

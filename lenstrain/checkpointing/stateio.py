@@ -4,14 +4,14 @@ Every state file is a ``torch.save`` of tensors and plain Python values, read ba
 ``torch.load(weights_only=True)``. The RNG states are stored the same way (tensors and lists), so a
 file dropped into a shared run directory cannot run code on resume. DeepSpeed's own files also hold
 objects of three DeepSpeed classes: they are read with ``weights_only=True`` and those classes allowed
-(:mod:`lenstrain.safepickle`), and only when the checkpoint's ``COMPLETE`` marker lists them with the same
+(:mod:`lenstrain.checkpointing.safepickle`), and only when the checkpoint's ``COMPLETE`` marker lists them with the same
 size and sha256; before DeepSpeed's own readers unpickle a checkpoint, every pickle in it is scanned and a
 global outside that allowlist is refused, naming the file and the global.
 
 The ``COMPLETE`` marker is validated against its schema (:func:`read_marker`); any failure to read a
 checkpoint file raises a :class:`CheckpointReadError` that names the file.
 
-This module imports no other part of lenstrain but :mod:`lenstrain.safepickle`, and DeepSpeed only inside
+This module imports no other part of lenstrain but :mod:`lenstrain.checkpointing.safepickle`, and DeepSpeed only inside
 :func:`load_deepspeed_model_state`, for a ZeRO checkpoint.
 """
 
@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
-from lenstrain.safepickle import (
+from lenstrain.checkpointing.safepickle import (
     CheckpointReadError,
     UntrustedFileError,
     check_pickle_tree,
@@ -195,7 +195,7 @@ def load_listed_pickle(path: str | os.PathLike, step_dir: str | os.PathLike, map
 
     The file must be listed in the marker with the same size and sha256 as when the run wrote it, so a file
     added or changed afterwards is refused. It is then read with ``weights_only=True``, allowing only the
-    DeepSpeed classes its checkpoints hold (:data:`lenstrain.safepickle.DEEPSPEED_CLASS_NAMES`): a file that
+    DeepSpeed classes its checkpoints hold (:data:`lenstrain.checkpointing.safepickle.DEEPSPEED_CLASS_NAMES`): a file that
     names any other global is refused, naming the file and the global, and nothing from it runs. (The marker
     is a checksum, not a signature; the allowlist is what keeps a copied run directory from running code.)
     """

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from lenstrain.config import ConfigError, LenstrainConfig, TrainConfig
-from lenstrain.data import (
+from lenstrain.config.schema import ConfigError, LenstrainConfig, TrainConfig
+from lenstrain.data.loader import (
     BatchBuilder,
     Cursor,
     OptionalLabels,
@@ -22,10 +22,10 @@ from lenstrain.data import (
     TrainStream,
     eval_batches,
 )
-from lenstrain.distributed import DistInfo
-from lenstrain.losses import default_loss, make_loss, num_outputs_for
 from lenstrain.models import create_model
+from lenstrain.optimization.losses import default_loss, make_loss, num_outputs_for
 from lenstrain.parallel import Backend, build_backend
+from lenstrain.parallel.distributed import DistInfo
 from shards.manifest import Manifest, load_manifest
 from shards.reader import ShardReader
 
@@ -142,7 +142,7 @@ def build_eval_batches(cfg: LenstrainConfig, task: Task, split: str, info: DistI
 def build_stream_builder(cfg: LenstrainConfig, task: Task, augment_device: str = "cpu"):
     """The batch builder of ``data.stream`` (rendering each sample, prepared as ``data.shards``' own images) and
     its epoch size; :class:`ConfigError` if the stream is invalid or disagrees with the shard set."""
-    from lenstrain.stream import StreamBatchBuilder, check_stream
+    from lenstrain.data.stream import StreamBatchBuilder, check_stream
 
     plan, problems = check_stream(cfg, task.manifest)
     if problems:

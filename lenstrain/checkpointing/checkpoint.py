@@ -15,7 +15,7 @@ never touched. Layout of ``RUN/checkpoints/step-XXXXXXXX/``:
 - ``COMPLETE``: written last; the size and sha256 of every other file (its schema: :func:`read_marker`).
 
 The backend writes and reads its own part (``Backend.save_state``/``load_state``); every file is read with
-``weights_only=True``, DeepSpeed's with its three classes allowed (see :mod:`lenstrain.stateio`). A checkpoint
+``weights_only=True``, DeepSpeed's with its three classes allowed (see :mod:`lenstrain.checkpointing.stateio`). A checkpoint
 that cannot be read, for whatever reason, raises :class:`CheckpointReadError` naming the file, and the
 readers (:func:`load_first`, training's resume) fall back to the previous complete one.
 """
@@ -32,15 +32,15 @@ from pathlib import Path
 
 import torch
 
-from lenstrain.checkpoint_space import (
+from lenstrain.checkpointing.rundir import CHECKPOINTS_DIR, fsync_dir, write_json_atomic
+from lenstrain.checkpointing.space import (
     CheckpointWriteError,
     checkpoint_bytes,
     estimate_checkpoint_bytes,
     free_space_warning,
     write_failure_line,
 )
-from lenstrain.rundir import CHECKPOINTS_DIR, fsync_dir, write_json_atomic
-from lenstrain.stateio import (
+from lenstrain.checkpointing.stateio import (
     COMPLETE,
     DEEPSPEED_DIR,
     CheckpointReadError,

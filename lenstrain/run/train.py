@@ -1,4 +1,4 @@
-"""The training loop, and only the loop: ``start_run`` builds the parts (see :mod:`lenstrain.build`) and
+"""The training loop, and only the loop: ``start_run`` builds the parts (see :mod:`lenstrain.run.build`) and
 resumes from the newest complete checkpoint; ``train_loop`` steps through them, top to bottom.
 
 No step reads the device on the host, except at a host step (a log, validation or checkpoint step, the last
@@ -22,8 +22,26 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lenstrain import hooks
-from lenstrain.build import (
+from lenstrain.checkpointing.checkpoint import (
+    Checkpointer,
+    CheckpointReadError,
+    CheckpointWriteError,
+    latest_complete,
+    read_meta,
+)
+from lenstrain.checkpointing.rundir import RunDir, write_json_atomic
+from lenstrain.checkpointing.space import estimate_checkpoint_bytes, free_space_warning
+from lenstrain.config.schema import ConfigError, LenstrainConfig
+from lenstrain.data.loader import Cursor, TrainStream
+from lenstrain.evaluation.inference import evaluate
+from lenstrain.evaluation.metrics import better
+from lenstrain.optimization.losses import weight_penalty
+from lenstrain.optimization.optimizers import PlateauScheduler, build_optimizer, build_scheduler
+from lenstrain.parallel import Backend
+from lenstrain.parallel.base import StepFlags
+from lenstrain.parallel.distributed import DistInfo, init_distributed, shutdown_distributed
+from lenstrain.run import hooks
+from lenstrain.run.build import (
     Task,
     build_loss,
     build_model,
@@ -33,34 +51,16 @@ from lenstrain.build import (
     resolve_precision,
     total_steps,
 )
-from lenstrain.checkpoint import (
-    Checkpointer,
-    CheckpointReadError,
-    CheckpointWriteError,
-    latest_complete,
-    read_meta,
-)
-from lenstrain.checkpoint_space import estimate_checkpoint_bytes, free_space_warning
-from lenstrain.config import ConfigError, LenstrainConfig
-from lenstrain.data import Cursor, TrainStream
-from lenstrain.distributed import DistInfo, init_distributed, shutdown_distributed
-from lenstrain.flops import FlopRate, flop_rate
-from lenstrain.inference import evaluate
-from lenstrain.losses import weight_penalty
-from lenstrain.metrics import better
-from lenstrain.optim import PlateauScheduler, build_optimizer, build_scheduler
-from lenstrain.parallel import Backend
-from lenstrain.parallel.base import StepFlags
-from lenstrain.preemption import (
+from lenstrain.run.flops import FlopRate, flop_rate
+from lenstrain.run.preemption import (
     EXIT_CHECKPOINT_FAILED,
     EXIT_NONFINITE,
     EXIT_REQUEUE,
     PreemptionFlag,
 )
-from lenstrain.preflight import has_split
-from lenstrain.profiling import StepProfiler
-from lenstrain.rundir import RunDir, write_json_atomic
-from lenstrain.tb import TBLogger
+from lenstrain.run.preflight import has_split
+from lenstrain.run.profiling import StepProfiler
+from lenstrain.run.tb import TBLogger
 from shards.exitcodes import EXIT_ERROR as EXIT_CHECKPOINT_UNREADABLE  # corruption found: nothing readable
 
 
@@ -336,7 +336,7 @@ def start_run(cfg: LenstrainConfig, paths: RunDir, info: DistInfo, preempt: Pree
 
 def init_weights(cfg: LenstrainConfig, model: nn.Module, paths: RunDir, info: DistInfo, log) -> None:
     """Fine-tuning: every rank loads ``model.init_from`` into its fresh model; rank 0 reports what came over."""
-    from lenstrain.finetune import INIT_REPORT, InitError, load_initial_weights
+    from lenstrain.checkpointing.finetune import INIT_REPORT, InitError, load_initial_weights
 
     m = cfg.model
     try:
@@ -452,7 +452,7 @@ def validate(run: Run) -> None:
     run.carried.metrics, run.carried.metrics_step = metrics, state.step
     run.tb.scalars(metrics, state.step)
     if result and run.task.target.kind == "regression" and cfg.log.images:
-        from lenstrain.plots import pred_vs_true
+        from lenstrain.evaluation.plots import pred_vs_true
 
         run.tb.figure("val/pred_vs_true", pred_vs_true(result["pred"].numpy(), result["true"].numpy(),
                                                        run.task.target.name), state.step)
@@ -473,7 +473,7 @@ def validate(run: Run) -> None:
 
 
 def report_validation(run: Run) -> bool:
-    """Hand this validation to the report hook (:mod:`lenstrain.hooks`, e.g. a sweep's pruner) on the main rank;
+    """Hand this validation to the report hook (:mod:`lenstrain.run.hooks`, e.g. a sweep's pruner) on the main rank;
     whether every rank stops here."""
     prune = run.info.is_main and hooks.report(run.state.step, run.carried.metrics)
     if run.info.world_size > 1:

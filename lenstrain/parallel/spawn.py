@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 
-from lenstrain.distributed import free_port
+from lenstrain.parallel.distributed import free_port
 
 
 def spawn_local(argv: list[str], nproc: int, env: dict | None = None) -> int:

@@ -17,10 +17,10 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lenstrain.losses import LOSSES
-from lenstrain.metrics import mode_for
-from lenstrain.normalize import NORMALIZERS
-from lenstrain.optim import OPTIMIZERS, SCHEDULES
+from lenstrain.data.normalize import NORMALIZERS
+from lenstrain.evaluation.metrics import mode_for
+from lenstrain.optimization.losses import LOSSES
+from lenstrain.optimization.optimizers import OPTIMIZERS, SCHEDULES
 from shards.clikit import UsageError
 
 LAUNCHER_SECTIONS = ("resources", "name")
@@ -60,7 +60,7 @@ class StreamConfig(Section):
 
     Sample ``k`` of the stream is sample ``k`` of ``python -m shards simulate --preset PRESET --task TASK
     --seed SEED`` with ``options``, so each is a pure function of (seed, k). ``options`` are checked as that
-    command checks its flags (:mod:`lenstrain.stream`), and the stream's images must agree with the shard set
+    command checks its flags (:mod:`lenstrain.data.stream`), and the stream's images must agree with the shard set
     (``data.shards``), which still gives validation, test and the pixel and target statistics."""
 
     preset: str = Field(description="a preset of `shards simulate --preset` (deeplense1/2/3, model1, euclid, hst)")
@@ -121,7 +121,7 @@ class ModelConfig(Section):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     channels_last: bool = False
     compile: bool = False
-    # fine-tuning (lenstrain.finetune)
+    # fine-tuning (lenstrain.checkpointing.finetune)
     init_from: str | None = Field(None, description=(
         "fine-tuning: start from these weights: RUN_DIR (its newest complete checkpoint), RUN_DIR@best, "
         "RUN_DIR@STEP, or FILE.safetensors / FILE.pt (lenstrain export); only the weights, the optimizer starts "
@@ -432,8 +432,8 @@ def validate_config(data: dict, where: str | os.PathLike | None = None) -> Lenst
 
 
 def read_config_file(path: str | Path) -> dict:
-    """A config or job file as a mapping, with its ``base:`` chain merged in (:mod:`lenstrain.inherit`)."""
-    from lenstrain.inherit import resolve_bases
+    """A config or job file as a mapping, with its ``base:`` chain merged in (:mod:`lenstrain.config.inherit`)."""
+    from lenstrain.config.inherit import resolve_bases
 
     return resolve_bases(path, read_yaml, ConfigError)
 

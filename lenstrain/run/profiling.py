@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lenstrain.config import ProfileConfig
-from lenstrain.distributed import DistInfo
-from lenstrain.tb import TBLogger
+from lenstrain.config.schema import ProfileConfig
+from lenstrain.parallel.distributed import DistInfo
+from lenstrain.run.tb import TBLogger
 
 TOP_OPERATORS = 15
 MEMORY_HISTORY_ENTRIES = 100_000

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from lenstrain.build import Task, build_eval_batches
-from lenstrain.config import LenstrainConfig
-from lenstrain.metrics import compute_metrics, predictions_from_output
+from lenstrain.config.schema import LenstrainConfig
+from lenstrain.evaluation.metrics import compute_metrics, predictions_from_output
 from lenstrain.parallel import Backend
+from lenstrain.run.build import Task, build_eval_batches
 
 MAX_ROTATIONS = 4  # 90-degree turns: a fifth would repeat the first
 

@@ -46,15 +46,15 @@ def parse_init_from(value: str) -> tuple[Path, str | None]:
 
 def resolve_source(value: str) -> tuple[Path, str]:
     """The weights ``init_from`` names: a checkpoint directory or a weights file, and a phrase saying which."""
-    from lenstrain.checkpoint import (
+    from lenstrain.checkpointing.checkpoint import (
         best_checkpoint,
         latest_complete,
         list_checkpoints,
         read_meta,
         step_dir_name,
     )
-    from lenstrain.rundir import RunDir
-    from lenstrain.stateio import verify_checkpoint
+    from lenstrain.checkpointing.rundir import RunDir
+    from lenstrain.checkpointing.stateio import verify_checkpoint
 
     path, which = parse_init_from(value)
     if path.is_file():
@@ -90,8 +90,8 @@ def resolve_source(value: str) -> tuple[Path, str]:
 
 
 def _best_rule(run_dir: Path) -> tuple[str | None, str]:
-    from lenstrain.config import ConfigError, load_config
-    from lenstrain.rundir import RunDir
+    from lenstrain.checkpointing.rundir import RunDir
+    from lenstrain.config.schema import ConfigError, load_config
 
     try:
         cfg = load_config(RunDir(run_dir).config)
@@ -102,8 +102,8 @@ def _best_rule(run_dir: Path) -> tuple[str | None, str]:
 
 def load_source_state(source: Path) -> dict[str, torch.Tensor]:
     """The plain state dict of a checkpoint directory (any backend) or a weights file."""
-    from lenstrain.checkpoint import load_model_state
-    from lenstrain.stateio import load_state_file
+    from lenstrain.checkpointing.checkpoint import load_model_state
+    from lenstrain.checkpointing.stateio import load_state_file
 
     if source.is_dir():
         return load_model_state(source)
@@ -119,7 +119,7 @@ def load_source_state(source: Path) -> dict[str, torch.Tensor]:
 
 def source_shapes(source: Path) -> dict[str, tuple[int, ...]] | None:
     """The parameter shapes of a source without reading its tensors where the format allows (None: it does not)."""
-    from lenstrain.stateio import load_state_file
+    from lenstrain.checkpointing.stateio import load_state_file
 
     if source.is_file() and source.suffix == ".safetensors":
         from safetensors import safe_open
