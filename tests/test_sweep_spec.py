@@ -148,3 +148,42 @@ def test_a_bad_corner_still_names_its_key(tmp_path, base, capsys):
     assert main(["sweep", str(sweep), "--runs-dir", str(tmp_path / "runs"), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "space.model.kwargs.norm:" in err and "(value 'foo')" in err and "space.optim.lr" not in err
+
+
+def test_a_dead_array_task_decides_for_its_trial_as_a_run_does(tmp_path, base, monkeypatch, capsys):
+    """The sweep's teardown is a run's (``python -m launcher.recovery SWEEP``) and takes a run's decision for the
+    trial its array task trained: an attempt that ended inside the job needs nothing; one that died after a rank
+    noted a failure ends as lost in the trial's run, the trial FAIL and its parameters enqueued again."""
+    from optuna.trial import TrialState
+
+    from launcher import runs
+    from launcher.recovery import main as recovery
+    from launcher.sweep.spec import load_sweep
+    from launcher.sweep.study import SweepDir, claim, create_study
+    from launcher.sweep.study import write_sweep as write_sweep_dir
+
+    monkeypatch.setenv("PATH", str(tmp_path / "no-slurm"))  # no SLURM commands: its state is UNKNOWN, no requeue
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    spec, base_job = load_sweep(write_sweep(tmp_path, base))
+    root = tmp_path / "runs" / "sw"
+    write_sweep_dir(root, spec, base_job.spec.to_dict())
+    study = create_study(root, spec)
+    trial, _ = claim(root, study, spec, {"kind": "slurm", "job": "4242", "host": "h", "pid": 1, "worker": 0})
+    run_dir = SweepDir(root).trial(trial.number)
+    runs.add_job(run_dir, "4242", kind="slurm", state="RUNNING", restart_offset=0)
+
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    runs.record_start(run_dir, "4242", restart_count=0)
+    runs.record_end(run_dir, "4242", state="REQUEUED", outcome="requeued")  # it checkpointed and requeued itself
+    assert recovery([str(root), "--status", "1"]) == 0
+    assert study.get_trials(deepcopy=False)[trial.number].state == TrialState.RUNNING
+
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    runs.record_start(run_dir, "4242", restart_count=1)
+    runs.record_failure(run_dir, "4242", 1, rank=0, exit=1, why="RuntimeError: boom")
+    assert recovery([str(root), "--status", "1"]) == 0
+    trials = study.get_trials(deepcopy=False)
+    assert trials[trial.number].state == TrialState.FAIL
+    assert [t.user_attrs.get("retry_of") for t in trials if t.state == TrialState.WAITING] == [trial.number]
+    assert runs.read_jobs(run_dir)["jobs"][0]["attempts"][-1]["outcome"] == "lost"
+    assert "marked FAIL, its parameters are enqueued again" in capsys.readouterr().out

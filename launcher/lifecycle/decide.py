@@ -47,7 +47,10 @@ def slurm_state(job_id: str) -> str:
 
 def requeue_job(job_id: str) -> str | None:
     """``scontrol requeue JOB``; None when it worked, else what ``scontrol`` said."""
-    done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    try:
+        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:  # no scontrol here, or a controller that does not answer
+        return f"{type(exc).__name__}: {exc}"
     return None if done.returncode == 0 else (done.stderr or done.stdout).strip() or f"status {done.returncode}"
 
 
