@@ -821,10 +821,48 @@ def render_report(results: list[dict]) -> str:
         for g in groups:
             lines += [f"# {g[0]['experiment']}", *(f"python {c}" for c in g[0]["commands"])]
         lines += ["```", ""]
+        if table in ("zoo", "methods", "replica"):
+            lines += [_separation(groups), ""]
+    lines += render_full_protocol()
     if not_run:
         lines += [f"Defined in `benchmarks/science.py` but without committed results: {', '.join(not_run)}.", ""]
     lines.append(END)
     return "\n".join(lines)
+
+
+def _separation(groups: list[list[dict]]) -> str:
+    """Whether the best and the worst row of a table are apart by more than their seeds' spread."""
+    metric = "r2" if "r2" in groups[0][0]["metrics"] else "auc"
+    seeded = [g for g in groups if len(g) > 1]
+    if len(seeded) < 2:
+        return f"Fewer than two rows with 2 seeds: no separation to read ({PRIMARY[metric]})."
+    def mean(g):
+        return sum(r["metrics"][metric] for r in g) / len(g)
+    best, worst = max(seeded, key=mean), min(seeded, key=mean)
+    low_best = min(r["metrics"][metric] for r in best)
+    high_worst = max(r["metrics"][metric] for r in worst)
+    name = lambda g: f"`{g[0]['experiment']}` ({mean(g):.3f})"  # noqa: E731
+    if low_best > high_worst:
+        return (f"Best and worst (rows with 2 seeds, test {PRIMARY[metric]}): {name(best)} and {name(worst)}, "
+                f"separated: every seed of the best ({low_best:.3f} at the lowest) is above every seed of the "
+                f"worst ({high_worst:.3f} at the highest), a gap of {low_best - high_worst:.3f}.")
+    return (f"Best and worst (rows with 2 seeds, test {PRIMARY[metric]}): {name(best)} and {name(worst)}, "
+            f"NOT separated: their seeds overlap ({low_best:.3f} lowest of the best, {high_worst:.3f} highest of "
+            f"the worst), so at this size the table's order is within the seed spread.")
+
+
+def render_full_protocol() -> list[str]:
+    """The GPU-size protocol (``--full``) of every experiment: its data size and the overrides it trains with."""
+    lines = ["### The GPU-size protocol (`--full`)", "",
+             "What `python benchmarks/science.py --full [--only NAME]` runs, for figures to set beside DeepLense's "
+             "published ones: the data set at its full size and each job with these `--set` overrides "
+             "(besides `data.shards` and `seed`). Not run on this machine; rows with results say `full: true` in "
+             "their JSON.", "",
+             "| experiment | job | data (images) | `--set` overrides |", "|---|---|---|---|"]
+    for e in EXPERIMENTS:
+        lines.append(f"| `{e.name}` | `{e.job}` | {e.data} ({DATA[e.data].n_full:,}) | "
+                     f"{' '.join(f'`{x}`' for x in e.sets_full) or '-'} |")
+    return [*lines, ""]
 
 
 def write_report() -> Path:

@@ -266,17 +266,9 @@ class _Packer:
 
 
 def pack_shard_set(
-    out: str | os.PathLike,
-    *,
-    sample_fn: SampleFn,
-    split_of: Sequence[str],
-    targets: Sequence[TargetSpec],
-    primary_target: str,
-    source: dict,
-    options: PackOptions = PackOptions(),
-    key_of: Callable[[int], str] | None = None,
-    describe: Callable[[int], str] | None = None,
-    desc: str = "packing",
+    out: str | os.PathLike, *, sample_fn: SampleFn, split_of: Sequence[str], targets: Sequence[TargetSpec],
+    primary_target: str, source: dict, options: PackOptions = PackOptions(),
+    key_of: Callable[[int], str] | None = None, describe: Callable[[int], str] | None = None, desc: str = "packing",
 ) -> PackResult:
     """Write samples ``0..len(split_of)-1`` into a shard set at ``out``.
 

@@ -160,50 +160,37 @@ class _Checker:
 
     def _member(self, fd: int, size: int, split: str, shard_name: str, member, problems: list[str],
                 position: int) -> None:
-        image_name = f"{member.key}.image.npy"
-        json_name = f"{member.key}.json"
-        image_where = f"{shard_name}: member {image_name}"
-        json_where = f"{shard_name}: member {json_name}"
-        for where, want_size, offset in ((image_where, member.image_size, member.image_offset),
-                                         (json_where, member.json_size, member.json_offset)):
-            if offset + want_size > size:  # not read: the span lies outside the file
-                problems.append(f"{where}: truncated (data ends at byte {offset + want_size}, shard has {size})")
-                return
-        image_bytes = os.pread(fd, member.image_size, member.image_offset)
-        json_bytes = os.pread(fd, member.json_size, member.json_offset)
-        for where, data, want_size, offset, crc in (
-            (image_where, image_bytes, member.image_size, member.image_offset, member.image_crc32),
-            (json_where, json_bytes, member.json_size, member.json_offset, member.json_crc32),
-        ):
-            if len(data) != want_size:
-                problems.append(f"{where}: truncated (data ends at byte {offset + want_size}, shard has {size})")
-                return
-            if crc is not None and zlib.crc32(data) != crc:
-                problems.append(f"{where}: CRC-32 differs from the manifest's (data corrupted)")
-                return
+        image_where = f"{shard_name}: member {member.key}.image.npy"
+        json_where = f"{shard_name}: member {member.key}.json"
+        spans = _read_spans(fd, size, member, image_where, json_where)
+        if isinstance(spans, str):
+            problems.append(spans)
+            return
         try:
-            image = decode_image(image_bytes, image_where)
-            labels = decode_labels(json_bytes, json_where)
+            image = decode_image(spans[0], image_where)
+            labels = decode_labels(spans[1], json_where)
         except CorruptSampleError as exc:
             problems.append(str(exc))
             return
-        info = self.manifest.image
-        if tuple(image.shape) != tuple(info.shape):
-            problems.append(f"{image_where}: shape {tuple(image.shape)}, manifest says {tuple(info.shape)}")
-            return
-        if image.dtype != np.dtype(info.dtype):
-            problems.append(f"{image_where}: dtype {image.dtype}, manifest says {info.dtype}")
-            return
-        if not np.isfinite(image).all():
-            problems.append(f"{image_where}: holds NaN or Inf values")
-            return
-        if not isinstance(labels, dict):
-            problems.append(f"{json_where}: not a JSON object")
+        problem = self._image_problem(image, image_where) or (
+            None if isinstance(labels, dict) else f"{json_where}: not a JSON object")
+        if problem:
+            problems.append(problem)
             return
         self._labels(labels, split, json_where, problems)
         self._table(labels, split, position, json_where, problems)
         if split == "train":
             self.pixels.add(image)
+
+    def _image_problem(self, image: np.ndarray, where: str) -> str | None:
+        info = self.manifest.image
+        if tuple(image.shape) != tuple(info.shape):
+            return f"{where}: shape {tuple(image.shape)}, manifest says {tuple(info.shape)}"
+        if image.dtype != np.dtype(info.dtype):
+            return f"{where}: dtype {image.dtype}, manifest says {info.dtype}"
+        if not np.isfinite(image).all():
+            return f"{where}: holds NaN or Inf values"
+        return None
 
     def _labels(self, labels: dict, split: str, where: str, problems: list[str]) -> None:
         primary = self.manifest.primary_target
@@ -301,3 +288,21 @@ def print_verify_summary(report: VerifyReport) -> None:
         console.print(f"OK: {len(report.shards)} shards, {report.samples} samples match the manifest")
     else:
         console.print(f"FAILED: {len(report.problems)} problems")
+
+
+def _read_spans(fd: int, size: int, member, image_where: str, json_where: str) -> tuple[bytes, bytes] | str:
+    """A member's image and JSON bytes, checked against the manifest's sizes and CRC-32s; else the problem."""
+    spans = ((image_where, member.image_size, member.image_offset, member.image_crc32),
+             (json_where, member.json_size, member.json_offset, member.json_crc32))
+    for where, want_size, offset, _ in spans:
+        if offset + want_size > size:  # not read: the span lies outside the file
+            return f"{where}: truncated (data ends at byte {offset + want_size}, shard has {size})"
+    found = []
+    for where, want_size, offset, crc in spans:
+        data = os.pread(fd, want_size, offset)
+        if len(data) != want_size:
+            return f"{where}: truncated (data ends at byte {offset + want_size}, shard has {size})"
+        if crc is not None and zlib.crc32(data) != crc:
+            return f"{where}: CRC-32 differs from the manifest's (data corrupted)"
+        found.append(data)
+    return found[0], found[1]

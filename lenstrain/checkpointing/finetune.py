@@ -46,15 +46,8 @@ def parse_init_from(value: str) -> tuple[Path, str | None]:
 
 def resolve_source(value: str) -> tuple[Path, str]:
     """The weights ``init_from`` names: a checkpoint directory or a weights file, and a phrase saying which."""
-    from lenstrain.checkpointing.checkpoint import (
-        best_checkpoint,
-        latest_complete,
-        list_checkpoints,
-        read_meta,
-        step_dir_name,
-    )
+    from lenstrain.checkpointing.checkpoint import latest_complete, read_meta
     from lenstrain.checkpointing.rundir import RunDir
-    from lenstrain.checkpointing.stateio import verify_checkpoint
 
     path, which = parse_init_from(value)
     if path.is_file():
@@ -73,14 +66,25 @@ def resolve_source(value: str) -> tuple[Path, str]:
         if found is None:
             raise InitError(f"{path}: no complete checkpoint to start from")
         return found, f"{path}, its newest checkpoint (step {read_meta(found)['step']})"
-    if which == "best":
-        metric, mode = _best_rule(path)
-        found = best_checkpoint(root, metric, mode, verify=True) if metric else None
-        if found is None:
-            have = ", ".join(p.name for _, p in list_checkpoints(root)) or "none"
-            raise InitError(f"{path}@best: no checkpoint records {metric or 'a best metric'} (checkpoints: {have}); "
-                            f"name a step (RUN@STEP) or the newest (RUN)")
-        return found, f"{path}, its best checkpoint by {metric} (step {read_meta(found)['step']})"
+    return _best_source(path, root) if which == "best" else _step_source(path, root, which)
+
+
+def _best_source(path: Path, root: Path) -> tuple[Path, str]:
+    from lenstrain.checkpointing.checkpoint import best_checkpoint, list_checkpoints, read_meta
+
+    metric, mode = _best_rule(path)
+    found = best_checkpoint(root, metric, mode, verify=True) if metric else None
+    if found is None:
+        have = ", ".join(p.name for _, p in list_checkpoints(root)) or "none"
+        raise InitError(f"{path}@best: no checkpoint records {metric or 'a best metric'} (checkpoints: {have}); "
+                        f"name a step (RUN@STEP) or the newest (RUN)")
+    return found, f"{path}, its best checkpoint by {metric} (step {read_meta(found)['step']})"
+
+
+def _step_source(path: Path, root: Path, which: str) -> tuple[Path, str]:
+    from lenstrain.checkpointing.checkpoint import list_checkpoints, step_dir_name
+    from lenstrain.checkpointing.stateio import verify_checkpoint
+
     step_dir = root / step_dir_name(int(which))
     problem = verify_checkpoint(step_dir) if step_dir.is_dir() else "no such checkpoint"
     if problem is not None:

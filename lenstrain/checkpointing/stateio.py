@@ -212,6 +212,19 @@ def load_listed_pickle(path: str | os.PathLike, step_dir: str | os.PathLike, map
     return load_allowlisted(path, deepspeed_classes(), map_location=map_location or "cpu")
 
 
+def _consolidated_zero(step_dir: Path, ckpt: Path) -> dict:
+    """The fp32 weights consolidated from every rank's ZeRO partition, by DeepSpeed's own reader."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    check_pickle_tree(ckpt)  # DeepSpeed's reader unpickles fully: every global it would meet, allowed first
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # it reports every tensor
+            return get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=DEEPSPEED_DIR)
+    except Exception as exc:  # noqa: BLE001 - a damaged partition fails in many ways
+        raise CheckpointReadError(f"{ckpt}: DeepSpeed cannot consolidate its ZeRO partitions "
+                                  f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
 def load_deepspeed_model_state(step_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The unwrapped model's weights in a DeepSpeed checkpoint, as a plain fp32 state dict.
 
@@ -233,18 +246,7 @@ def load_deepspeed_model_state(step_dir: str | os.PathLike) -> dict[str, torch.T
     if not isinstance(module, dict) or not isinstance(module.get("module"), dict):
         raise CheckpointReadError(f"{model_states}: holds no 'module' state dict")
     module = module["module"]
-    if any(ckpt.glob("*zero_pp_rank_*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        check_pickle_tree(ckpt)  # DeepSpeed's reader unpickles fully: every global it would meet, allowed first
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):  # it reports every tensor
-                state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=DEEPSPEED_DIR)
-        except Exception as exc:  # noqa: BLE001 - a damaged partition fails in many ways
-            raise CheckpointReadError(f"{ckpt}: DeepSpeed cannot consolidate its ZeRO partitions "
-                                      f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
-    else:
-        state = module
+    state = _consolidated_zero(step_dir, ckpt) if any(ckpt.glob("*zero_pp_rank_*optim_states.pt")) else module
     missing = set(module) - set(state)
     if missing:
         raise CheckpointReadError(f"the DeepSpeed checkpoint in {ckpt} lacks {sorted(missing)}")

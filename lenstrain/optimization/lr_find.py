@@ -66,10 +66,23 @@ def suggest_lr(lrs, losses, min_lr: float, max_lr: float) -> tuple[float, str]:
     return float(np.clip(lrs[i] / 10, min_lr, max_lr)), "lr of the lowest smoothed loss / 10"
 
 
+def _accumulate(model, backend: Backend, micro_batches, loss_fn, l1: float, l2: float) -> float:
+    """Forward and backward over one step's micro-batches; their mean loss."""
+    device, total = backend.info.device, 0.0
+    for batch in micro_batches:
+        x, y = batch["image"].to(device), batch["target"].to(device)
+        with backend.autocast():
+            loss = loss_fn(backend.train_module(x), y)
+            if l1 or l2:
+                loss = loss + weight_penalty(model, l1, l2)
+        backend.backward(loss / len(micro_batches))
+        total += float(loss.detach()) / len(micro_batches)
+    return total
+
+
 def range_test(model, backend: Backend, stream, loss_fn, *, min_lr: float, max_lr: float, steps: int,
                l1: float = 0.0, l2: float = 0.0, tb: TBLogger | None = None, log=log) -> dict:
     """Run the ramp; returns ``lrs``, ``losses`` (smoothed), ``raw_losses`` and why it ``stopped``."""
-    device = backend.info.device
     lrs, smoothed, raw = [], [], []
     average, best = 0.0, math.inf
     stopped = f"reached max_lr after {steps} steps"
@@ -78,16 +91,7 @@ def range_test(model, backend: Backend, stream, loss_fn, *, min_lr: float, max_l
         lr = lr_at(i, steps, min_lr, max_lr)
         for group in backend.optimizer.param_groups:
             group["lr"] = lr
-        micro_batches = stream.next_step()
-        total = 0.0
-        for batch in micro_batches:
-            x, y = batch["image"].to(device), batch["target"].to(device)
-            with backend.autocast():
-                loss = loss_fn(backend.train_module(x), y)
-                if l1 or l2:
-                    loss = loss + weight_penalty(model, l1, l2)
-            backend.backward(loss / len(micro_batches))
-            total += float(loss.detach()) / len(micro_batches)
+        total = _accumulate(model, backend, stream.next_step(), loss_fn, l1, l2)
         if not math.isfinite(total):
             backend.optimizer.zero_grad(set_to_none=True)
             stopped = f"non-finite loss at lr {lr:.3g} (step {i + 1})"

@@ -84,15 +84,8 @@ def clone_world_group(info: DistInfo) -> None:
 
 
 def deepspeed_config(
-    *,
-    precision: str,
-    grad_clip: float | None,
-    zero_stage: int,
-    offload_optimizer: bool,
-    world_size: int,
-    on_gpu: bool,
-    num_params: int,
-    clip_in_engine: bool = True,
+    *, precision: str, grad_clip: float | None, zero_stage: int, offload_optimizer: bool, world_size: int,
+    on_gpu: bool, num_params: int, clip_in_engine: bool = True,
 ) -> dict:
     """The DeepSpeed config for one lenstrain run (the batch fields only satisfy DeepSpeed's checks).
 
@@ -126,10 +119,7 @@ def deepspeed_config(
         "wall_clock_breakdown": False,
     }
     if precision in ("bf16", "fp16"):  # torch autocast inside the engine (and a GradScaler for fp16)
-        config["torch_autocast"] = {
-            "enabled": True,
-            "dtype": "bfloat16" if precision == "bf16" else "float16",
-        }
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16" if precision == "bf16" else "float16"}
     elif precision != "fp32":
         raise ValueError(f"unknown precision {precision!r}; valid: fp32, bf16, fp16")
     return config
@@ -141,17 +131,8 @@ class DeepSpeedBackend(DDPBackend):
     name = "deepspeed"
     options = ("zero_stage", "offload_optimizer")
 
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        info: DistInfo,
-        *,
-        precision: str,
-        grad_clip: float | None,
-        zero_stage: int = 1,
-        offload_optimizer: bool = False,
-    ):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo, *, precision: str,
+                 grad_clip: float | None, zero_stage: int = 1, offload_optimizer: bool = False):
         Backend.__init__(self, model, optimizer, info, precision="fp32", grad_clip=grad_clip)  # no GradScaler
         self.precision = precision
         self.zero_stage = zero_stage
@@ -163,25 +144,15 @@ class DeepSpeedBackend(DDPBackend):
         from lenstrain.parallel.deepspeed_files import ListedFilesCheckpointEngine
 
         ds_logger.setLevel(logging.WARNING)
-        deepspeed.init_distributed(
-            dist_backend=comm_backend,
-            auto_mpi_discovery=False,
-            timeout=datetime.timedelta(seconds=info.timeout_s),
-        )
+        deepspeed.init_distributed(dist_backend=comm_backend, auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(seconds=info.timeout_s))
         clone_world_group(info)
         config = deepspeed_config(
-            precision=precision,
-            grad_clip=grad_clip,
-            zero_stage=zero_stage,
-            offload_optimizer=offload_optimizer,
-            world_size=info.world_size,
-            on_gpu=info.device.type == "cuda",
-            clip_in_engine=zero_stage > 0,
+            precision=precision, grad_clip=grad_clip, zero_stage=zero_stage, offload_optimizer=offload_optimizer,
+            world_size=info.world_size, on_gpu=info.device.type == "cuda", clip_in_engine=zero_stage > 0,
             num_params=sum(p.numel() for p in model.parameters()),
         )
-        self.engine, self.ds_optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=config
-        )
+        self.engine, self.ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self.engine.checkpoint_engine = ListedFilesCheckpointEngine(self.engine._config)
         self.train_module = self.engine
         self._buffers_synced = False

@@ -296,42 +296,50 @@ def start_run(cfg: LenstrainConfig, paths: RunDir, info: DistInfo, preempt: Pree
                    build_scheduler(cfg.schedule, optimizer, steps), stream, checkpointer, tb, preempt, steps,
                    has_split(task.manifest, cfg.data.val_split), rate, profiler)
 
-    # The newest complete checkpoint; one that cannot be read (on any rank) is reported and passed over for
-    # the one before it. When every one fails, the run stops naming the newest's file: it never starts over
-    # on top of its own checkpoints.
+    run = resume_or_start(checkpointer, assemble, paths, tb, log)
+    announce(run)
+    run.carried = Carried()  # its clocks start with the loop
+    return run
+
+
+def resume_or_start(checkpointer: Checkpointer, assemble, paths: RunDir, tb: TBLogger, log) -> Run:
+    """The run from the newest complete checkpoint; one that cannot be read (on any rank) is reported and passed
+    over for the one before it. When every one fails, the run stops naming the newest's file: it never starts
+    over on top of its own checkpoints. With no checkpoint at all, a new run."""
     resume_from, first_problem = checkpointer.latest(), None
     while resume_from is not None:
-        run, problem = None, None
-        try:
-            meta = read_meta(resume_from)
-            cursor = Cursor()
-            cursor.load_state_dict(meta["cursor"])
-            run = assemble(cursor)
-            checkpointer.load(resume_from, run.objects)
-            run.state.load_state_dict(meta["train_state"])
-        except (CheckpointReadError, KeyError, TypeError, ValueError) as exc:
-            problem = str(exc) if isinstance(exc, CheckpointReadError) else (
-                f"{resume_from / 'meta.json'}: {type(exc).__name__}: {exc}")
-        problem = checkpointer.agree(problem)
+        run, cursor, problem = try_resume(resume_from, checkpointer, assemble)
         if problem is None:
             log(f"resumed from {resume_from} (step {run.state.step}, epoch {cursor.epoch}, "
                 f"{cursor.samples_seen} samples seen)")
-            break
+            return run
         first_problem = first_problem or problem
         checkpointer.unreadable.add(int(resume_from.name.removeprefix("step-")))
         log(f"checkpoint {resume_from.name} cannot be read ({problem}); trying an older one")
         if run is not None:
             run.stream.close()
         resume_from = checkpointer.latest(before=int(resume_from.name.removeprefix("step-")))
-    else:
-        if first_problem is not None:
-            tb.close()
-            raise CheckpointReadError(f"{paths.checkpoints}: no usable checkpoint; the newest: {first_problem}")
-        run = assemble(None)
-        log(f"starting a new run in {paths.root}")
-    announce(run)
-    run.carried = Carried()  # its clocks start with the loop
+    if first_problem is not None:
+        tb.close()
+        raise CheckpointReadError(f"{paths.checkpoints}: no usable checkpoint; the newest: {first_problem}")
+    run = assemble(None)
+    log(f"starting a new run in {paths.root}")
     return run
+
+
+def try_resume(resume_from: Path, checkpointer: Checkpointer, assemble) -> tuple[Run | None, Cursor, str | None]:
+    """The run restored from ``resume_from``, its data cursor, and the problem any rank had reading it (or None)."""
+    run, problem, cursor = None, None, Cursor()
+    try:
+        meta = read_meta(resume_from)
+        cursor.load_state_dict(meta["cursor"])
+        run = assemble(cursor)
+        checkpointer.load(resume_from, run.objects)
+        run.state.load_state_dict(meta["train_state"])
+    except (CheckpointReadError, KeyError, TypeError, ValueError) as exc:
+        problem = str(exc) if isinstance(exc, CheckpointReadError) else (
+            f"{resume_from / 'meta.json'}: {type(exc).__name__}: {exc}")
+    return run, cursor, checkpointer.agree(problem)
 
 
 def init_weights(cfg: LenstrainConfig, model: nn.Module, paths: RunDir, info: DistInfo, log) -> None:

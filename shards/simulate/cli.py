@@ -99,24 +99,10 @@ def split_plan(config: SimConfig, n: int, *, val: float, test: float) -> tuple[l
 
 
 def simulate(
-    task: str,
-    n: int,
-    out: str | os.PathLike,
-    *,
-    instrument: str = "model1",
-    size: int | None = None,
-    pixel_scale: float | None = None,
-    seed: int = 0,
-    workers: int = 1,
-    val: float = 0.1,
-    test: float = 0.1,
-    shard_size: int = 1000,
-    dtype: str = "float32",
-    overwrite: bool = False,
-    grid: str | os.PathLike | None = None,
-    result: bool = False,
-    preset: str | None = None,
-    physics: dict | None = None,
+    task: str, n: int, out: str | os.PathLike, *, instrument: str = "model1", size: int | None = None,
+    pixel_scale: float | None = None, seed: int = 0, workers: int = 1, val: float = 0.1, test: float = 0.1,
+    shard_size: int = 1000, dtype: str = "float32", overwrite: bool = False, grid: str | os.PathLike | None = None,
+    result: bool = False, preset: str | None = None, physics: dict | None = None,
 ) -> Manifest | PackResult:
     """Simulate ``n`` images for ``task`` into a shard set at ``out`` and return its manifest.
 
@@ -124,16 +110,8 @@ def simulate(
     ``workers``. ``grid`` writes a PNG of sample images per class. ``result=True`` returns the whole
     :class:`~shards.pack.PackResult` instead of the manifest. ``preset`` and ``physics`` as in :func:`plan`.
     """
-    config = plan(
-        task,
-        n,
-        instrument=instrument,
-        size=size,
-        pixel_scale=pixel_scale,
-        seed=seed,
-        preset=preset,
-        physics=physics,
-    )
+    config = plan(task, n, instrument=instrument, size=size, pixel_scale=pixel_scale, seed=seed, preset=preset,
+                  physics=physics)
     out = Path(out)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists; choose another --out or pass --overwrite")
@@ -153,11 +131,15 @@ def simulate(
         desc=f"simulate {spec.name}",
     )
     if grid is not None:
-        from shards.grid import write_grid
-
-        first = "train" if "train" in packed.manifest.splits else next(iter(packed.manifest.splits))
-        write_grid(out, grid, per_class=8, split=first)
+        _write_grid(out, grid, packed.manifest)
     return packed if result else packed.manifest
+
+
+def _write_grid(out: Path, grid: str | os.PathLike, manifest: Manifest) -> Path:
+    """A PNG of 8 images per class (or spanning the target) from the training split, or the first there is."""
+    from shards.grid import write_grid
+
+    return write_grid(out, grid, per_class=8, split="train" if "train" in manifest.splits else next(iter(manifest.splits)))
 
 
 def _source_record(config, spec, n: int, *, val: float, test: float) -> dict:
@@ -251,21 +233,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.out} already exists; choose another --out or pass --overwrite")
     try:
         packed = simulate(
-            args.task,
-            args.n,
-            args.out,
-            preset=args.preset or args.instrument or "model1",
-            physics=physics_overrides(args),
-            size=args.size,
-            pixel_scale=args.pixel_scale,
-            seed=args.seed,
-            workers=args.workers,
-            val=args.val,
-            test=args.test,
-            shard_size=args.shard_size,
-            dtype=args.dtype,
-            overwrite=args.overwrite,
-            result=True,
+            args.task, args.n, args.out, preset=args.preset or args.instrument or "model1",
+            physics=physics_overrides(args), size=args.size, pixel_scale=args.pixel_scale, seed=args.seed,
+            workers=args.workers, val=args.val, test=args.test, shard_size=args.shard_size, dtype=args.dtype,
+            overwrite=args.overwrite, result=True,
         )
     except (SimulateError, OutputExistsError) as exc:
         raise UsageError(str(exc)) from None
@@ -279,10 +250,5 @@ def run(args: argparse.Namespace) -> int:
         f"({m.target.kind})"
     )
     if args.grid is not None:
-        from shards.grid import write_grid
-
-        path = write_grid(
-            args.out, args.grid, per_class=8, split="train" if "train" in m.splits else next(iter(m.splits))
-        )
-        print(f"wrote {path}")
+        print(f"wrote {_write_grid(args.out, args.grid, m)}")
     return 0

@@ -253,9 +253,7 @@ def draw_params(config: SimConfig, index: int) -> dict:
     """All parameters of sample ``index`` (JSON-serialisable); cheap, no rendering."""
     inst, phys = config.instrument, config.physics
     cls = config.class_of(index)
-    u = _rng(config, index, STREAM_SHARED).random(
-        16
-    )  # fixed count: shared parameters never depend on the class
+    u = _rng(config, index, STREAM_SHARED).random(16)  # fixed count: shared parameters never depend on the class
     lens = _main_lens(phys, u, _rng(config, index, STREAM_POPULATION))
     source = _source(phys, inst, u, lens)
     t_lo, t_hi = phys.exposure or inst.exposure
@@ -269,29 +267,16 @@ def draw_params(config: SimConfig, index: int) -> dict:
     sie_theta_e = float(einstein_radius(sie_mass, lens["z_lens"], lens["z_source"], phys.theta_e_convention))
     light = _lens_light(config, index, lens)
     return {
-        "index": index,
-        "seed": config.seed,
-        "task": config.task,
-        "preset": config.preset,
-        "instrument": inst.name,
-        "pixel_scale": inst.pixel_scale,
-        "psf_fwhm": inst.psf_fwhm,
+        "index": index, "seed": config.seed, "task": config.task, "preset": config.preset, "instrument": inst.name,
+        "pixel_scale": inst.pixel_scale, "psf_fwhm": inst.psf_fwhm,
         **lens,
-        "sie_einstein_radius": sie_theta_e,
-        "theta_e_convention": phys.theta_e_convention,
+        "sie_einstein_radius": sie_theta_e, "theta_e_convention": phys.theta_e_convention,
         **source,
         **light,
-        "exposure": exposure,
-        "substructure": SUBSTRUCTURE_CLASSES.index(cls),
-        "substructure_name": cls,
-        "has_substructure": int(cls != "no_sub"),
-        "subhalo_fraction": fraction,
-        "n_subhalos": len(sub.mass),
+        "exposure": exposure, "substructure": SUBSTRUCTURE_CLASSES.index(cls), "substructure_name": cls,
+        "has_substructure": int(cls != "no_sub"), "subhalo_fraction": fraction, "n_subhalos": len(sub.mass),
         **extra,
-        "subhalo_profile": sub.profile,
-        "subhalo_x": sub.x,
-        "subhalo_y": sub.y,
-        "subhalo_mass": sub.mass,
+        "subhalo_profile": sub.profile, "subhalo_x": sub.x, "subhalo_y": sub.y, "subhalo_mass": sub.mass,
         "subhalo_sigma": sub.sigma,
     }
 
@@ -440,27 +425,13 @@ def lenstronomy_kwargs(params: dict) -> tuple[list[str], list[dict], list[str], 
     source models, kwargs_source)."""
     lens_models = ["SIE", "SHEAR"]
     kwargs_lens = [
-        {
-            "theta_E": params["sie_einstein_radius"],
-            "e1": params["lens_e1"],
-            "e2": params["lens_e2"],
-            "center_x": params["lens_x"],
-            "center_y": params["lens_y"],
-        },
-        {
-            "gamma1": params["gamma1"],
-            "gamma2": params["gamma2"],
-            "ra_0": params["lens_x"],
-            "dec_0": params["lens_y"],
-        },
+        {"theta_E": params["sie_einstein_radius"], "e1": params["lens_e1"], "e2": params["lens_e2"],
+         "center_x": params["lens_x"], "center_y": params["lens_y"]},
+        {"gamma1": params["gamma1"], "gamma2": params["gamma2"], "ra_0": params["lens_x"], "dec_0": params["lens_y"]},
     ]
     profile = params["subhalo_profile"]
-    theta = einstein_radius(
-        np.asarray(params["subhalo_mass"]),
-        params["z_lens"],
-        params["z_source"],
-        params.get("theta_e_convention", "angular"),
-    )
+    theta = einstein_radius(np.asarray(params["subhalo_mass"]), params["z_lens"], params["z_source"],
+                            params.get("theta_e_convention", "angular"))
     if profile == "POINT_MASS":
         for x, y, t in zip(params["subhalo_x"], params["subhalo_y"], theta.tolist(), strict=True):
             lens_models.append("POINT_MASS")
@@ -472,17 +443,11 @@ def lenstronomy_kwargs(params: dict) -> tuple[list[str], list[dict], list[str], 
         ):
             lens_models.append("GAUSSIAN")
             kwargs_lens.append({"amp": math.pi * t * t, "sigma": s, "center_x": x, "center_y": y})
-    kwargs_source = [
-        {
-            "amp": params["source_flux"] / _sersic_unit_flux(params["source_radius"], params["source_index"]),
-            "R_sersic": params["source_radius"],
-            "n_sersic": params["source_index"],
-            "e1": params["source_e1"],
-            "e2": params["source_e2"],
-            "center_x": params["source_x"],
-            "center_y": params["source_y"],
-        }
-    ]
+    kwargs_source = [{
+        "amp": params["source_flux"] / _sersic_unit_flux(params["source_radius"], params["source_index"]),
+        "R_sersic": params["source_radius"], "n_sersic": params["source_index"], "e1": params["source_e1"],
+        "e2": params["source_e2"], "center_x": params["source_x"], "center_y": params["source_y"],
+    }]
     return lens_models, kwargs_lens, ["SERSIC_ELLIPSE"], kwargs_source
 
 
