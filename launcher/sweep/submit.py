@@ -19,7 +19,6 @@ from launcher.spec import JobSpec, check_job
 from launcher.sweep.paths import SWEEP_FILE
 from launcher.sweep.spec import BaseJob, SweepSpec
 from launcher.sweep.study import (
-    SweepDir,
     ask_lock,
     counts,
     create_study,
@@ -307,10 +306,3 @@ def worker_died(root: Path, spec: SweepSpec, index: int, code: int) -> bool:
 def stopping(pool: Children) -> bool:
     """Whether a worker stopped on a signal (Ctrl-C, cancel): then the dead are not replaced."""
     return any(c.poll() == EXIT_REQUEUE for c in pool.children)
-
-
-def trial_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in root.glob("trial-*") if p.is_dir())
-
-
-__all__ = ["start", "SweepDir"]
