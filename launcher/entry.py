@@ -260,7 +260,7 @@ def exit_clean_after_result() -> None:
 
         if not JobEnvironment().paths.result_pickle.exists():
             return
-    except Exception:  # noqa: BLE001 - outside a submitit job: normal exit
+    except (RuntimeError, KeyError):  # outside a submitit job (it names no environment): a normal exit
         return
     _flush()
     os._exit(0)
