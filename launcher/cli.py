@@ -9,8 +9,10 @@ killed by signal N).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from launcher import runs
@@ -88,32 +90,51 @@ def submit(args) -> int:
     return launch(plan(spec, profile, problems, name, run_dir, args, job_ref=str(args.job)), args.dry_run)
 
 
-def resume(args) -> int:
-    from launcher.launch import launch, plan
+def named(ref: str, runs_dir: Path | None) -> tuple[str, Path]:
+    """What a name given to ``resume``, ``status`` or ``cancel`` refers to, asked here only: ``("sweep", its
+    directory)`` or ``("run", its directory)``; a :class:`ConfigError` when it is neither."""
+    sweep_dir = find_sweep(ref, runs_dir)
+    if sweep_dir is not None:
+        return "sweep", sweep_dir
+    return "run", runs.find_run(ref, runs_dir)
 
-    if (sweep_dir := find_sweep(args.run, args.runs_dir)) is not None:
-        return sweep_cli.resume(sweep_dir, args)
-    run_dir = runs.find_run(args.run, args.runs_dir)
-    spec, profile, problems = read_job(runs.read_job_dict(run_dir), args.set)
-    job = plan(spec, profile, problems, spec.name or run_dir.name, run_dir, args, job_ref=str(RunDir(run_dir).job))
-    return launch(job, args.dry_run)
+
+def on_named(args, *, on_run: Callable[[Path, argparse.Namespace], int],
+             on_sweep: Callable[[Path, argparse.Namespace], int]) -> int:
+    """Run the command's form for a run or for a sweep, as :func:`named` finds ``args.run``."""
+    kind, path = named(args.run, args.runs_dir)
+    return (on_sweep if kind == "sweep" else on_run)(path, args)
+
+
+def resume(args) -> int:
+    return on_named(args, on_run=resume_run, on_sweep=sweep_cli.resume)
 
 
 def status(args) -> int:
     from launcher import status as status_mod
 
-    if args.run and (sweep_dir := find_sweep(args.run, args.runs_dir)) is not None:
-        return sweep_cli.status(sweep_dir)
-    return status_mod.show(args.runs_dir, args.run)
+    if not args.run:
+        return status_mod.show_all(args.runs_dir)
+    return on_named(args, on_run=lambda run_dir, _: status_mod.show_one(run_dir), on_sweep=sweep_cli.status)
 
 
 def cancel(args) -> int:
+    return on_named(args, on_run=cancel_run, on_sweep=sweep_cli.cancel)
+
+
+def resume_run(run_dir: Path, args) -> int:
+    from launcher.launch import launch, plan
+
+    spec, profile, problems = read_job(runs.read_job_dict(run_dir), args.set)
+    job = plan(spec, profile, problems, spec.name or run_dir.name, run_dir, args, job_ref=str(RunDir(run_dir).job))
+    return launch(job, args.dry_run)
+
+
+def cancel_run(run_dir: Path, args) -> int:
     from launcher import local
     from launcher.status import refresh_states, use_run_cluster
 
-    if (sweep_dir := find_sweep(args.run, args.runs_dir)) is not None:
-        return sweep_cli.cancel(sweep_dir)
-    run_dir = runs.find_run(args.run, args.runs_dir)
+    del args
     use_run_cluster(run_dir)
     data, _ = refresh_states(run_dir)
     active = [j["job_id"] for j in runs.active_jobs(data)]
@@ -151,28 +172,49 @@ def cancel_slurm(run_dir: Path, active: list[str]) -> None:
 
 
 def logs(args) -> int:
-    from launcher import slurm
     from launcher.status import use_run_cluster
 
     run_dir = runs.find_run(args.run, args.runs_dir)
     use_run_cluster(run_dir)
+    job = _logged_job(run_dir, args.job)
+    files = _log_files(run_dir, job, args.task, args.err)
+    if not any(f.is_file() for f in files) and not args.follow:
+        raise UsageError(f"no log for task {args.task} of job {job['job_id']} yet (looked for {files[0]})")
+    pump = _log_pump(files)
+    pump()
+    if args.follow:
+        with contextlib.suppress(KeyboardInterrupt):
+            while _still_active(run_dir, job):
+                time.sleep(1.0)
+                pump()
+            time.sleep(1.0)
+            pump()
+    return 0
+
+
+def _logged_job(run_dir: Path, job_id: str | None) -> dict:
+    """The job whose log to show: ``job_id``'s, else the newest training job (``--then`` steps by their id)."""
     data = runs.read_jobs(run_dir)
-    if args.job is None:  # the newest training job; --then steps by their id
+    if job_id is None:
         jobs = [j for j in data["jobs"] if not j.get("steps")] or data["jobs"]
     else:
-        jobs = [j for j in data["jobs"] if j["job_id"] == args.job]
+        jobs = [j for j in data["jobs"] if j["job_id"] == job_id]
     if not jobs:
-        raise UsageError(f"run {run_dir.name} has no job {args.job}" if args.job else f"run {run_dir.name} has no job yet")
-    job = jobs[-1]
+        raise UsageError(f"run {run_dir.name} has no job {job_id}" if job_id else f"run {run_dir.name} has no job yet")
+    return jobs[-1]
+
+
+def _log_files(run_dir: Path, job: dict, task: int, err_only: bool) -> list[Path]:
     if job.get("kind") == "local":
-        files = [RunDir(run_dir).logs / f"{job['job_id']}_{args.task}.log"]
-    else:  # a --seeds array keeps every seed's logs in one submitit folder
-        folder = Path(job["submitit_dir"]) if job.get("submitit_dir") else RunDir(run_dir).submitit
-        base = folder / f"{job['job_id']}_{args.task}_log"
-        files = [Path(f"{base}.err")] if args.err else [Path(f"{base}.out"), Path(f"{base}.err")]
-    existing = [f for f in files if f.is_file()]
-    if not existing and not args.follow:
-        raise UsageError(f"no log for task {args.task} of job {job['job_id']} yet (looked for {files[0]})")
+        return [RunDir(run_dir).logs / f"{job['job_id']}_{task}.log"]
+    # a --seeds array keeps every seed's logs in one submitit folder
+    folder = Path(job["submitit_dir"]) if job.get("submitit_dir") else RunDir(run_dir).submitit
+    base = folder / f"{job['job_id']}_{task}_log"
+    return [Path(f"{base}.err")] if err_only else [Path(f"{base}.out"), Path(f"{base}.err")]
+
+
+def _log_pump(files: list[Path]) -> Callable[[], None]:
+    """A function that prints what the files gained since it last ran."""
     offsets = dict.fromkeys(files, 0)
 
     def pump() -> None:
@@ -186,23 +228,17 @@ def logs(args) -> int:
                     sys.stdout.write(chunk)
                     sys.stdout.flush()
 
-    pump()
-    if not args.follow:
-        return 0
-    try:
-        while True:
-            time.sleep(1.0)
-            pump()
-            if job.get("kind") == "local":
-                state = (runs.find_job(runs.read_jobs(run_dir), job["job_id"]) or {}).get("state")
-            else:
-                state = slurm.squeue_state(job["job_id"])
-            if state is None or state.split()[0] not in runs.ACTIVE_STATES:
-                time.sleep(1.0)
-                pump()
-                return 0
-    except KeyboardInterrupt:
-        return 0
+    return pump
+
+
+def _still_active(run_dir: Path, job: dict) -> bool:
+    from launcher import slurm
+
+    if job.get("kind") == "local":
+        state = (runs.find_job(runs.read_jobs(run_dir), job["job_id"]) or {}).get("state")
+    else:
+        state = slurm.squeue_state(job["job_id"])
+    return state is not None and state.split()[0] in runs.ACTIVE_STATES
 
 
 # ------------------------------------------------------------------------------------- clusters

@@ -67,12 +67,9 @@ class ClusterProfile(BaseModel):
     @field_validator("sbatch")
     @classmethod
     def _sbatch(cls, value: dict) -> dict:
-        from launcher.sbatch_options import option_problems, problems_message
+        from launcher.sbatch_options import checked_options
 
-        problems = option_problems(value)
-        if problems:
-            raise ValueError(problems_message(problems, "sbatch"))
-        return value
+        return checked_options(value, "sbatch")
 
     @field_validator("preempt_signal")
     @classmethod

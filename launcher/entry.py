@@ -7,8 +7,8 @@ installed package) and calls it on each of the job's ``srun`` tasks. The task:
    ``SystemExit`` on global rank 0 only, mid-collective); training installs its own right after;
 2. derives RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from SLURM's variables;
 3. loads the run's ``config.yaml`` (written once by the launcher) and calls
-   :func:`lenstrain.run.train.run_training`, which resumes from the newest complete checkpoint;
-4. on :data:`~lenstrain.run.preemption.EXIT_REQUEUE` (a collective save after SIGUSR2/SIGTERM), global
+   :func:`lenstrain.train.run_training`, which resumes from the newest complete checkpoint;
+4. on :data:`~lenstrain.preemption.EXIT_REQUEUE` (a collective save after SIGUSR2/SIGTERM), global
    rank 0 requeues the job with ``scontrol requeue`` if the run's requeues so far (every job's, across
    resumes) are below ``max_requeues`` and the job is not being cancelled or requeued already; then
    every rank leaves with ``os._exit`` and no return value, so that submitit writes no result pickle
@@ -29,12 +29,12 @@ import contextlib
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+from launcher.lifecycle.decide import requeue_job
 from launcher.recovery import EXIT_RANK_LOST, collective_failure, describe_failure
 from lenstrain.run.hooks import EXIT_PRUNED
 from lenstrain.run.preemption import EXIT_NONFINITE, EXIT_REQUEUE, PreemptionFlag
@@ -43,6 +43,11 @@ from lenstrain.run.preemption import EXIT_NONFINITE, EXIT_REQUEUE, PreemptionFla
 # requeueing it again would undo a cancel or race SLURM's own requeue.
 _NO_REQUEUE_STATES = {"CANCELLED", "COMPLETING", "COMPLETED", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
                       "PENDING", "PREEMPTED", "FAILED", "TIMEOUT", "NODE_FAIL", "DEADLINE", "OUT_OF_MEMORY"}
+
+
+# How training may end with a result: complete, or pruned (a sweep's pruner stopped it after a checkpoint, see
+# lenstrain.run.hooks): the job's state, the attempt's outcome, and what is said.
+_ENDINGS = {0: ("COMPLETED", "completed", "training complete"), EXIT_PRUNED: ("PRUNED", "pruned", "pruned")}
 
 
 class TrainingFailed(RuntimeError):
@@ -104,18 +109,7 @@ class TrainTask:
         early = PreemptionFlag().install()  # until training installs its own
         started = threading.Event()
         threading.Thread(target=_redeliver_early_signal, args=(early, started), daemon=True).start()
-        slurm = "SLURM_JOB_ID" in os.environ and "SLURM_PROCID" in os.environ
-        if slurm:
-            from lenstrain.parallel.distributed import env_from_slurm
-
-            os.environ.update(env_from_slurm())
-            if getattr(self, "array_task", False) and "SLURM_ARRAY_JOB_ID" in os.environ:
-                os.environ.setdefault("LENSTRAIN_JOB_ID",
-                                      f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}")
-            os.environ.setdefault("LENSTRAIN_JOB_ID", os.environ["SLURM_JOB_ID"])
-        rank = int(os.environ.get("RANK", "0"))
-        job_id = os.environ.get("LENSTRAIN_JOB_ID", f"local-{os.getpid()}")
-        restart = int(os.environ.get("SLURM_RESTART_COUNT", "0")) - self.restart_offset
+        slurm, rank, job_id, restart = self._environment()
         run_dir = Path(self.run_dir)
         _set_threads()
 
@@ -129,27 +123,44 @@ class TrainTask:
                 info["nodes"] = os.environ.get("SLURM_JOB_NODELIST", "")
             runs.record_start(run_dir, job_id, restart_count=restart, **info)
             _say(f"job {job_id} attempt {restart + 1} starting {self.name} in {run_dir}")
-
         try:
             code = run_training(config, run_dir)
         except Exception as exc:
             code = self._failed(exc, rank, job_id, restart)
         finally:
             started.set()
+        return self._ended(code, rank, job_id, restart, slurm)
 
-        progress = runs.read_progress(run_dir) or {}
-        step = progress.get("step")
-        if code == 0:
+    def _environment(self) -> tuple[bool, int, str, int]:
+        """Under SLURM, torch.distributed's variables from SLURM's; then whether it is SLURM, the global rank,
+        the job's id in ``jobs.json`` and this attempt's number (counted from ``restart_offset``)."""
+        slurm = "SLURM_JOB_ID" in os.environ and "SLURM_PROCID" in os.environ
+        if slurm:
+            from lenstrain.parallel.distributed import env_from_slurm
+
+            os.environ.update(env_from_slurm())
+            if getattr(self, "array_task", False) and "SLURM_ARRAY_JOB_ID" in os.environ:
+                os.environ.setdefault("LENSTRAIN_JOB_ID",
+                                      f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}")
+            os.environ.setdefault("LENSTRAIN_JOB_ID", os.environ["SLURM_JOB_ID"])
+        rank = int(os.environ.get("RANK", "0"))
+        job_id = os.environ.get("LENSTRAIN_JOB_ID", f"local-{os.getpid()}")
+        restart = int(os.environ.get("SLURM_RESTART_COUNT", "0")) - self.restart_offset
+        return slurm, rank, job_id, restart
+
+    def _ended(self, code: int, rank: int, job_id: str, restart: int, slurm: bool) -> dict:
+        """After training returned ``code``: record how the attempt ended, and return, requeue or raise."""
+        from launcher import runs
+
+        run_dir = Path(self.run_dir)
+        step = (runs.read_progress(run_dir) or {}).get("step")
+        if code in _ENDINGS:
+            state, outcome, words = _ENDINGS[code]
             if rank == 0:
-                runs.record_end(run_dir, job_id, state="COMPLETED", outcome="completed", exit=0, step=step)
-                _say(f"training complete at step {step}")
-            if slurm:
+                runs.record_end(run_dir, job_id, state=state, outcome=outcome, exit=code, step=step)
+                _say(f"{words} at step {step}")
+            if slurm and code == 0:
                 atexit.register(exit_clean_after_result)
-            return {"run_dir": self.run_dir, "step": step, "exit": 0}
-        if code == EXIT_PRUNED:  # a sweep's pruner stopped the run after a checkpoint (lenstrain.run.hooks)
-            if rank == 0:
-                runs.record_end(run_dir, job_id, state="PRUNED", outcome="pruned", exit=code, step=step)
-                _say(f"pruned at step {step}")
             return {"run_dir": self.run_dir, "step": step, "exit": code}
         if code == EXIT_REQUEUE:
             self._requeue_and_exit(rank, job_id, restart, slurm, step)
@@ -215,9 +226,9 @@ class TrainTask:
                  f"counted across resumes); not requeueing. Continue with `python -m launcher resume {self.name} "
                  f"--set resources.max_requeues={requeues + 1}`")
             return "requeue-limit", "STOPPED"
-        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
-        if done.returncode != 0:
-            _say(f"scontrol requeue {job_id} failed: {(done.stderr or done.stdout).strip()}")
+        refused = requeue_job(job_id)
+        if refused:
+            _say(f"scontrol requeue {job_id} failed: {refused}")
             return "requeue-failed", "STOPPED"
         _say(f"requeued job {job_id} (requeue {requeues + 1} of the run's at most {self.max_requeues})")
         runs.set_requeues(run_dir, job_id, restart + 1)
@@ -249,7 +260,7 @@ def exit_clean_after_result() -> None:
 
         if not JobEnvironment().paths.result_pickle.exists():
             return
-    except Exception:  # noqa: BLE001 - outside a submitit job: normal exit
+    except (RuntimeError, KeyError):  # outside a submitit job (it names no environment): a normal exit
         return
     _flush()
     os._exit(0)

@@ -11,16 +11,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from launcher import local, runs
 from launcher.clusters import ClusterProfile
-from launcher.spec import JobSpec, check_job
+from launcher.lifecycle.processes import cap_workers
+from launcher.spec import JobSpec, job_check
 from launcher.steps import parse_steps
 from lenstrain.checkpointing.rundir import TB_DIR, RunDir
 from lenstrain.config.schema import ConfigError
 from shards.clikit import Problem, UsageError, format_problems
+
+if TYPE_CHECKING:
+    from lenstrain.run.preflight import MetaModel
 
 
 @dataclass
@@ -56,30 +61,27 @@ def plan(spec: JobSpec, profile: ClusterProfile | None, problems: list[Problem],
     if job.local:
         job.nproc = args.nproc or local.default_nproc(spec)
         job.problems += local.check_local(spec, job.nproc)
-        note = local.cap_workers(spec, job.nproc)
+        note = cap_workers(spec, job.nproc)
         if note:
             job.notes.append(note)
-    job.problems += check_job(spec, profile, world_size=job.world_size)
-    if not job.problems:
-        note = disk_space_note(spec, run_dir)
+    checked = job_check(spec, profile, world_size=job.world_size)
+    job.problems += checked.problems
+    if not job.problems and checked.meta is not None:
+        note = disk_space_note(checked.meta, run_dir)
         if note:
             job.notes.append(note)
     return job
 
 
-def disk_space_note(spec: JobSpec, run_dir: Path) -> str | None:
-    """A warning when the run directory has under about 2x one checkpoint's estimated size free."""
-    from lenstrain.checkpointing.space import estimate_job_checkpoint_bytes, free_space_warning
-    from shards.manifest import load_manifest
+def disk_space_note(meta: MetaModel, run_dir: Path) -> str | None:
+    """A warning when the run directory has under about 2x one checkpoint's estimated size free; the estimate
+    counts the model the preflight built on the meta device."""
+    from lenstrain.checkpointing.space import estimate_meta_checkpoint_bytes, free_space_warning
 
-    shape = tuple(load_manifest(spec.data.shards).image.shape)
-    try:
-        nbytes = estimate_job_checkpoint_bytes(spec.model.name, spec.model.kwargs, shape)
-    except RuntimeError as exc:  # NotImplementedError included: some layers cannot be built on the meta device
-        reason = (str(exc).strip().splitlines() or [""])[0]
-        return (f"note: free space for checkpoints not checked: {spec.model.name} cannot be built on the meta "
-                f"device to estimate their size ({type(exc).__name__}: {reason})")
-    return free_space_warning(run_dir, nbytes)
+    if meta.model is None:
+        return (f"note: free space for checkpoints not checked: {meta.name} cannot be built on the meta device to "
+                f"estimate their size ({meta.unbuildable or meta.problem})")
+    return free_space_warning(run_dir, estimate_meta_checkpoint_bytes(meta.model))
 
 
 def launch(job: Launch, dry_run: bool) -> int:
@@ -166,9 +168,14 @@ def print_dry_run(job: Launch, state: str) -> None:
         where = "here, in turn, once training completes" if job.local else \
             "as one SLURM job after training (--dependency=afterok:JOBID --kill-on-invalid-dep=yes)"
         print(f"\n# then: {', '.join(job.then)} {where}")
-    if job.problems:
-        header = f"warning: submitting this job would stop at {len(job.problems)} problem(s)"
-        print("\n" + "\n".join(f"# {line}" for line in format_problems(job.problems, header).splitlines()))
+    print_dry_run_end(job.problems, "this job")
+
+
+def print_dry_run_end(problems: list[Problem], what: str) -> None:
+    """A dry run's last lines: the problems that would stop the submission, as comments, and that nothing went."""
+    if problems:
+        header = f"warning: submitting {what} would stop at {len(problems)} problem(s)"
+        print("\n" + "\n".join(f"# {line}" for line in format_problems(problems, header).splitlines()))
     print("\n# dry run: nothing submitted")
 
 

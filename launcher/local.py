@@ -5,7 +5,7 @@ N processes (``--nproc``, default ``resources.tasks_per_node`` capped to this ma
 the training entry the SLURM tasks run, on gloo (CPU) or one process per local GPU. Their output
 streams to the terminal (rank 0 as is, others prefixed) and into ``RUN/logs/``. Ctrl-C, SIGTERM and
 SIGUSR2 are passed to every rank as SIGTERM/SIGUSR2, so they checkpoint together and stop with
-:data:`~lenstrain.run.preemption.EXIT_REQUEUE`; running the same command again resumes. A second Ctrl-C
+:data:`~lenstrain.preemption.EXIT_REQUEUE`; running the same command again resumes. A second Ctrl-C
 kills them. ``launcher cancel`` finds the ranks through the pids recorded in ``jobs.json``.
 
 When one rank exits abnormally (a signal, an error), the others cannot go on (their collectives
@@ -15,21 +15,20 @@ and how, the newest complete checkpoint, and the command that resumes from it.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import socket
-import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from launcher import runs
+from launcher.lifecycle.processes import Children, describe_exit, terminate
+from launcher.lifecycle.processes import live_jobs as live_jobs  # cancel and a second submit ask it
+from launcher.lifecycle.processes import rank_alive as rank_alive  # whether a rank still runs here
 from launcher.spec import JobSpec
 from lenstrain.checkpointing.rundir import RunDir
-from shards.exitcodes import EXIT_REQUEUE, MEANINGS
+from shards.exitcodes import EXIT_REQUEUE
 
 STOP_GRACE_S = 3.0  # survivors of a dead rank get this long to leave on their own, then are killed
 POLL_S = 0.1
@@ -65,58 +64,7 @@ def check_local(spec: JobSpec, nproc: int) -> list[tuple[str, str]]:
     return errors
 
 
-def cap_workers(spec: JobSpec, nproc: int) -> str | None:
-    """Lower ``data.workers`` to the CPUs each local process has (``os.cpu_count() // nproc``).
-
-    Returns the note to print once, or None when the job asks for no more than that.
-    """
-    cpus = os.cpu_count() or 1
-    cap = cpus // max(nproc, 1)
-    if spec.data.workers <= cap:
-        return None
-    note = (f"data.workers {spec.data.workers} -> {cap}: this machine has {cpus} CPU(s) for {nproc} local "
-            f"process(es)")
-    spec.data.workers = cap
-    return note
-
-
 # ------------------------------------------------------------------------------------ the ranks
-
-
-@dataclass
-class Ranks:
-    """The local processes of one job, the threads copying their output, and their log files."""
-
-    children: list[subprocess.Popen] = field(default_factory=list)
-    pumps: list[threading.Thread] = field(default_factory=list)
-    logs: list = field(default_factory=list)
-
-    def signal(self, signum: int) -> None:
-        for child in self.children:
-            if child.poll() is None:
-                child.send_signal(signum)
-
-    def kill(self) -> None:
-        """SIGKILL every rank still running, with the processes it started (its data workers)."""
-        for child in self.children:
-            if child.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(child.pid, signal.SIGKILL)  # a rank leads its own process group
-
-    def close(self) -> None:
-        for pump in self.pumps:
-            pump.join(timeout=5)
-        for log in self.logs:
-            log.close()
-
-
-def _pump(stream, sinks, prefix: str) -> None:
-    for raw in iter(stream.readline, b""):
-        line = raw.decode(errors="replace")
-        for sink, pre in sinks:
-            sink.write((prefix if pre else "") + line)
-            sink.flush()
-    stream.close()
 
 
 def _rank_env(spec: JobSpec, nproc: int, job_id: str) -> dict:
@@ -130,50 +78,20 @@ def _rank_env(spec: JobSpec, nproc: int, job_id: str) -> dict:
     return env
 
 
-def start_ranks(run_dir: Path, name: str, nproc: int, env: dict, job_id: str) -> Ranks:
-    log_dir = RunDir(run_dir).logs
-    log_dir.mkdir(exist_ok=True)
-    ranks = Ranks()
+def start_ranks(run_dir: Path, name: str, nproc: int, env: dict, job_id: str) -> Children:
+    ranks = Children("rank(s)")
     for rank in range(nproc):
-        log = open(log_dir / f"{job_id}_{rank}.log", "w")  # noqa: SIM115 - closed by Ranks.close
-        ranks.logs.append(log)
-        child = subprocess.Popen(
-            [sys.executable, "-u", "-m", "launcher.entry", str(run_dir), "--name", name],
-            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        ranks.children.append(child)
-        sinks = [(sys.stdout, True), (log, False)]
-        pump = threading.Thread(target=_pump, args=(child.stdout, sinks, f"[rank {rank}] " if rank else ""), daemon=True)
-        pump.start()
-        ranks.pumps.append(pump)
+        ranks.start(["launcher.entry", str(run_dir), "--name", name],
+                    {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                    RunDir(run_dir).logs / f"{job_id}_{rank}.log", f"[rank {rank}] " if rank else "")
     return ranks
-
-
-def _forwarder(ranks: Ranks):
-    """A signal handler passing Ctrl-C (as SIGTERM), SIGTERM and SIGUSR2 to the ranks; a second Ctrl-C kills."""
-    interrupts = 0
-
-    def forward(signum, frame):  # noqa: ARG001
-        nonlocal interrupts
-        interrupts += 1
-        if interrupts > 1 and signum == signal.SIGINT:
-            print("[launcher] killing the local ranks", file=sys.stderr, flush=True)
-            ranks.kill()
-            return
-        sent = signal.SIGTERM if signum == signal.SIGINT else signum
-        print(f"[launcher] passing {signal.Signals(sent).name} to {len(ranks.children)} rank(s): they checkpoint "
-              "and stop (Ctrl-C again to kill)", file=sys.stderr, flush=True)
-        ranks.signal(sent)
-
-    return forward
 
 
 def _abnormal(code: int | None) -> bool:
     return code is not None and code not in (0, EXIT_REQUEUE)
 
 
-def wait_ranks(ranks: Ranks) -> tuple[list[int], int | None, int]:
+def wait_ranks(ranks: Children) -> tuple[list[int], int | None, int]:
     """Wait for every rank. When one exits abnormally, stop the others: they get :data:`STOP_GRACE_S`
     to leave by themselves, then SIGKILL. Returns the exit codes, the rank that failed first (or None)
     and how many ranks had to be killed."""
@@ -192,13 +110,6 @@ def wait_ranks(ranks: Ranks) -> tuple[list[int], int | None, int]:
     stopped = sum(child.poll() is None for child in ranks.children)
     ranks.kill()
     return [child.wait() for child in ranks.children], first, stopped
-
-
-def describe_exit(code: int) -> str:
-    if code < 0:
-        return f"was killed by {signal.Signals(-code).name}"
-    meaning = MEANINGS.get(code)
-    return f"exited with status {code}" + (f" ({meaning})" if meaning else "")
 
 
 def resume_command(run_dir: Path, nproc: int) -> str:
@@ -249,16 +160,9 @@ def run_local(spec: JobSpec, run_dir: Path, nproc: int, name: str, job: LocalJob
           f"{'' if kind == 'cpu' else f' ({count} GPU(s))'}, {env['OMP_NUM_THREADS']} thread(s) each; "
           f"logs in {RunDir(run_dir).logs}", flush=True)
     ranks = start_ranks(run_dir, name, nproc, env, job_id)
-    pids = [child.pid for child in ranks.children]
-    runs.update_jobs(run_dir, lambda data: runs.find_job(data, job_id).update(rank_pids=pids))
-    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
-    previous = {sig: signal.signal(sig, _forwarder(ranks)) for sig in handled}
-    try:
+    runs.update_jobs(run_dir, lambda data: runs.find_job(data, job_id).update(rank_pids=ranks.pids))
+    with ranks.supervised():
         codes, failed, stopped = wait_ranks(ranks)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        ranks.close()
     if failed is None:
         return codes[0] or next((c for c in codes if c), 0)
     code = codes[failed]
@@ -271,47 +175,7 @@ def run_local(spec: JobSpec, run_dir: Path, nproc: int, name: str, job: LocalJob
 # ----------------------------------------------------------------------------------- cancelling
 
 
-def rank_alive(pid: int) -> bool:
-    """Whether ``pid`` is a live local rank (``launcher.entry``) on this machine."""
-    try:
-        return b"launcher.entry" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-
-
-def launcher_alive(pid: int | None) -> bool:
-    """Whether ``pid`` is a live ``python -m launcher`` process on this machine."""
-    try:
-        return pid is not None and b"launcher" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-
-
-def lost_jobs(data: dict) -> list[str]:
-    """Ids of the run's local jobs still marked active although neither their launcher nor any rank runs
-    on this machine any more (the launcher was killed outright, or the machine rebooted)."""
-    return [job["job_id"] for job in data["jobs"]
-            if job.get("kind") == "local" and job.get("state") in runs.ACTIVE_STATES
-            and job.get("host") == socket.gethostname() and not launcher_alive(job.get("pid"))
-            and not any(rank_alive(pid) for pid in job.get("rank_pids", []))]
-
-
-def live_jobs(data: dict) -> list[dict]:
-    """The run's local jobs whose ranks still run on this machine."""
-    return [job for job in data["jobs"]
-            if job.get("kind") == "local" and job.get("host") == socket.gethostname()
-            and any(rank_alive(pid) for pid in job.get("rank_pids", []))]
-
-
 def stop_job(run_dir: Path, job: dict, timeout_s: float = 300) -> bool:
     """SIGTERM a local job's ranks (they save a checkpoint together and exit); True once they are gone."""
     runs.update_jobs(run_dir, lambda data: runs.find_job(data, job["job_id"]).update(cancel_requested=time.time()))
-    for pid in job["rank_pids"]:
-        if rank_alive(pid):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not any(rank_alive(pid) for pid in job["rank_pids"]):
-            return True
-        time.sleep(0.2)
-    return False
+    return terminate(job, timeout_s)

@@ -21,12 +21,14 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from launcher import runs
+from launcher.lifecycle.decide import decision as decision  # the decision itself, for runs and sweeps
+from launcher.lifecycle.decide import failures_of, record_outcome, requeue_job, slurm_state
+from launcher.sweep.paths import is_sweep
 from shards.exitcodes import EXIT_RANK_LOST as EXIT_RANK_LOST  # the table with its meaning: shards.exitcodes
 
 # Messages of gloo's transport when a peer is gone or silent (gloo raises a plain RuntimeError).
@@ -52,49 +54,6 @@ def describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {_SOURCE_PREFIX.sub('', first)[:200]}"
 
 
-def attempt_of(job: dict, restart: int) -> dict | None:
-    return next((a for a in reversed(job.get("attempts", [])) if a.get("restart_count") == restart), None)
-
-
-def failures_of(job: dict, restart: int) -> list[dict]:
-    return [f for f in job.get("failures", []) if f.get("restart_count") == restart]
-
-
-def decision(job: dict, restart: int, state: str | None, max_requeues: int, requeues: int) -> str:
-    """What to do with a job whose step failed: ``decided`` (inside the job already), ``failed``
-    (a permanent failure), ``cancelled``, ``slurm`` (SLURM is taking it down or requeueing it),
-    ``requeue-limit`` or ``requeue``."""
-    attempt = attempt_of(job, restart)
-    if attempt is not None and "ended" in attempt:
-        return "decided"
-    if any(not f.get("transient") for f in failures_of(job, restart)):
-        return "failed"
-    if job.get("cancel_requested") or state == "CANCELLED":
-        return "cancelled"
-    if state != "RUNNING":
-        return "slurm"
-    return "requeue-limit" if requeues >= max_requeues else "requeue"
-
-
-def record_outcome(run_dir: Path, job_id: str, restart: int, state: str, outcome: str, **info) -> None:
-    """End the attempt ``restart`` of the job (created here when its rank 0 never started)."""
-    def change(data: dict) -> None:
-        job = runs.find_job(data, job_id)
-        if job is None:
-            job = {"job_id": job_id, "state": state, "requeues": 0, "attempts": [], "kind": "slurm"}
-            data["jobs"].append(job)
-        attempt = attempt_of(job, restart)
-        if attempt is None:
-            attempt = {"restart_count": restart, "started": None}
-            job["attempts"].append(attempt)
-        job["state"] = state
-        attempt.update({"ended": time.time(), "outcome": outcome, **info})
-        if outcome == "requeued":
-            job["requeues"] = max(job.get("requeues", 0), restart + 1)
-
-    runs.update_jobs(run_dir, change)
-
-
 _NOT_REQUEUED = {"failed": "a rank failed for good, see above", "cancelled": "the job is being cancelled", "slurm": ""}
 
 
@@ -110,13 +69,11 @@ def _why(job: dict, restart: int, status: int) -> str:
 
 def recover(run_dir: Path, name: str, max_requeues: int, status: int) -> str:
     """Decide about the current attempt of this SLURM job after its step failed; returns the decision."""
-    from launcher.slurm import squeue_state
-
     job_id = os.environ.get("LENSTRAIN_JOB_ID") or os.environ["SLURM_JOB_ID"]  # a --seeds array task: ARRAY_i
     restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     data = runs.read_jobs(run_dir, set_aside=True)
     job = runs.find_job(data, job_id) or {}
-    state = (squeue_state(job_id) or "UNKNOWN").split()[0]
+    state = slurm_state(job_id)
     requeues = max(runs.run_requeues(data), restart)
     what = decision(job, restart, state, max_requeues, requeues)
     why = _why(job, restart, status)
@@ -131,9 +88,9 @@ def recover(run_dir: Path, name: str, max_requeues: int, status: int) -> str:
         _say(f"{why}: a lost rank is transient; requeueing job {job_id} (requeue {requeues + 1} of the run's at "
              f"most {max_requeues}); it {resumes}")
         record_outcome(run_dir, job_id, restart, "REQUEUED", "requeued", exit=status)
-        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
-        if done.returncode != 0:
-            _say(f"scontrol requeue {job_id} failed: {(done.stderr or done.stdout).strip()}")
+        refused = requeue_job(job_id)
+        if refused:
+            _say(f"scontrol requeue {job_id} failed: {refused}")
             record_outcome(run_dir, job_id, restart, "FAILED", "requeue-failed", exit=status)
             return "requeue-failed"
     elif what in _NOT_REQUEUED:
@@ -144,16 +101,25 @@ def recover(run_dir: Path, name: str, max_requeues: int, status: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m launcher.recovery RUN_DIR --name NAME --max-requeues N --status S``, from the batch
-    script after a failed ``srun``; always exits 0 (the script exits with ``srun``'s status)."""
+    """``python -m launcher.recovery DIR --status S``, from the batch script after a failed ``srun``: DIR is a
+    run (``--name`` and ``--max-requeues`` default to its own) or a sweep (its array task's trial is failed
+    and retried, see :mod:`launcher.sweep.recover`). Always exits 0: the script exits with ``srun``'s status."""
     parser = argparse.ArgumentParser(prog="python -m launcher.recovery")
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--name", required=True)
-    parser.add_argument("--max-requeues", type=int, required=True)
+    parser.add_argument("run_dir", type=Path, help="the run's (or the sweep's) directory")
+    parser.add_argument("--name", help="the run's name (default: its directory's)")
+    parser.add_argument("--max-requeues", type=int, help="default: the run's resources.max_requeues")
     parser.add_argument("--status", type=int, required=True, help="srun's exit status")
     args = parser.parse_args(argv)
     try:
-        recover(args.run_dir, args.name, args.max_requeues, args.status)
+        if is_sweep(args.run_dir):
+            from launcher.sweep.recover import recover as recover_sweep
+
+            recover_sweep(args.run_dir, args.status)
+        else:
+            limit = args.max_requeues
+            if limit is None:
+                limit = runs.read_job_dict(args.run_dir)["resources"]["max_requeues"]
+            recover(args.run_dir, args.name or args.run_dir.name, limit, args.status)
     except Exception as exc:  # noqa: BLE001 - the script still exits with srun's status
         _say(f"could not decide about a requeue: {describe_failure(exc)}")
     sys.stdout.flush()

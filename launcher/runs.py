@@ -14,19 +14,19 @@ The run lock (:func:`run_lock`, ``RUN/.jobs.json.lock``) is held for every such 
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from launcher.lifecycle.conflict import RunConflict as RunConflict  # raised by check_run
+from launcher.lifecycle.conflict import holds_same
+from launcher.lifecycle.lock import exclusive
 from lenstrain.checkpointing.rundir import JOB_FILE, JOBS_FILE, RunDir, write_atomic, write_json_atomic
 from lenstrain.config.schema import ConfigError, LenstrainConfig
 
@@ -47,10 +47,6 @@ ACTIVE_STATES = {
     "STAGE_OUT",
     "RESV_DEL_HOLD",
 }
-
-
-class RunConflict(ConfigError):
-    """A run directory that holds a different run."""
 
 
 class BrokenRunError(ValueError):
@@ -100,27 +96,33 @@ def check_run(run_dir: Path, spec) -> str:
     job resumes from the newest checkpoint there. A different config is refused, because its
     checkpoints would be resumed by the wrong job. (Resources may change: more time, other nodes.)
     """
-    from launcher.spec import JobSpec
-
     run_dir = Path(run_dir)
-    if (run_dir / JOB_FILE).is_file():
-        try:
-            previous = JobSpec.model_validate(read_job_dict(run_dir)).training_dict()
-        except Exception:  # noqa: BLE001 - an unreadable old job counts as a different one
-            previous = None
+
+    def difference() -> str | None:
+        previous = _recorded_training(run_dir)
         training = spec.training_dict()
-        if previous != training:
-            diff = _diff(previous or {}, training)
-            raise RunConflict(
-                f"{run_dir} holds a different run ({'; '.join(diff[:6]) or 'unreadable ' + JOB_FILE}).\n"
+        if previous == training:
+            return None
+        diff = _diff(previous or {}, training)
+        return (f"{run_dir} holds a different run ({'; '.join(diff[:6]) or 'unreadable ' + JOB_FILE}).\n"
                 f"  Training keys of a run are fixed (resources.* may change on resume). Train this config as a new "
                 f"run with `python -m launcher submit JOB.yaml --name NEW_NAME`, or continue that run as it was "
-                f"with `python -m launcher resume {run_dir.name}`."
-            )
-        return "resubmit"
-    if run_dir.exists() and any(not p.name.startswith(".") for p in run_dir.iterdir()):
-        raise RunConflict(f"{run_dir} exists and is not a run directory; choose another --name or --run-dir")
-    return "new"
+                f"with `python -m launcher resume {run_dir.name}`.")
+
+    return "resubmit" if holds_same(run_dir, JOB_FILE, difference, "run") else "new"
+
+
+def _recorded_training(run_dir: Path) -> dict | None:
+    """The training sections of the job recorded in ``run_dir``; None when it cannot be read or validated (then
+    it counts as a different run)."""
+    from pydantic import ValidationError
+
+    from launcher.spec import JobSpec
+
+    try:
+        return JobSpec.model_validate(read_job_dict(run_dir)).training_dict()
+    except (BrokenRunError, ValidationError, ConfigError):
+        return None
 
 
 def write_run(run_dir: Path, spec) -> None:
@@ -152,36 +154,11 @@ def load_training_config(run_dir: Path) -> LenstrainConfig:
 # ----------------------------------------------------------------------------------- jobs.json
 
 
-_held = threading.local()  # the run locks this thread holds: path -> depth
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """The run's lock (``RUN/.jobs.json.lock``), exclusive across processes and reentrant within a thread: every
-    change of ``jobs.json`` holds it, and ``submit``/``resume`` hold it from the run's check to the job's record.
-    Creates the run directory."""
-    run_dir = Path(run_dir)
-    key = str(run_dir.resolve())
-    held = _held.__dict__.setdefault("depth", {})
-    if held.get(key):
-        held[key] += 1
-        try:
-            yield
-        finally:
-            held[key] -= 1
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / f".{JOBS_FILE}.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        held[key] = 1
-        try:
-            yield
-        finally:
-            held.pop(key, None)
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-_locked = run_lock  # the name update_jobs has always used
+def run_lock(run_dir: Path):
+    """The run's lock (``RUN/.jobs.json.lock``, :func:`launcher.lifecycle.lock.exclusive`): every change of
+    ``jobs.json`` holds it, and ``submit``/``resume`` hold it from the run's check to the job's record. Creates
+    the run directory."""
+    return exclusive(Path(run_dir) / f".{JOBS_FILE}.lock")
 
 
 def _jobs_problem(data) -> str | None:

@@ -175,3 +175,12 @@ def problems_message(problems: list[str], path: str) -> str:
     """Several problems of one field as one message that prints one line each under ``path``."""
     return f"\n  {path}: ".join(problems)
 
+
+
+def checked_options(value: dict, path: str) -> dict:
+    """``value``, an ``{option: value}`` map of a job's or a profile's ``sbatch``, when every option may be used;
+    else a :class:`ValueError` naming each problem under ``path``."""
+    problems = option_problems(value)
+    if problems:
+        raise ValueError(problems_message(problems, path))
+    return value

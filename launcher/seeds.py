@@ -26,13 +26,14 @@ from launcher.launch import (
     Launch,
     check_slurm,
     plan,
+    print_dry_run_end,
     refuse_active,
     start_local,
     submit_then,
 )
 from lenstrain.checkpointing.rundir import RunDir
 from lenstrain.config.schema import ConfigError
-from shards.clikit import UsageError, format_problems
+from shards.clikit import UsageError
 
 _SEEDS = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 MAX_SEEDS = 100
@@ -152,10 +153,7 @@ def print_dry_run(jobs: list[Launch], states: list[str], problems) -> None:
     if first.then:
         print(f"\n# then: {', '.join(first.then)} for each seed, after its array task (afterok)"
               if not first.local else f"\n# then: {', '.join(first.then)} after each seed, here")
-    if problems:
-        header = f"warning: submitting these runs would stop at {len(problems)} problem(s)"
-        print("\n" + "\n".join(f"# {line}" for line in format_problems(problems, header).splitlines()))
-    print("\n# dry run: nothing submitted")
+    print_dry_run_end(problems, "these runs")
 
 
 def submit_array(todo: list[tuple[Launch, str]]) -> int:
@@ -270,6 +268,13 @@ def report(name: str, runs_dir: Path | None, split: str = "test", out: Path | No
         each = "  ".join(f"{r[metric]:.4f}" for r in rows if isinstance(r.get(metric), (int, float)))
         print(f"  {split}/{metric:<{width}}  {mean:.4f} ± {std:.4f}   (seeds: {each})")
     out = Path(out) if out is not None else Path(runs_dir or runs.DEFAULT_RUNS_DIR) / f"{name}-seeds-{split}.csv"
+    write_csv(out, rows, metrics, summary)
+    print(f"wrote {runs.display_path(out)}")
+    return 0
+
+
+def write_csv(out: Path, rows: list[dict], metrics: list[str], summary: dict) -> None:
+    """One row per seed, then ``mean`` and ``std``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as fh:
         writer = csv.writer(fh)
@@ -278,8 +283,6 @@ def report(name: str, runs_dir: Path | None, split: str = "test", out: Path | No
             writer.writerow([r["seed"], r["run"], r["step"], *(_cell(r.get(m)) for m in metrics)])
         writer.writerow(["mean", "", "", *(_cell(summary[m][0]) if m in summary else "" for m in metrics)])
         writer.writerow(["std", "", "", *(_cell(summary[m][1]) if m in summary else "" for m in metrics)])
-    print(f"wrote {runs.display_path(out)}")
-    return 0
 
 
 def _cell(value) -> str:

@@ -74,6 +74,23 @@ def executor_parameters(spec: JobSpec, profile: ClusterProfile, job_name: str, r
         # submitit writes --signal from SUBMITIT_PREEMPT_SIGNAL at import; the profile decides here.
         "additional_parameters": {"signal": f"{profile.preempt_signal}@{res.signal_delay_s}", "requeue": True},
     }
+    params.update(_optional_parameters(res, profile))
+    if res.reservation:  # submitit has no parameter of its own for it
+        params["additional_parameters"]["reservation"] = res.reservation
+    # The profile's site options, then the job's (checked in launcher.sbatch_options): extra #SBATCH lines.
+    params["additional_parameters"].update(sbatch_parameters({**profile.sbatch, **res.sbatch}))
+    setup = list(dict.fromkeys([*profile.setup, *res.setup]))  # a line in both runs once
+    if setup:
+        params["setup"] = setup
+    # One dead task stops the step at once; the batch script then decides about a requeue.
+    params["srun_args"] = [*KILL_ON_BAD_EXIT, *profile.srun_args]
+    params["teardown"] = teardown_lines(run_dir, job_name, res.max_requeues)
+    check_script_values(params, run_dir, profile)
+    return params
+
+
+def _optional_parameters(res, profile: ClusterProfile) -> dict:
+    """The job's (else the profile's) options that submitit has parameters for, where they are set."""
     optional = {
         "partition": res.partition or profile.partition,
         "account": res.account or profile.account,
@@ -89,19 +106,7 @@ def executor_parameters(spec: JobSpec, profile: ClusterProfile, job_name: str, r
         "mail_user": res.mail_user,
         "comment": res.comment,
     }
-    params.update({k: v for k, v in optional.items() if v is not None})
-    if res.reservation:  # submitit has no parameter of its own for it
-        params["additional_parameters"]["reservation"] = res.reservation
-    # The profile's site options, then the job's (checked in launcher.sbatch_options): extra #SBATCH lines.
-    params["additional_parameters"].update(sbatch_parameters({**profile.sbatch, **res.sbatch}))
-    setup = list(dict.fromkeys([*profile.setup, *res.setup]))  # a line in both runs once
-    if setup:
-        params["setup"] = setup
-    # One dead task stops the step at once; the batch script then decides about a requeue.
-    params["srun_args"] = [*KILL_ON_BAD_EXIT, *profile.srun_args]
-    params["teardown"] = teardown_lines(run_dir, job_name, res.max_requeues)
-    check_script_values(params, run_dir, profile)
-    return params
+    return {k: v for k, v in optional.items() if v is not None}
 
 
 def check_script_values(params: dict, run_dir: Path, profile: ClusterProfile) -> None:

@@ -1,6 +1,6 @@
 """A job: the ``resources:`` the launcher asks SLURM for, plus lenstrain's training sections.
 
-:class:`JobSpec` extends lenstrain's :class:`~lenstrain.config.schema.LenstrainConfig` with ``name`` and
+:class:`JobSpec` extends lenstrain's :class:`~lenstrain.config.LenstrainConfig` with ``name`` and
 ``resources``, so one strict validation (unknown keys rejected) covers the whole file and every
 error names its dotted path. That validation happens once, in :func:`read_job`; :func:`check_job`
 then checks what pydantic cannot: the requests against the cluster profile (nodes, GPUs, CPUs,
@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
@@ -27,9 +28,8 @@ from launcher.sbatch_options import (
     check_mail_user,
     check_name,
     check_sbatch_text,
+    checked_options,
     gres_gpus,
-    option_problems,
-    problems_message,
 )
 from launcher.values import RunName, SbatchValue, ShellLine, SlurmNames, one_line
 from lenstrain.config.inherit import resolve_bases
@@ -38,10 +38,15 @@ from lenstrain.config.schema import (
     LenstrainConfig,
     Section,
     apply_overrides,
-    format_validation_error,
     parse_yaml_text,
     read_text,
+    validated,
 )
+from shards.clikit import Problem
+
+if TYPE_CHECKING:
+    from lenstrain.run.preflight import MetaModel
+    from shards.manifest import Manifest
 
 TRAINING_SECTIONS = tuple(LenstrainConfig.model_fields)
 _TIME_RE = re.compile(r"(?:(?P<d>\d+)-)?(?P<h>\d+):(?P<m>\d{1,2}):(?P<s>\d{1,2})")
@@ -75,7 +80,7 @@ _JobLoader.add_implicit_resolver(
 
 
 def _read_one_job_yaml(path: str | Path) -> dict:
-    """One job file like :func:`lenstrain.config.schema.read_yaml` (missing file, bad YAML, size limits named),
+    """One job file like :func:`lenstrain.config.read_yaml` (missing file, bad YAML, size limits named),
     keeping ``1:30:00`` a string."""
     path = Path(path)
     if not path.is_file():
@@ -84,7 +89,7 @@ def _read_one_job_yaml(path: str | Path) -> dict:
 
 
 def read_job_yaml(path: str | Path) -> dict:
-    """Read a job file like :func:`lenstrain.config.schema.read_yaml`, keeping ``1:30:00`` a string, with its
+    """Read a job file like :func:`lenstrain.config.read_yaml`, keeping ``1:30:00`` a string, with its
     ``base:`` chain merged in (:mod:`lenstrain.config.inherit`: a deep merge, bases relative to the file naming them)."""
     return resolve_bases(path, _read_one_job_yaml, ConfigError)
 
@@ -197,10 +202,7 @@ class Resources(Section):
     @field_validator("sbatch")
     @classmethod
     def _sbatch(cls, value: dict) -> dict:
-        problems = option_problems(value)
-        if problems:
-            raise ValueError(problems_message(problems, "resources.sbatch"))
-        return value
+        return checked_options(value, "resources.sbatch")
 
     @property
     def gres_line(self) -> str | None:
@@ -285,13 +287,8 @@ def check_resources(res: Resources, profile: ClusterProfile) -> list[tuple[str, 
         have = f"{profile.gpus_per_node} GPUs per node" if profile.gpus_per_node else "no GPUs"
         errors.append(("resources.gpus_per_node", f"{res.gpus_per_node} GPUs per node requested; {p} has {have}"))
     if res.gpus_per_node and res.tasks_per_node is not None and res.tasks_per_node != res.gpus_per_node:
-        errors.append(
-            (
-                "resources.tasks_per_node",
-                f"{res.tasks_per_node} tasks per node with {res.gpus_per_node} GPUs per node; "
-                "one task drives one GPU, so they must be equal (or leave tasks_per_node unset)",
-            )
-        )
+        errors.append(("resources.tasks_per_node", f"{res.tasks_per_node} tasks per node with {res.gpus_per_node} "
+                       "GPUs per node; one task drives one GPU, so they must be equal (or leave tasks_per_node unset)"))
     gres = gres_gpus(res.gres) if res.gres else None
     if gres is not None and gres != res.gpus_per_node:
         errors.append(("resources.gres", f"{res.gres!r} asks for {gres} GPU(s) per node but resources.gpus_per_node "
@@ -299,52 +296,48 @@ def check_resources(res: Resources, profile: ClusterProfile) -> list[tuple[str, 
     cpus = res.ntasks_per_node * (res.cpus_per_task or 1)
     if profile.cpus_per_node is not None and cpus > profile.cpus_per_node:
         where = "resources.cpus_per_task" if res.cpus_per_task else "resources.tasks_per_node"
-        errors.append(
-            (
-                where,
-                f"{res.ntasks_per_node} tasks x {res.cpus_per_task or 1} CPUs = {cpus} CPUs per node; "
-                f"{p} has {profile.cpus_per_node}",
-            )
-        )
+        errors.append((where, f"{res.ntasks_per_node} tasks x {res.cpus_per_task or 1} CPUs = {cpus} CPUs per node; "
+                              f"{p} has {profile.cpus_per_node}"))
     if res.mem_gb is not None and profile.mem_per_node_gb is not None and res.mem_gb > profile.mem_per_node_gb:
         errors.append(("resources.mem", f"{res.mem} per node requested; {p} nodes have {profile.mem_per_node_gb:g}G"))
     if res.signal_delay_s >= res.time_minutes * 60:
-        errors.append(
-            (
-                "resources.signal_delay_s",
-                f"{res.signal_delay_s} s is not shorter than the time limit ({res.time_minutes} min); "
-                "the job would be signalled as it starts",
-            )
-        )
+        errors.append(("resources.signal_delay_s", f"{res.signal_delay_s} s is not shorter than the time limit "
+                       f"({res.time_minutes} min); the job would be signalled as it starts"))
     return errors
 
 
-def check_training(spec: JobSpec, world_size: int | None = None) -> list[tuple[str, str]]:
+@dataclass
+class JobCheck:
+    """Every problem of a schema-valid job, and the model its checks built on the meta device (None when they
+    stopped before it), which the checkpoint-space estimate shares."""
+
+    problems: list[Problem] = field(default_factory=list)
+    meta: MetaModel | None = None
+
+
+def check_training(spec: JobSpec, world_size: int | None = None, manifest: Manifest | None = None) -> JobCheck:
     """Consistency of the training sections with the ranks that will run, and the config against its shard set.
 
-    ``world_size`` is the number of ranks that will really run (default: ``resources``' nodes x tasks).
+    ``world_size`` is the number of ranks that will really run (default: ``resources``' nodes x tasks);
+    ``manifest``: the shard set's, when the caller has loaded it already (else it is loaded here, once).
     """
+    from lenstrain.run.preflight import run_preflight
     from shards.manifest import ManifestError, load_manifest
 
-    errors: list[tuple[str, str]] = []
+    errors: list[Problem] = []
     world_size = spec.resources.world_size if world_size is None else world_size
     if spec.parallel.strategy == "single" and world_size > 1:
-        errors.append(
-            (
-                "parallel.strategy",
-                f"'single' runs one process, but {world_size} ranks would run; "
-                "valid choices: ddp, deepspeed (or set resources.nodes=1, resources.tasks_per_node=1)",
-            )
-        )
+        errors.append(("parallel.strategy", f"'single' runs one process, but {world_size} ranks would run; "
+                       "valid choices: ddp, deepspeed (or set resources.nodes=1, resources.tasks_per_node=1)"))
     if spec.parallel.backend == "nccl" and spec.resources.gpus_per_node == 0:
         errors.append(("parallel.backend", "nccl needs GPUs (resources.gpus_per_node is 0); valid choices: auto, gloo"))
-    try:
-        manifest = load_manifest(spec.data.shards)
-    except (ManifestError, ValidationError) as exc:
-        return [*errors, ("data.shards", str(exc).splitlines()[0])]
-    from lenstrain.run.preflight import preflight
-
-    return errors + preflight(spec, manifest, world_size=world_size)
+    if manifest is None:
+        try:
+            manifest = load_manifest(spec.data.shards)
+        except (ManifestError, ValidationError) as exc:
+            return JobCheck([*errors, ("data.shards", str(exc).splitlines()[0])])
+    checked = run_preflight(spec, manifest, world_size=world_size)
+    return JobCheck(errors + checked.problems, checked.meta)
 
 
 def read_job(
@@ -359,10 +352,7 @@ def read_job(
     """
     data = read_job_yaml(source) if not isinstance(source, dict) else source
     data = apply_overrides(data, _quote_times(overrides))
-    try:
-        spec = JobSpec.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, JobSpec)) from None
+    spec = validated(JobSpec, data)
     base = Path.cwd() if base is None else Path(base)
     shards = Path(spec.data.shards)
     if not shards.is_absolute():
@@ -380,9 +370,19 @@ def read_job(
     return spec, load_profile(spec.resources.cluster), []
 
 
-def check_job(spec: JobSpec, profile: ClusterProfile | None, world_size: int | None = None) -> list[tuple[str, str]]:
+def check_job(spec: JobSpec, profile: ClusterProfile | None, world_size: int | None = None,
+              manifest: Manifest | None = None) -> list[Problem]:
     """Every problem of a schema-valid job: its requests against the cluster, and its training checks."""
-    return (check_resources(spec.resources, profile) if profile else []) + check_training(spec, world_size)
+    return job_check(spec, profile, world_size, manifest).problems
+
+
+def job_check(spec: JobSpec, profile: ClusterProfile | None, world_size: int | None = None,
+              manifest: Manifest | None = None) -> JobCheck:
+    """:func:`check_job`, with the model its training checks built on the meta device."""
+    checked = check_training(spec, world_size, manifest)
+    if profile:
+        checked.problems[:0] = check_resources(spec.resources, profile)
+    return checked
 
 
 def load_job(

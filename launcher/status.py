@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import sys
 import time
@@ -12,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from launcher import runs
-from launcher.local import lost_jobs
+from launcher.lifecycle.processes import lost_jobs
 from launcher.slurm import sacct_attempts, sacct_jobs, squeue_state, use_profile_slurm_conf
 from lenstrain.checkpointing.rundir import RunDir
 
@@ -56,11 +55,25 @@ def refresh_states(run_dir: Path) -> tuple[dict, bool]:
 
 def use_run_cluster(run_dir: Path) -> None:
     """Talk to the run's cluster (its profile's slurm.conf) unless SLURM_CONF says otherwise."""
-    from launcher.clusters import load_profile
+    try:
+        job = runs.read_job_dict(run_dir)
+    except runs.BrokenRunError:  # its row says BROKEN, and why
+        return
+    use_job_cluster(job, run_dir)
 
-    # An old or odd job file: keep the environment's SLURM.
-    with contextlib.suppress(Exception):
-        use_profile_slurm_conf(load_profile(runs.read_job_dict(run_dir)["resources"]["cluster"]))
+
+def use_job_cluster(job: dict, where: Path) -> None:
+    """Talk to the cluster of ``job`` (a run's, or a sweep's base job) unless SLURM_CONF says otherwise; a job
+    whose profile cannot be loaded keeps the environment's SLURM, and says so in one line."""
+    from launcher.clusters import load_profile
+    from lenstrain.config.schema import ConfigError
+
+    try:
+        use_profile_slurm_conf(load_profile(job["resources"]["cluster"]))
+    except (KeyError, TypeError, ConfigError) as exc:  # an old or odd job file
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1].strip()
+        print(f"note: {where.name}: its cluster profile is not used ({type(exc).__name__}: {reason}); SLURM as "
+              f"the environment has it", file=sys.stderr)
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -82,6 +95,12 @@ def fmt_number(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def step_cell(progress: dict) -> str:
+    """``step/total`` of a run's ``progress.json`` (``-`` before its first step)."""
+    step = progress.get("step")
+    return f"{step}/{progress.get('total_steps')}" if step is not None else "-"
+
+
 def requeue_count(run_dir: Path, data: dict) -> str:
     """The run's requeues, across resumes, against its ``resources.max_requeues``: e.g. ``1/3``."""
     count = runs.run_requeues(data)
@@ -94,17 +113,9 @@ def requeue_count(run_dir: Path, data: dict) -> str:
     return f"{count}/{limit}"
 
 
-def run_summary(run_dir: Path, data: dict) -> dict:
-    """The figures of one run's row."""
-    now = time.time()
-    progress = runs.read_progress(run_dir) or {}
-    jobs = data["jobs"]
-    training = [j for j in jobs if not j.get("steps")]  # the jobs that train; chained steps (--then) come after
-    latest = training[-1] if training else None
-    state = str(latest.get("state", "?")) if latest else "NEW"
-    if progress.get("state") == "done" and state not in runs.ACTIVE_STATES:
-        state = "COMPLETED"
-    elapsed = 0.0
+def elapsed_s(training: list[dict], progress: dict) -> float:
+    """Seconds the run has trained, over every attempt of its training jobs (one still running counts to now)."""
+    now, elapsed = time.time(), 0.0
     for job in training:
         for attempt in job.get("attempts", []):
             start = _number(attempt.get("started"))
@@ -113,16 +124,34 @@ def run_summary(run_dir: Path, data: dict) -> dict:
                 end = now if job.get("state") in runs.ACTIVE_STATES else _number(progress.get("updated", start))
             if start is not None and end is not None:
                 elapsed += max(0.0, end - start)
-    eta = None
+    return elapsed
+
+
+def eta_s(run_dir: Path, latest: dict, progress: dict) -> float | None:
+    """Seconds left for a running run at its last throughput; None when that cannot be computed."""
     step, total, rate = progress.get("step"), progress.get("total_steps"), progress.get("samples_per_s")
-    if state == "RUNNING" and step is not None and total and rate:
-        try:
-            cfg = runs.read_job_dict(run_dir)
-            world = (latest.get("attempts") or [{}])[-1].get("world_size") or 1
-            global_batch = cfg["data"]["batch_size"] * cfg["train"]["grad_accum"] * world
-            eta = (total - step) * global_batch / rate
-        except (KeyError, TypeError, ValueError, ZeroDivisionError, runs.BrokenRunError):
-            eta = None
+    if step is None or not total or not rate:
+        return None
+    try:
+        cfg = runs.read_job_dict(run_dir)
+        world = (latest.get("attempts") or [{}])[-1].get("world_size") or 1
+        global_batch = cfg["data"]["batch_size"] * cfg["train"]["grad_accum"] * world
+        return (total - step) * global_batch / rate
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, runs.BrokenRunError):
+        return None
+
+
+def run_summary(run_dir: Path, data: dict) -> dict:
+    """The figures of one run's row."""
+    progress = runs.read_progress(run_dir) or {}
+    jobs = data["jobs"]
+    training = [j for j in jobs if not j.get("steps")]  # the jobs that train; chained steps (--then) come after
+    latest = training[-1] if training else None
+    state = str(latest.get("state", "?")) if latest else "NEW"
+    if progress.get("state") == "done" and state not in runs.ACTIVE_STATES:
+        state = "COMPLETED"
+    elapsed = elapsed_s(training, progress)
+    eta = eta_s(run_dir, latest, progress) if state == "RUNNING" else None
     best = progress.get("best_metric")
     return {
         "run": run_dir.name,
@@ -130,7 +159,7 @@ def run_summary(run_dir: Path, data: dict) -> dict:
         "jobs": ",".join(j["job_id"] for j in training if j.get("kind", "slurm") == "slurm")
         or ",".join(j["job_id"] for j in training[-1:]) or "-",
         "then": "; ".join(f"{j['steps']} {j.get('state', '?')}" for j in jobs if j.get("steps")) or "-",
-        "step": f"{step}/{total}" if step is not None else "-",
+        "step": step_cell(progress),
         "loss": fmt_number(progress.get("loss")),
         "tflops": fmt_number(progress.get("tflops")),  # per device, at the last log
         "mfu": f"{_number(progress['mfu']):.1%}" if _number(progress.get("mfu")) is not None else "-",  # GPUs with a known peak
@@ -187,23 +216,52 @@ def _clock(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
 
 
-def show(runs_dir: Path | None, ref: str | None) -> int:
+def show_all(runs_dir: Path | None) -> int:
+    """``launcher status``: one row per run under ``runs_dir``."""
+    run_dirs = runs.list_runs(runs_dir)
+    if not run_dirs:
+        console().print(f"no runs in {runs_dir or runs.DEFAULT_RUNS_DIR}/ yet; submit one with "
+                        "`python -m launcher submit jobs/JOB.yaml`")
+        return 0
     out = console()
-    if ref is None:
-        run_dirs = runs.list_runs(runs_dir)
-        if not run_dirs:
-            out.print(f"no runs in {runs_dir or runs.DEFAULT_RUNS_DIR}/ yet; submit one with "
-                      "`python -m launcher submit jobs/JOB.yaml`")
-            return 0
-    else:
-        run_dirs = [runs.find_run(ref, runs_dir)]
+    details, broken = print_rows(out, run_dirs)
+    sacct_note(out, details)
+    return 0
+
+
+def show_one(run_dir: Path) -> int:
+    """``launcher status RUN``: its row, its jobs and attempts (with sacct's), its checkpoints; 1 when broken."""
+    out = console()
+    details, broken = print_rows(out, [run_dir])
+    if broken:
+        print(f"error: run {run_dir.name} is broken: {broken[0].split(': BROKEN: ', 1)[1]}", file=sys.stderr)
+        return 1
+    run_dir, data, sacct_ok = details[0]
+    out.print(jobs_table(run_dir, data, sacct_ok))
+    slurm_jobs = [j["job_id"] for j in data["jobs"] if j.get("kind", "slurm") == "slurm"]
+    if sacct_ok and slurm_jobs:
+        out.print("sacct (every attempt):")
+        for jid in slurm_jobs:
+            for row in sacct_attempts(jid):
+                out.print("  " + "  ".join(f"{k}={v}" for k, v in row.items()), highlight=False)
+    from lenstrain.checkpointing.checkpoint import COMPLETE, list_checkpoints
+
+    complete = [p.name for _, p in list_checkpoints(RunDir(run_dir).checkpoints) if (p / COMPLETE).is_file()]
+    out.print(f"checkpoints: {', '.join(complete[-5:]) or 'none'}", highlight=False)
+    out.print(f"run dir: {run_dir}", highlight=False)
+    out.print(f"TensorBoard: tensorboard --logdir {RunDir(run_dir).tb}", highlight=False)
+    sacct_note(out, details)
+    return 0
+
+
+def print_rows(out: Console, run_dirs: list[Path]) -> tuple[list[tuple[Path, dict, bool]], list[str]]:
+    """The runs' table (a broken run's row says BROKEN, its reason under the table); the readable runs with
+    their jobs and whether sacct answered, and the broken runs' lines."""
     rows, details, broken = [], [], []
-    any_sacct = False
     for run_dir in run_dirs:
         use_run_cluster(run_dir)
         try:
             data, sacct_ok = refresh_states(run_dir)
-            any_sacct |= sacct_ok
             rows.append(run_summary(run_dir, data))
         except runs.BrokenRunError as exc:  # one broken run does not hide the others
             rows.append(broken_row(run_dir))
@@ -213,25 +271,10 @@ def show(runs_dir: Path | None, ref: str | None) -> int:
     out.print(runs_table(rows))
     for line in broken:
         out.print(line, highlight=False, soft_wrap=True)
-    if ref is not None and broken:
-        print(f"error: run {run_dirs[0].name} is broken: {broken[0].split(': BROKEN: ', 1)[1]}", file=sys.stderr)
-        return 1
-    if ref is not None:
-        run_dir, data, sacct_ok = details[0]
-        out.print(jobs_table(run_dir, data, sacct_ok))
-        slurm_jobs = [j["job_id"] for j in data["jobs"] if j.get("kind", "slurm") == "slurm"]
-        if sacct_ok and slurm_jobs:
-            out.print("sacct (every attempt):")
-            for jid in slurm_jobs:
-                for row in sacct_attempts(jid):
-                    out.print("  " + "  ".join(f"{k}={v}" for k, v in row.items()), highlight=False)
-        from lenstrain.checkpointing.checkpoint import COMPLETE, list_checkpoints
+    return details, broken
 
-        ckpts = list_checkpoints(RunDir(run_dir).checkpoints)
-        complete = [p.name for _, p in ckpts if (p / COMPLETE).is_file()]
-        out.print(f"checkpoints: {', '.join(complete[-5:]) or 'none'}", highlight=False)
-        out.print(f"run dir: {run_dir}", highlight=False)
-        out.print(f"TensorBoard: tensorboard --logdir {RunDir(run_dir).tb}", highlight=False)
-    if not any_sacct and any(j.get("kind", "slurm") == "slurm" for _, d, _ in details for j in d["jobs"]):
+
+def sacct_note(out: Console, details: list[tuple[Path, dict, bool]]) -> None:
+    if not any(ok for _, _, ok in details) and any(j.get("kind", "slurm") == "slurm" for _, d, _ in details
+                                                    for j in d["jobs"]):
         out.print("[dim]sacct not reachable: SLURM states are the last ones recorded in jobs.json[/]")
-    return 0

@@ -17,6 +17,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from shards.atomic import write_json_atomic
+
 FORMAT_NAME = "lenstrain-shards"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -194,26 +196,6 @@ def _set_problem(manifest: Manifest) -> str | None:
                 return f"splits.{split_name}.shards.{k}.name: {shard.name!r} is listed twice"
             seen.add(shard.name)
     return None
-
-
-def write_json_atomic(path: Path, payload: dict | list) -> None:
-    """Write JSON to ``path`` so that a reader sees either the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=1, sort_keys=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_manifest(directory: Path, manifest: Manifest) -> None:

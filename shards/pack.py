@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from shards.atomic import fsync_dir
 from shards.labeltable import LabelTableWriter
-from shards.manifest import MANIFEST_NAME, SPLITS, ImageInfo, Manifest, fsync_dir, save_manifest
+from shards.manifest import MANIFEST_NAME, SPLITS, ImageInfo, Manifest, save_manifest
 from shards.moments import Moments
 from shards.options import PackOptions
 from shards.packstats import PackStatistics, TargetSpec  # TargetSpec: importers use shards.pack's name

@@ -17,31 +17,38 @@ from launcher.__main__ import main
 from launcher.entry import TrainTask
 from launcher.spec import JobSpec, load_job
 from lenstrain.checkpointing.rundir import RunDir
-from lenstrain.config.schema import LenstrainConfig
+from tests import counting
 from tests.factories import launcher_job_dict, write_config
 from tests.train_helpers import lenstrain
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def validations(monkeypatch) -> list[str]:
-    """The names of the models validated from now on (a job is a JobSpec, a training config a LenstrainConfig)."""
-    seen: list[str] = []
-    original = LenstrainConfig.model_validate.__func__
-
-    def counting(cls, *args, **kwargs):
-        seen.append(cls.__name__)
-        return original(cls, *args, **kwargs)
-
-    monkeypatch.setattr(LenstrainConfig, "model_validate", classmethod(counting))
-    return seen
+validations, calls = counting.validations, counting.calls  # fixtures
 
 
 def test_a_submission_validates_the_job_once(launcher_job, tmp_path, validations, capsys, monkeypatch):
     monkeypatch.setenv("SLURM_CONF", "/nonexistent/slurm.conf")
     assert main(["submit", str(launcher_job("once")), "--dry-run", "--runs-dir", str(tmp_path)]) == 0
     assert validations == ["JobSpec"]
+
+
+@pytest.mark.parametrize("where", [[], ["--local", "--nproc", "1"]], ids=["slurm", "local"])
+def test_a_submission_parses_loads_and_builds_once(launcher_job, tmp_path, calls, capsys, monkeypatch, where):
+    """One parse of the job file, one load of its manifest, one model on the meta device: the preflight's, which
+    the checkpoint-space estimate shares."""
+    monkeypatch.setenv("SLURM_CONF", "/nonexistent/slurm.conf")
+    assert main(["submit", str(launcher_job("once")), "--dry-run", "--runs-dir", str(tmp_path), *where]) == 0
+    assert calls == {"job parsed": 1, "manifest loaded": 1, "model built": 1, "checkpoint size estimated": 1}
+    assert "free space for checkpoints not checked" not in capsys.readouterr().out
+
+
+def test_init_from_shapes_come_from_the_one_model(launcher_job, tmp_path, calls, capsys, monkeypatch, ring_shards):
+    """``model.init_from``'s shapes are read off the preflight's model, not a second one built for them."""
+    monkeypatch.setenv("SLURM_CONF", "/nonexistent/slurm.conf")
+    source = tmp_path / "nothing-here"
+    job = launcher_job("finetune", model={"name": "alternet_tiny", "init_from": str(source)})
+    assert main(["submit", str(job), "--dry-run", "--runs-dir", str(tmp_path / "runs")]) == 0
+    assert "model.init_from" in capsys.readouterr().out  # checked (the weights are missing), as a warning
+    assert calls["model built"] == 1 and calls["manifest loaded"] == 1
 
 
 def test_the_task_carries_the_run_directory_not_the_config(tmp_path):

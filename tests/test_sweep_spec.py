@@ -9,10 +9,12 @@ import pytest
 
 from launcher.__main__ import main
 from launcher.sweep.spec import read_sweep
+from tests import counting
 from tests.sweep_helpers import write_base, write_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "jobs" / "sweeps").glob("*.yaml"))
+validations, calls = counting.validations, counting.calls  # fixtures
 
 
 @pytest.fixture
@@ -109,7 +111,8 @@ def test_dry_run_prints_the_array_script_and_first_trials(tmp_path, base, capsys
     )
     assert main(["sweep", str(sweep), "--runs-dir", str(tmp_path / "runs"), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "#SBATCH --array=0-1%2" in out and "launcher.sweep.recover" in out
+    # the teardown is a run's: the one recovery entry point, given the sweep's directory
+    assert "#SBATCH --array=0-1%2" in out and f"-m launcher.recovery {tmp_path / 'runs' / 'sw'} " in out
     assert "#   trial 0: optim.lr=" in out and "#   trial 3: " in out
     assert "dry run: nothing submitted" in out and not (tmp_path / "runs").exists()
 
@@ -121,3 +124,66 @@ def test_a_multi_node_base_job_makes_each_array_task_that_many_tasks(tmp_path, r
     out = capsys.readouterr().out
     assert "#SBATCH --array=0-1%2" in out and "#SBATCH --nodes=2" in out and "#SBATCH --ntasks-per-node=1" in out
     assert "problem" not in out
+
+
+@pytest.mark.parametrize("where", [[], ["--local"]], ids=["slurm", "local"])
+def test_a_sweep_checks_its_space_once_per_corner(tmp_path, base, validations, calls, capsys, where):
+    """Four space keys (two ranges, choices of two and three): the base job is validated once, and the space once
+    per corner (three: each end of each range and each choice stands in one), every key at once, not once per key
+    and value (eleven); the manifest is loaded once; the model is built once for the preflight and once per corner
+    for its model keys."""
+    space = {"optim.lr": {"log_uniform": [1e-4, 1e-2]}, "optim.name": {"choice": ["adam", "adamw"]},
+             "model.kwargs.norm": {"choice": ["bn", "gn", "ln"]}, "model.kwargs.drop_rate": {"uniform": [0.0, 0.5]}}
+    sweep = write_sweep(tmp_path, base, trials=4, space=space)
+    assert main(["sweep", str(sweep), "--runs-dir", str(tmp_path / "runs"), "--dry-run", *where]) == 0
+    assert validations == ["JobSpec"] * (1 + 3)
+    assert calls["manifest loaded"] == 1 and calls["model built"] == 1 + 3
+    assert "dry run: nothing submitted" in capsys.readouterr().out
+
+
+def test_a_bad_corner_still_names_its_key(tmp_path, base, capsys):
+    """A corner that fails is checked key by key, so the error names the key and its value, as before."""
+    space = {"optim.lr": {"log_uniform": [1e-4, 1e-2]}, "model.kwargs.norm": {"choice": ["bn", "foo"]}}
+    sweep = write_sweep(tmp_path, base, space=space)
+    assert main(["sweep", str(sweep), "--runs-dir", str(tmp_path / "runs"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "space.model.kwargs.norm:" in err and "(value 'foo')" in err and "space.optim.lr" not in err
+
+
+def test_a_dead_array_task_decides_for_its_trial_as_a_run_does(tmp_path, base, monkeypatch, capsys):
+    """The sweep's teardown is a run's (``python -m launcher.recovery SWEEP``) and takes a run's decision for the
+    trial its array task trained: an attempt that ended inside the job needs nothing; one that died after a rank
+    noted a failure ends as lost in the trial's run, the trial FAIL and its parameters enqueued again."""
+    from optuna.trial import TrialState
+
+    from launcher import runs
+    from launcher.recovery import main as recovery
+    from launcher.sweep.spec import load_sweep
+    from launcher.sweep.study import SweepDir, claim, create_study
+    from launcher.sweep.study import write_sweep as write_sweep_dir
+
+    monkeypatch.setenv("PATH", str(tmp_path / "no-slurm"))  # no SLURM commands: its state is UNKNOWN, no requeue
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    spec, base_job = load_sweep(write_sweep(tmp_path, base))
+    root = tmp_path / "runs" / "sw"
+    write_sweep_dir(root, spec, base_job.spec.to_dict())
+    study = create_study(root, spec)
+    trial, _ = claim(root, study, spec, {"kind": "slurm", "job": "4242", "host": "h", "pid": 1, "worker": 0})
+    run_dir = SweepDir(root).trial(trial.number)
+    runs.add_job(run_dir, "4242", kind="slurm", state="RUNNING", restart_offset=0)
+
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    runs.record_start(run_dir, "4242", restart_count=0)
+    runs.record_end(run_dir, "4242", state="REQUEUED", outcome="requeued")  # it checkpointed and requeued itself
+    assert recovery([str(root), "--status", "1"]) == 0
+    assert study.get_trials(deepcopy=False)[trial.number].state == TrialState.RUNNING
+
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    runs.record_start(run_dir, "4242", restart_count=1)
+    runs.record_failure(run_dir, "4242", 1, rank=0, exit=1, why="RuntimeError: boom")
+    assert recovery([str(root), "--status", "1"]) == 0
+    trials = study.get_trials(deepcopy=False)
+    assert trials[trial.number].state == TrialState.FAIL
+    assert [t.user_attrs.get("retry_of") for t in trials if t.state == TrialState.WAITING] == [trial.number]
+    assert runs.read_jobs(run_dir)["jobs"][0]["attempts"][-1]["outcome"] == "lost"
+    assert "marked FAIL, its parameters are enqueued again" in capsys.readouterr().out

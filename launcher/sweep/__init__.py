@@ -6,7 +6,7 @@ samplers.py the sampler and pruner tables
 study.py    the sweep directory, the journal study, claiming trials, failing those of dead workers
 worker.py   one worker: claim a trial, train it (pruning through :mod:`lenstrain.run.hooks`), tell, repeat
 submit.py   ``sweep FILE``: --dry-run, --local workers, or one SLURM array
-recover.py  the array's batch-script teardown after a worker's step failed
+recover.py  after a worker's step failed (``python -m launcher.recovery SWEEP``): its trial's decision, a run's
 report.py   ``sweep report``: best.yaml, trials.csv, Optuna's plots
 status.py   the trials table of ``launcher status SWEEP``
 """

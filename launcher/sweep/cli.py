@@ -4,15 +4,14 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import signal
 import time
 from pathlib import Path
 
 from launcher import runs
 from launcher.cliargs import add_job_args, add_runs_dir
+from launcher.lifecycle.processes import live_jobs, terminate
 from launcher.values import valid_run_name
+from lenstrain.checkpointing.rundir import RunDir
 from shards.clikit import UsageError
 
 
@@ -47,7 +46,7 @@ def find(ref: str, runs_dir: Path | None) -> Path:
 
 def sweep(args) -> int:
     from launcher.sweep.report import report
-    from launcher.sweep.spec import read_sweep
+    from launcher.sweep.spec import load_sweep
     from launcher.sweep.submit import check_sweep_dir, start
 
     if str(args.file) == "report":
@@ -59,17 +58,18 @@ def sweep(args) -> int:
     if args.sweep:
         raise UsageError(f"sweep: unexpected argument {args.sweep!r} (only `sweep report SWEEP` takes two)")
     path = Path(args.file)
-    spec, _, job = read_sweep(path, args.set)
+    spec, base = load_sweep(path, args.set)
     spec.name = args.name or spec.name or path.stem
     if not valid_run_name(spec.name):
         where = "--name" if args.name else ("name" if spec.name != path.stem else f"the file name {path.name}")
         raise UsageError(f"sweep name ({where}): {spec.name!r}: use letters, digits, '_', '-' and '.' (it names "
                          f"runs/NAME/)")
     root = runs.run_dir_for(spec.name, args.run_dir, args.runs_dir)
-    return start(root, spec, job, args, check_sweep_dir(root, spec, job))
+    return start(root, spec, base, args, check_sweep_dir(root, spec, base.spec.to_dict()))
 
 
-def status(root: Path) -> int:
+def status(root: Path, args=None) -> int:
+    del args  # the sweep's status has no options
     from launcher.status import console
     from launcher.sweep.status import show
 
@@ -78,6 +78,7 @@ def status(root: Path) -> int:
 
 def resume(root: Path, args) -> int:
     from launcher.spec import read_job
+    from launcher.sweep.spec import BaseJob
     from launcher.sweep.study import ask_lock, open_study, read_sweep_dir, reap
     from launcher.sweep.submit import start
 
@@ -91,51 +92,51 @@ def resume(root: Path, args) -> int:
         raise UsageError(
             f"resume {root.name}: only resources.* and parallel may change; not {', '.join(bad)}"
         )
-    job = read_job(job, sets)[0].to_dict()
+    base = BaseJob.of(*read_job(job, sets))
     study = open_study(root, spec)
     with ask_lock(root):
         for line in reap(root, study, spec):
             print(f"[launcher] {line}")
-    return start(root, spec, job, args, "continue")
+    return start(root, spec, base, args, "continue")
 
 
-def cancel(root: Path) -> int:
+def cancel(root: Path, args=None) -> int:
     """scancel the sweep's array (or SIGTERM its local workers); running trials checkpoint and wait for resume."""
-    from optuna.trial import TrialState
-
+    del args  # cancel has no options
     from launcher import slurm
     from launcher.sweep.status import refresh_arrays
-    from launcher.sweep.study import SweepDir, local_worker_alive, open_study, read_sweep_dir
-    from launcher.sweep.submit import live_local
 
-    spec, _ = read_sweep_dir(root)
     data = refresh_arrays(root)
     active = [j["job_id"] for j in runs.active_jobs(data)]
-    here = live_local(data)
+    here = live_jobs(data)
     if not active and not here:
         print(f"sweep {root.name} has no active job")
         return 0
-    for trial in open_study(root, spec).get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = trial.user_attrs.get("owner") or {}
-        job_id = owner.get("job") or f"local-{owner.get('host')}-{owner.get('pid')}"
-        run_dir = SweepDir(root).trial(trial.number)
-        if (run_dir / "jobs.json").is_file():
-            runs.update_jobs(
-                run_dir,
-                lambda d, j=job_id: [
-                    x.update(cancel_requested=time.time()) for x in d["jobs"] if x["job_id"] == j
-                ],
-            )
+    mark_trials_cancelled(root)
     if active and not slurm.scancel(active):
         raise UsageError(f"scancel {' '.join(active)} failed; is SLURM reachable (SLURM_CONF)?")
     runs.set_states(root, dict.fromkeys(active, "CANCELLED"))
     for job in here:
-        for pid in filter(local_worker_alive, job.get("worker_pids", [])):  # not a reused pid
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+        terminate(job)
     print(
         f"cancelled sweep {root.name} ({', '.join(active + [j['job_id'] for j in here])}); running trials "
         f"checkpoint if the grace time allows. Continue with: python -m launcher resume {root.name}"
         + (" --local" if here and not active else "")
     )
     return 0
+
+
+def mark_trials_cancelled(root: Path) -> None:
+    """In each running trial's run, its job's ``cancel_requested``: the trial stops as a cancelled run does."""
+    from optuna.trial import TrialState
+
+    from launcher.sweep.study import SweepDir, open_study, read_sweep_dir
+
+    spec, _ = read_sweep_dir(root)
+    for trial in open_study(root, spec).get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = trial.user_attrs.get("owner") or {}
+        job_id = owner.get("job") or f"local-{owner.get('host')}-{owner.get('pid')}"
+        run_dir = SweepDir(root).trial(trial.number)
+        if RunDir(run_dir).jobs.is_file():
+            runs.update_jobs(run_dir, lambda d, j=job_id: [x.update(cancel_requested=time.time())
+                                                           for x in d["jobs"] if x["job_id"] == j])

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import optuna
 import yaml
@@ -18,9 +20,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from launcher.spec import JobSpec, read_job_yaml
 from launcher.sweep.samplers import PRUNERS, SAMPLER_CLASSES, SAMPLERS, option_problems
 from launcher.values import RunName
-from lenstrain.config.schema import ConfigError, apply_overrides, format_validation_error, read_yaml
+from lenstrain.config.schema import (
+    ConfigError,
+    apply_overrides,
+    format_validation_error,
+    read_yaml,
+    validated,
+)
 from lenstrain.evaluation.metrics import mode_for
 from shards.clikit import Problem
+
+if TYPE_CHECKING:
+    from launcher.clusters import ClusterProfile
+    from shards.manifest import Manifest
 
 KINDS = ("log_uniform", "uniform", "int", "choice")
 
@@ -119,6 +131,44 @@ class SweepSpec(BaseModel):
 # ------------------------------------------------------------------------------------ the base job
 
 
+@dataclass
+class BaseJob:
+    """The sweep's base job, read and validated once: the job, its cluster profile (None when it names none),
+    the profile's complaint, and its shard set's manifest, loaded once (None when it cannot be read here)."""
+
+    spec: JobSpec
+    profile: ClusterProfile | None
+    problems: list[Problem] = field(default_factory=list)
+    manifest: Manifest | None = None
+
+    @classmethod
+    def of(cls, spec: JobSpec, profile: ClusterProfile | None, problems: list[Problem]) -> BaseJob:
+        """The job as :func:`launcher.spec.read_job` returns it, with its manifest loaded (once, here)."""
+        from shards.manifest import ManifestError, load_manifest
+
+        try:
+            manifest = load_manifest(spec.data.shards)
+        except (ManifestError, ValidationError) as exc:
+            print(f"note: the sweep's model keys are checked at generic sizes and its metric against every target "
+                  f"kind: {str(exc).splitlines()[0]}", file=sys.stderr)
+            manifest = None
+        return cls(spec, profile, list(problems), manifest)
+
+    def shape(self) -> tuple[int, int, int]:
+        """(in_channels, num_outputs, image_size) of the shard set where it can be read, else generic ones (a
+        model option such as norm does not depend on them)."""
+        from lenstrain.run.build import task_for
+
+        if self.manifest is None:
+            return 1, 1, 64
+        try:
+            task = task_for(self.spec, self.manifest)
+        except (KeyError, ValueError):  # a target the set lacks: the job's own checks name it
+            return 1, 1, 64
+        shape = self.manifest.image.shape
+        return shape[0], task.num_outputs, shape[1]
+
+
 def set_dotted(data: dict, key: str, value: Any) -> None:
     """``data[a][b][c] = value`` for ``a.b.c``, as ``--set a.b.c=...`` would (sections created as needed)."""
     node = data
@@ -149,67 +199,71 @@ def find_base(base: Path, sweep_file: Path | None) -> Path | None:
     return next((p.resolve() for p in candidates if p.is_file()), None)
 
 
-def space_problems(spec: SweepSpec, job: dict) -> list[Problem]:
-    """Each space key checked with each of its example values, as a ``--set`` of the base job."""
-    problems: list[Problem] = []
-    for key, dist in spec.space.items():
-        for value in dist.examples():
-            try:
-                JobSpec.model_validate(with_params(job, {key: value}))
-            except ConfigError as exc:
-                problems += [(f"space.{path}", msg) for path, msg in exc.problems]
-                break
-            except ValidationError as exc:
-                lines = format_validation_error(exc, JobSpec).splitlines()[1:]
-                mine = [line.strip() for line in lines if line.strip().startswith(f"{key}:")] or [
-                    line.strip() for line in lines
-                ]
-                problems += [
-                    (f"space.{line.split(': ', 1)[0]}", f"{line.split(': ', 1)[-1]} (value {value!r})")
-                    for line in mine
-                ]
-                break
-        if key.startswith("model.") and not problems_for(problems, key):
-            problems += model_value_problems(key, dist, job)
-        if spec.sampler == "grid" and dist.kind != "choice":
-            problems.append((f"space.{key}", f"grid takes choice lists only; this is a {dist.kind} range"))
+def corners(spec: SweepSpec) -> list[dict[str, Any]]:
+    """The space's examples laid side by side: corner i sets every key to its i-th example (its last one when it
+    has fewer), so that each end of each range and each choice stands in one corner."""
+    examples = {key: dist.examples() for key, dist in spec.space.items()}
+    count = max(len(values) for values in examples.values())
+    return [{key: values[min(i, len(values) - 1)] for key, values in examples.items()} for i in range(count)]
+
+
+def space_problems(spec: SweepSpec, base: BaseJob) -> list[Problem]:
+    """Each space key checked with each of its example values, as a ``--set`` of the base job, and each
+    ``model.*`` key built into the model: one validation (and one model) per corner of the space
+    (:func:`corners`), every key at once. Only a corner that fails is checked again key by key, to name the key."""
+    problems = [(f"space.{key}", f"grid takes choice lists only; this is a {dist.kind} range")
+                for key, dist in spec.space.items() if spec.sampler == "grid" and dist.kind != "choice"]
+    job = base.spec.to_dict()
+    model_keys = [key for key in spec.space if key.startswith("model.")]
+    for corner in corners(spec):
+        trial = with_params(job, corner)
+        if _job_problems(trial, None) or (model_keys and _model_problem(trial, base)):
+            return problems + _key_problems(spec, base, job)
     return problems
 
 
-def problems_for(problems: list[Problem], key: str) -> bool:
-    return any(path == f"space.{key}" for path, _ in problems)
+def _key_problems(spec: SweepSpec, base: BaseJob, job: dict) -> list[Problem]:
+    """The problems of each space key alone: its first bad value, as a ``--set`` and (``model.*``) built."""
+    problems: list[Problem] = []
+    for key, dist in spec.space.items():
+        for value in dist.examples():
+            trial = with_params(job, {key: value})
+            found = _job_problems(trial, (key, value))
+            if not found and key.startswith("model."):
+                model = _model_problem(trial, base)
+                found = [(f"space.{key}", f"{model} (value {value!r})")] if model else []
+            if found:
+                problems += found
+                break
+    return problems
 
 
-def _shape(job: dict) -> tuple[int, int, int]:
-    """(in_channels, num_outputs, image_size) of the base job's shard set where it can be read, else generic ones
-    (a model option such as norm does not depend on them)."""
-    from lenstrain.config.schema import validate_config
-    from lenstrain.run.build import task_for
-    from shards.manifest import load_manifest
-
+def _job_problems(trial: dict, named: tuple[str, Any] | None) -> list[Problem]:
+    """The trial job's schema problems, under ``space.``; ``named``: the one key set, and its value."""
     try:
-        cfg = validate_config(job)
-        task = task_for(cfg, load_manifest(cfg.data.shards))
-        shape = task.manifest.image.shape
-        return shape[0], task.num_outputs, shape[1]
-    except Exception:  # noqa: BLE001 - no shard set here (a dry run on a login node): generic sizes
-        return 1, 1, 64
+        JobSpec.model_validate(trial)
+    except ConfigError as exc:
+        return [(f"space.{path}", msg) for path, msg in exc.problems]
+    except ValidationError as exc:
+        if named is None:
+            return [("space", "invalid")]
+        key, value = named
+        lines = format_validation_error(exc, JobSpec).splitlines()[1:]
+        mine = [line.strip() for line in lines if line.strip().startswith(f"{key}:")] or [
+            line.strip() for line in lines]
+        return [(f"space.{line.split(': ', 1)[0]}", f"{line.split(': ', 1)[-1]} (value {value!r})") for line in mine]
+    return []
 
 
-def model_value_problems(key: str, dist: Distribution, job: dict) -> list[Problem]:
-    """Each value of a ``model.*`` space key, built into the model (on the meta device), as ``submit`` checks
-    ``model.kwargs``: a norm of ``foo`` is refused here, not in the middle of the sweep."""
+def _model_problem(trial: dict, base: BaseJob) -> str | None:
+    """Why the trial's model cannot be built (on the meta device) with its ``model.*`` values, as ``submit``
+    checks ``model.kwargs``: a norm of ``foo`` is refused here, not in the middle of the sweep."""
     from lenstrain.run.preflight import model_kwargs_problem
 
-    in_channels, outputs, size = _shape(job)
-    for value in dist.examples():
-        trial = with_params(job, {key: value})
-        model = trial.get("model") or {}
-        problem = model_kwargs_problem(model.get("name", "alternet_tiny"), model.get("kwargs") or {}, in_channels,
-                                       outputs, size)
-        if problem:
-            return [(f"space.{key}", f"{problem} (value {value!r})")]
-    return []
+    in_channels, outputs, size = base.shape()
+    model = trial.get("model") or {}
+    return model_kwargs_problem(model.get("name", "alternet_tiny"), model.get("kwargs") or {}, in_channels,
+                                outputs, size)
 
 
 def option_checks(spec: SweepSpec) -> list[Problem]:
@@ -218,13 +272,14 @@ def option_checks(spec: SweepSpec) -> list[Problem]:
     ) + option_problems(PRUNERS[spec.pruner], spec.pruner_options, "pruner_options")
 
 
-def resolve_metric(spec: SweepSpec, job: JobSpec) -> list[Problem]:
+def resolve_metric(spec: SweepSpec, base: BaseJob) -> list[Problem]:
     """Fill in ``metric`` (the base job's checkpoint.best_metric) and ``direction`` (the metric's own)."""
+    job = base.spec
     if spec.metric is None:
         spec.metric = job.checkpoint.best_metric
     if spec.metric is None:
         return [("metric", "required: the base job has no checkpoint.best_metric to default to")]
-    measured = measured_metrics(job)
+    measured = measured_metrics(base)
     if spec.metric not in measured:
         return [("metric", f"{spec.metric!r} is not a metric validation measures; valid choices: "
                            f"{', '.join(measured)}")]
@@ -243,18 +298,14 @@ def resolve_metric(spec: SweepSpec, job: JobSpec) -> list[Problem]:
     return []
 
 
-def measured_metrics(job: JobSpec) -> list[str]:
+def measured_metrics(base: BaseJob) -> list[str]:
     """The metrics a trial's validation records: those of the base job's target kind where its shard set can be
     read, else those of any kind."""
     from lenstrain.evaluation.metrics import metric_names
-    from shards.manifest import load_manifest
 
-    try:
-        manifest = load_manifest(job.data.shards)
-        name = job.data.target or manifest.primary_target
-        kinds = [manifest.targets[name].kind]
-    except Exception:  # noqa: BLE001 - no shard set here, or its target is reported by the job's own checks
-        kinds = ["regression", "classification"]
+    job, manifest = base.spec, base.manifest
+    target = manifest.targets.get(job.data.target or manifest.primary_target) if manifest else None
+    kinds = [target.kind] if target else ["regression", "classification"]  # else: the job's own checks say why
     names = dict.fromkeys(m for kind in kinds for m in metric_names(kind))
     return [f"{job.data.val_split}/{m}" for m in names]
 
@@ -293,30 +344,32 @@ def read_sweep(path: Path, overrides: list[str] | None = None) -> tuple[SweepSpe
 
     Every problem found raises one :class:`ConfigError` (exit 2) naming its dotted path.
     """
+    spec, base = load_sweep(path, overrides)
+    return spec, base.spec, base.spec.to_dict()
+
+
+def load_sweep(path: Path, overrides: list[str] | None = None) -> tuple[SweepSpec, BaseJob]:
+    """:func:`read_sweep`, with the base job as :class:`BaseJob`: read, validated and its manifest loaded once."""
     from launcher.spec import read_job
 
     mine, base_sets = split_overrides(overrides or [])
-    data = read_yaml(path, not_a_mapping="the top level must be a mapping")
-    data = apply_overrides(data, [item for item in mine if not item.startswith("space.")])
-    for item in (item for item in mine if item.startswith("space.")):  # space keys are dotted themselves
-        key, _, raw = item.partition("=")
-        data.setdefault("space", {})[key.removeprefix("space.")] = yaml.safe_load(raw)
-    try:
-        spec = SweepSpec.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, SweepSpec)) from None
-    base = find_base(spec.base, path)
-    if base is None:
+    spec = _validated_sweep(path, mine)
+    base_file = find_base(spec.base, path)
+    if base_file is None:
         raise ConfigError(problems=[("base", f"{spec.base}: no such job file")])
-    spec.base = base
-    job_spec, _, _ = read_job(read_job_yaml(base), [*spec.overrides, *base_sets])
-    job = job_spec.to_dict()
-    problems = (
-        budget_problems(spec)
-        + option_checks(spec)
-        + resolve_metric(spec, job_spec)
-        + space_problems(spec, job)
-    )
+    spec.base = base_file
+    base = BaseJob.of(*read_job(read_job_yaml(base_file), [*spec.overrides, *base_sets]))
+    problems = budget_problems(spec) + option_checks(spec) + resolve_metric(spec, base) + space_problems(spec, base)
     if problems:
         raise ConfigError(problems=problems)
-    return spec, job_spec, job
+    return spec, base
+
+
+def _validated_sweep(path: Path, overrides: list[str]) -> SweepSpec:
+    """The sweep file with its own ``--set`` items (``space.*`` keys are dotted themselves), validated."""
+    data = read_yaml(path, not_a_mapping="the top level must be a mapping")
+    data = apply_overrides(data, [item for item in overrides if not item.startswith("space.")])
+    for item in (item for item in overrides if item.startswith("space.")):
+        key, _, raw = item.partition("=")
+        data.setdefault("space", {})[key.removeprefix("space.")] = yaml.safe_load(raw)
+    return validated(SweepSpec, data)

@@ -9,6 +9,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
 from launcher import runs
+from launcher.status import fmt_number, step_cell
 from launcher.sweep.spec import SweepSpec
 from launcher.sweep.study import SweepDir, ask_lock, counts, open_study, read_sweep_dir, reap
 
@@ -21,15 +22,8 @@ TRIAL_STYLES = {
 }
 
 
-def fmt_value(value) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 def trial_row(root: Path, trial: FrozenTrial, spec: SweepSpec) -> list[str]:
-    progress = runs.read_progress(SweepDir(root).trial(trial.number)) or {}
-    step = f"{progress['step']}/{progress.get('total_steps')}" if "step" in progress else "-"
+    step = step_cell(runs.read_progress(SweepDir(root).trial(trial.number)) or {})
     pruned = (
         max(trial.intermediate_values)
         if trial.state == TrialState.PRUNED and trial.intermediate_values
@@ -45,10 +39,10 @@ def trial_row(root: Path, trial: FrozenTrial, spec: SweepSpec) -> list[str]:
     return [
         str(trial.number),
         trial.state.name,
-        *[fmt_value(trial.params.get(k)) for k in spec.space],
-        fmt_value(trial.value),
+        *[fmt_number(trial.params.get(k)) for k in spec.space],
+        fmt_number(trial.value),
         step,
-        fmt_value(pruned),
+        fmt_number(pruned),
         note[:60],
     ]
 
@@ -104,10 +98,10 @@ def refresh_arrays(root: Path) -> dict:
 
 
 def show(root: Path, out) -> int:
-    from launcher.status import jobs_table, use_run_cluster
+    from launcher.status import jobs_table, use_job_cluster
 
     spec, job = read_sweep_dir(root)
-    _use_cluster(job, use_run_cluster, root)
+    use_job_cluster(job, root)
     data = refresh_arrays(root)
     study = open_study(root, spec)
     with ask_lock(root):
@@ -125,14 +119,3 @@ def show(root: Path, out) -> int:
     out.print(f"report: python -m launcher sweep report {runs.run_ref(root)}", highlight=False)
     out.print(f"TensorBoard: tensorboard --logdir {root}", highlight=False)
     return 0
-
-
-def _use_cluster(job: dict, use_run_cluster, root: Path) -> None:
-    """Talk to the base job's cluster (its profile's slurm.conf) unless SLURM_CONF says otherwise."""
-    import contextlib
-
-    from launcher.clusters import load_profile
-    from launcher.slurm import use_profile_slurm_conf
-
-    with contextlib.suppress(Exception):
-        use_profile_slurm_conf(load_profile(job["resources"]["cluster"]))

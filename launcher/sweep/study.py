@@ -10,12 +10,9 @@ its run stopped after a checkpoint (cancel, a requeue that was cancelled): then 
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +21,8 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from launcher import runs
+from launcher.lifecycle.lock import exclusive
+from launcher.lifecycle.processes import worker_alive
 from launcher.sweep.paths import JOURNAL_FILE, SWEEP_FILE, SweepDir, find_sweep, is_sweep  # noqa: F401
 from launcher.sweep.samplers import make_pruner, make_sampler
 from launcher.sweep.spec import SweepSpec
@@ -89,15 +88,10 @@ def create_study(root: Path, spec: SweepSpec) -> optuna.Study:
     return study
 
 
-@contextlib.contextmanager
-def ask_lock(root: Path) -> Iterator[None]:
-    """One claimer at a time: reaping, adopting and asking decide together what the budget allows."""
-    with open(Path(root) / ".claim.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def ask_lock(root: Path):
+    """One claimer at a time (``SWEEP/.claim.lock``): reaping, adopting and asking decide together what the
+    budget allows."""
+    return exclusive(Path(root) / ".claim.lock")
 
 
 def counts(study: optuna.Study) -> dict[str, int]:
@@ -140,17 +134,10 @@ def same_owner(a: dict | None, b: dict) -> bool:
     return a.get("host") == b.get("host") and a.get("pid") == b.get("pid")
 
 
-def local_worker_alive(pid: int) -> bool:
-    try:
-        return b"launcher.sweep" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-
-
 def owner_alive(owner: dict, slurm_ok: bool) -> bool | None:
     """True, False, or None when this machine cannot tell (another host; SLURM not reachable)."""
     if owner.get("kind") == "local":
-        return local_worker_alive(owner["pid"]) if owner.get("host") == socket.gethostname() else None
+        return worker_alive(owner["pid"]) if owner.get("host") == socket.gethostname() else None
     if not slurm_ok:
         return None
     from launcher.slurm import squeue_state

@@ -7,21 +7,21 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 from launcher import local, runs
 from launcher.clusters import ClusterProfile
-from launcher.spec import JobSpec, check_job, read_job
-from launcher.sweep.spec import SweepSpec
+from launcher.launch import print_dry_run_end
+from launcher.lifecycle.conflict import holds_same
+from launcher.lifecycle.processes import Children, cap_workers, describe_exit, live_jobs
+from launcher.spec import JobSpec, check_job
+from launcher.sweep.paths import SWEEP_FILE
+from launcher.sweep.spec import BaseJob, SweepSpec
 from launcher.sweep.study import (
-    SweepDir,
+    ask_lock,
     counts,
     create_study,
-    is_sweep,
     open_study,
     read_sweep_dir,
     reap,
@@ -30,7 +30,7 @@ from launcher.sweep.study import (
 from lenstrain.checkpointing.rundir import LOGS_DIR, SUBMITIT_DIR
 from lenstrain.config.schema import ConfigError
 from lenstrain.run.preemption import EXIT_REQUEUE
-from shards.clikit import UsageError, format_problems
+from shards.clikit import UsageError
 
 PREVIEW_TRIALS = 4
 
@@ -40,32 +40,28 @@ def workers(spec: SweepSpec) -> int:
     return max(1, min(spec.parallel, spec.trials))
 
 
-def trial_problems(job: JobSpec, profile: ClusterProfile | None, here: bool) -> list[tuple[str, str]]:
+def trial_problems(job: JobSpec, profile: ClusterProfile | None, here: bool, manifest=None) -> list[tuple[str, str]]:
     """The base job's problems as each trial would meet them: on SLURM a trial has the base job's tasks
-    (nodes x tasks_per_node, one array task); here it runs as one process."""
+    (nodes x tasks_per_node, one array task); here it runs as one process. ``manifest``: its shard set's, loaded
+    once already (None: loaded here)."""
     if here:
-        return check_job(job, profile, world_size=1) + local.check_local(job, 1)
-    return check_job(job, profile)
+        return check_job(job, profile, world_size=1, manifest=manifest) + local.check_local(job, 1)
+    return check_job(job, profile, manifest=manifest)
 
 
 def check_sweep_dir(root: Path, spec: SweepSpec, job: dict) -> str:
     """``new`` or ``continue`` (the same sweep again: it goes on to its count); a different sweep is refused."""
-    if is_sweep(root):
+
+    def difference() -> str | None:
         old_spec, old_job = read_sweep_dir(root)
-        same = old_spec.model_dump(exclude={"parallel"}) == spec.model_dump(exclude={"parallel"}) and {
-            k: v for k, v in old_job.items() if k != "resources"
-        } == {k: v for k, v in job.items() if k != "resources"}
-        if not same:
-            raise runs.RunConflict(
-                f"{root} holds a different sweep; choose another --name, or continue that one "
-                f"with `python -m launcher resume {root.name}`"
-            )
-        return "continue"
-    if root.exists() and any(not p.name.startswith(".") for p in root.iterdir()):
-        raise runs.RunConflict(
-            f"{root} exists and is not a sweep directory; choose another --name or --run-dir"
-        )
-    return "new"
+        fixed = {k: v for k, v in job.items() if k != "resources"}
+        if old_spec.model_dump(exclude={"parallel"}) == spec.model_dump(exclude={"parallel"}) and fixed == {
+                k: v for k, v in old_job.items() if k != "resources"}:
+            return None
+        return (f"{root} holds a different sweep; choose another --name, or continue that one "
+                f"with `python -m launcher resume {root.name}`")
+
+    return "continue" if holds_same(root, SWEEP_FILE, difference, "sweep") else "new"
 
 
 def tasks_per_trial(job: JobSpec) -> str:
@@ -74,12 +70,11 @@ def tasks_per_trial(job: JobSpec) -> str:
 
 
 def array_parameters(job: JobSpec, profile: ClusterProfile, root: Path, spec: SweepSpec) -> dict:
-    """submitit's parameters for the array: the base job's, ``%parallel``, and the sweep's own teardown."""
-    from launcher.slurm import executor_parameters, python_command
+    """submitit's parameters for the array: the base job's (its teardown a run's, given the sweep's directory:
+    :mod:`launcher.recovery` tells the two apart), and ``%parallel``."""
+    from launcher.slurm import executor_parameters
 
     params = executor_parameters(job, profile, spec.name, root)
-    recover = f'{python_command()} -m launcher.sweep.recover {root} --status "$status"'
-    params["teardown"] = ["status=$?", f'[ "$status" -eq 0 ] || {recover}', 'exit "$status"']
     params["array_parallelism"] = spec.parallel
     return params
 
@@ -132,29 +127,17 @@ def print_dry_run(
     print(f"\n# the first {n} trials the {spec.sampler} sampler proposes (seed {spec.seed}):")
     for number, params in enumerate(preview_trials(spec, n)):
         print(f"#   trial {number}: " + ", ".join(f"{k}={v!r}" for k, v in params.items()))
-    if problems:
-        header = f"warning: submitting this sweep would stop at {len(problems)} problem(s)"
-        print("\n" + "\n".join(f"# {line}" for line in format_problems(problems, header).splitlines()))
-    print("\n# dry run: nothing submitted")
+    print_dry_run_end(problems, "this sweep")
 
 
-def cap_local_workers(job: dict, n: int) -> str | None:
-    cap = max(0, (os.cpu_count() or 1) // n)
-    if job["data"]["workers"] <= cap:
-        return None
-    note = f"data.workers {job['data']['workers']} -> {cap}: this machine has {os.cpu_count()} CPU(s) for {n} worker(s)"
-    job["data"]["workers"] = cap
-    return note
-
-
-def start(root: Path, spec: SweepSpec, job: dict, args, state: str) -> int:
-    """Check, then print, run here or submit the sweep in ``root`` (new, or continuing)."""
-    job_spec, profile, problems = read_job(job)
+def start(root: Path, spec: SweepSpec, base: BaseJob, args, state: str) -> int:
+    """Check, then print, run here or submit the sweep in ``root`` (new, or continuing). ``base`` is the base job
+    as read and validated once (by ``sweep FILE`` or ``resume``), with its shard set's manifest when it loaded."""
+    job_spec, profile = base.spec, base.profile
     here = args.local or (profile is not None and profile.kind == "local")
-    if here and state == "new" and (note := cap_local_workers(job, workers(spec))):
+    if here and state == "new" and (note := cap_workers(job_spec, workers(spec), "worker(s)")):
         print(f"[launcher] {note}")
-        job_spec, profile, problems = read_job(job)
-    problems = problems + trial_problems(job_spec, profile, here)
+    problems = base.problems + trial_problems(job_spec, profile, here, base.manifest)
     if args.dry_run:
         print_dry_run(root, spec, job_spec, profile, here, problems, state)
         return 0
@@ -164,7 +147,7 @@ def start(root: Path, spec: SweepSpec, job: dict, args, state: str) -> int:
         slurm_ready(profile)
     refuse_active(root)
     if state == "new":
-        write_sweep(root, spec, job)
+        write_sweep(root, spec, job_spec.to_dict())
     create_study(root, spec)
     return run_local_workers(root, spec) if here else submit_array(root, spec, job_spec, profile)
 
@@ -175,24 +158,12 @@ def refuse_active(root: Path) -> None:
     if not runs.RunDir(root).jobs.is_file():
         return
     data = refresh_arrays(root)
-    active = [j["job_id"] for j in runs.active_jobs(data)] + [j["job_id"] for j in live_local(data)]
+    active = [j["job_id"] for j in runs.active_jobs(data) + live_jobs(data)]
     if active:
         raise UsageError(
             f"sweep {root.name} is active already (job {', '.join(active)}); watch it with "
             f"`python -m launcher status {root.name}`, stop it with `python -m launcher cancel {root.name}`"
         )
-
-
-def live_local(data: dict) -> list[dict]:
-    from launcher.sweep.study import local_worker_alive
-
-    return [
-        j
-        for j in data["jobs"]
-        if j.get("kind") == "local"
-        and j.get("host") == socket.gethostname()
-        and any(local_worker_alive(pid) for pid in j.get("worker_pids", []))
-    ]
 
 
 # ------------------------------------------------------------------------------------ SLURM
@@ -258,128 +229,80 @@ def worker_gpus(n: int, environ: dict | None = None) -> list[str | None]:
     return [ids[k % len(ids)] for k in range(n)]
 
 
-def start_worker(root: Path, index: int, env: dict, ranks: local.Ranks, gpu: str | None = None) -> None:
+def start_worker(root: Path, index: int, env: dict, workers_: Children, gpu: str | None = None) -> None:
     if gpu is not None:  # one GPU per worker: each trial's single process sees its own as cuda:0
         env = {**env, "CUDA_VISIBLE_DEVICES": gpu}
-    log_dir = root / LOGS_DIR
-    log_dir.mkdir(exist_ok=True)
-    log = open(log_dir / f"worker-{index}.log", "a")  # noqa: SIM115 - closed by Ranks.close
-    ranks.logs.append(log)
-    child = subprocess.Popen(
-        [sys.executable, "-u", "-m", "launcher.sweep.worker", str(root), "--index", str(index)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    ranks.children.append(child)
-    pump = threading.Thread(
-        target=local._pump,
-        args=(child.stdout, [(sys.stdout, True), (log, False)], f"[worker {index}] "),
-        daemon=True,
-    )
-    pump.start()
-    ranks.pumps.append(pump)
+    workers_.start(["launcher.sweep.worker", str(root), "--index", str(index)], env,
+                   root / LOGS_DIR / f"worker-{index}.log", f"[worker {index}] ", append=True)
+
+
+def register_workers(root: Path, spec: SweepSpec) -> tuple[str, dict]:
+    """Record a local job of the sweep's workers in its ``jobs.json``; its id and the workers' environment."""
+    n = workers(spec)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n))))
+    job_id = f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    runs.add_job(root, job_id, kind="local", state="RUNNING", host=socket.gethostname(), pid=os.getpid(), workers=n)
+    print(f"[launcher] sweep {spec.name}: {n} local worker(s), {spec.trials} trials; logs in {root / LOGS_DIR}",
+          flush=True)
+    return job_id, env
 
 
 def run_local_workers(root: Path, spec: SweepSpec) -> int:
     """``parallel`` worker processes here; a worker that dies has its trial failed and is replaced (up to
     ``retries`` times per worker). Returns 0 once the study has its trials, else the first bad status."""
-    import signal
-
-    n = workers(spec)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(
-        PYTHONUNBUFFERED="1",
-        OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n))),
-    )
-    job_id = f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    runs.add_job(
-        root, job_id, kind="local", state="RUNNING", host=socket.gethostname(), pid=os.getpid(), workers=n
-    )
-    print(
-        f"[launcher] sweep {spec.name}: {n} local worker(s), {spec.trials} trials; logs in {root / LOGS_DIR}",
-        flush=True,
-    )
-    ranks = local.Ranks()
-    gpus = worker_gpus(n)
+    job_id, env = register_workers(root, spec)
+    pool = Children("worker(s)")
+    gpus = worker_gpus(workers(spec))
     if gpus[0] is not None:
         print(f"[launcher] one GPU per worker: {', '.join(f'worker {k} -> GPU {g}' for k, g in enumerate(gpus))}")
-    for index in range(n):
-        start_worker(root, index, env, ranks, gpus[index])
-    previous = {
-        sig: signal.signal(sig, local._forwarder(ranks))
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
-    }
-    try:
-        code = supervise(root, spec, env, ranks, job_id, gpus)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        ranks.close()
+    for index, gpu in enumerate(gpus):
+        start_worker(root, index, env, pool, gpu)
+    with pool.supervised():
+        code = supervise(root, spec, env, pool, job_id, gpus)
     done = counts(open_study(root, spec))["done"] >= spec.trials
-    runs.record_end(
-        root, job_id, state="COMPLETED" if done else "STOPPED", outcome="done" if done else "stopped"
-    )
-    runs.update_jobs(
-        root, lambda d: runs.find_job(d, job_id).update(state="COMPLETED" if done else "STOPPED")
-    )
-    print(
-        f"[launcher] sweep {spec.name}: {'done' if done else 'stopped'}; see `python -m launcher status "
-        f"{runs.run_ref(root)}`",
-        flush=True,
-    )
+    state = "COMPLETED" if done else "STOPPED"
+    runs.record_end(root, job_id, state=state, outcome="done" if done else "stopped")
+    print(f"[launcher] sweep {spec.name}: {'done' if done else 'stopped'}; see `python -m launcher status "
+          f"{runs.run_ref(root)}`", flush=True)
     return 0 if done else (code or EXIT_REQUEUE)
 
 
-def supervise(
-    root: Path, spec: SweepSpec, env: dict, ranks: local.Ranks, job_id: str, gpus: list[str | None]
-) -> int:
+def supervise(root: Path, spec: SweepSpec, env: dict, pool: Children, job_id: str, gpus: list[str | None]) -> int:
     """Wait for the workers; reap and replace one that died (on its GPU). Returns the first abnormal status
     (0: none). ``gpus`` grows with the workers: the GPU of each."""
-    from launcher.sweep.study import ask_lock
-
     runs.record_start(root, job_id, restart_count=0, host=socket.gethostname())
     seen: set[int] = set()
     first_bad, replaced = 0, 0
     while True:
-        runs.update_jobs(
-            root, lambda d: runs.find_job(d, job_id).update(worker_pids=[c.pid for c in ranks.children])
-        )
-        for i, child in enumerate(ranks.children):
+        runs.update_jobs(root, lambda d: runs.find_job(d, job_id).update(worker_pids=pool.pids))
+        for i, child in enumerate(pool.children):
             code = child.poll()
             if code is None or i in seen:
                 continue
             seen.add(i)
-            if code in (0, EXIT_REQUEUE):
-                first_bad = first_bad or (code if code else 0)
-                continue
-            print(f"[launcher] worker {i} {local.describe_exit(code)}", flush=True)
-            study = open_study(root, spec)
-            with ask_lock(root):
-                for line in reap(root, study, spec, slurm_ok=False):
-                    print(f"[launcher] {line}", flush=True)
             first_bad = first_bad or code
-            if (
-                replaced < spec.retries * workers(spec)
-                and counts(study)["done"] < spec.trials
-                and not stopping(ranks)
-            ):
+            if code in (0, EXIT_REQUEUE):
+                continue
+            if worker_died(root, spec, i, code) and replaced < spec.retries * workers(spec) and not stopping(pool):
                 replaced += 1
                 gpus.append(gpus[i])
-                start_worker(root, len(ranks.children), env, ranks, gpus[i])
-        if all(c.poll() is not None for c in ranks.children) and len(seen) == len(ranks.children):
+                start_worker(root, len(pool.children), env, pool, gpus[i])
+        if all(c.poll() is not None for c in pool.children) and len(seen) == len(pool.children):
             return first_bad
         time.sleep(0.2)
 
 
-def stopping(ranks: local.Ranks) -> bool:
+def worker_died(root: Path, spec: SweepSpec, index: int, code: int) -> bool:
+    """Say so, reap its trial; whether the study still wants trials (then the worker is replaced)."""
+    print(f"[launcher] worker {index} {describe_exit(code)}", flush=True)
+    study = open_study(root, spec)
+    with ask_lock(root):
+        for line in reap(root, study, spec, slurm_ok=False):
+            print(f"[launcher] {line}", flush=True)
+    return counts(study)["done"] < spec.trials
+
+
+def stopping(pool: Children) -> bool:
     """Whether a worker stopped on a signal (Ctrl-C, cancel): then the dead are not replaced."""
-    return any(c.poll() == EXIT_REQUEUE for c in ranks.children)
-
-
-def trial_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in root.glob("trial-*") if p.is_dir())
-
-
-__all__ = ["start", "SweepDir"]
+    return any(c.poll() == EXIT_REQUEUE for c in pool.children)

@@ -179,16 +179,8 @@ def tell(
         _say(f"trial {number}: could not tell {state.name}: {exc}")
 
 
-def run_trial(
-    sweep_root: Path,
-    study: optuna.Study,
-    spec: SweepSpec,
-    job: dict,
-    trial: FrozenTrial,
-    owner: dict,
-    flag: PreemptionFlag,
-    orders: Orders | None = None,
-) -> TrialState:
+def run_trial(sweep_root: Path, study: optuna.Study, spec: SweepSpec, job: dict, trial: FrozenTrial, owner: dict,
+              flag: PreemptionFlag, orders: Orders | None = None) -> TrialState:
     """Train one trial (resuming its run if it has one) and tell the study how it ended.
 
     ``flag`` is the worker's signal flag: set before training starts (a cancel while the trial was claimed
@@ -199,9 +191,7 @@ def run_trial(
 
     run_dir = prepare_run(sweep_root, job, trial, owner)
     again = " (resuming)" if runs.newest_checkpoint(run_dir) else ""
-    _say(
-        f"trial {trial.number}{again}: {', '.join(f'{k}={v!r}' for k, v in trial.params.items())} in {run_dir}"
-    )
+    _say(f"trial {trial.number}{again}: {', '.join(f'{k}={v!r}' for k, v in trial.params.items())} in {run_dir}")
     if flag.set:
         stop_between_trials(flag, sweep_root, study, trial)
     if orders is not None:
@@ -224,6 +214,11 @@ def run_trial(
         tell(study, trial.number, TrialState.PRUNED)
         _say(f"trial {trial.number} PRUNED at step {reporter.pruned_at}")
         return TrialState.PRUNED
+    return tell_result(study, spec, trial, run_dir)
+
+
+def tell_result(study: optuna.Study, spec: SweepSpec, trial: FrozenTrial, run_dir: Path) -> TrialState:
+    """A trial that trained to its end: COMPLETE with its metric (at the checkpoint ``eval`` loads), else FAIL."""
     value, step = trial_value(run_dir, spec.metric)
     if value is None:
         tell(study, trial.number, TrialState.FAIL, why=f"no finite {spec.metric} at its best checkpoint")

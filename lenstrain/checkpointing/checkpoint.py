@@ -44,7 +44,6 @@ from lenstrain.checkpointing.stateio import (
     COMPLETE,
     DEEPSPEED_DIR,
     CheckpointReadError,
-    fsync_file,
     load_deepspeed_model_state,
     load_rng_file,
     load_state_file,
@@ -55,6 +54,7 @@ from lenstrain.checkpointing.stateio import (
     sha256_file,
     verify_checkpoint,
 )
+from shards.atomic import fsync_file
 
 __all__ = ["COMPLETE", "CheckpointReadError", "CheckpointWriteError", "Checkpointer", "best_checkpoint",
            "best_checkpoints", "complete_checkpoints", "estimate_checkpoint_bytes", "free_space_warning",

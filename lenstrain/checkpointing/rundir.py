@@ -1,4 +1,4 @@
-"""The run directory: every file of a run named once, and the one atomic-write helper.
+"""The run directory: every file of a run named once (and the atomic write of :mod:`shards.atomic`, re-exported).
 
 ``runs/NAME/`` holds everything a run needs and produces::
 
@@ -18,12 +18,13 @@ The launcher imports these names; nothing else spells them.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from shards.manifest import fsync_dir as fsync_dir  # the one directory fsync, re-exported
+# The durable writes live at the lowest floor (shards.atomic); the run's files are written with them.
+from shards.atomic import fsync_dir as fsync_dir
+from shards.atomic import write_atomic as write_atomic
+from shards.atomic import write_json_atomic as write_json_atomic
 
 CONFIG_FILE = "config.yaml"
 JOB_FILE = "job.yaml"
@@ -85,19 +86,3 @@ class RunDir:
     @property
     def profile(self) -> Path:
         return self.root / PROFILE_DIR
-
-
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
-    """Write ``path`` so that a reader sees either the old file or the whole new one (fsync, then replace)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data.encode() if isinstance(data, str) else data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def write_json_atomic(path: str | os.PathLike, payload: dict | list) -> None:
-    write_atomic(path, json.dumps(payload, indent=1) + "\n")

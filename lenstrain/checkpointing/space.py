@@ -78,12 +78,7 @@ def write_failure_line(name: str, error: str, needed: int, ckpt_root: Path, prev
             f"{ckpt_root} has {format_bytes(_free_bytes(ckpt_root))} free; its partial files were removed; {newest}")
 
 
-def estimate_job_checkpoint_bytes(model_name: str, kwargs: dict, image_shape: tuple[int, ...]) -> int:
-    """A checkpoint's size before anything is built for real: the model made on the meta device (no memory),
-    its fp32 parameters counted with two optimizer moments each, as :func:`estimate_checkpoint_bytes` does."""
-    from lenstrain.models import create_model
-
-    with torch.device("meta"):
-        model = create_model(model_name, in_channels=image_shape[0], num_outputs=1, image_size=image_shape[1],
-                             **kwargs)
+def estimate_meta_checkpoint_bytes(model: nn.Module) -> int:
+    """A checkpoint's size before anything is built for real, from the model made on the meta device (no memory):
+    its parameters counted with two optimizer moments each, as :func:`estimate_checkpoint_bytes` does."""
     return 3 * sum(p.numel() * p.element_size() for p in model.parameters())

@@ -57,11 +57,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
 class _ErrorKeepingWriter:
     """A file for ``torch.save`` that keeps the OSError of a failed write, which torch reports only vaguely."""
 

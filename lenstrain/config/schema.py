@@ -12,7 +12,7 @@ import copy
 import os
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -24,6 +24,7 @@ from lenstrain.optimization.optimizers import OPTIMIZERS, SCHEDULES
 from shards.clikit import UsageError
 
 LAUNCHER_SECTIONS = ("resources", "name")
+M = TypeVar("M", bound=BaseModel)
 
 
 class ConfigError(UsageError):
@@ -434,13 +435,18 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix
     return header + "\n" + "\n".join(lines)
 
 
+def validated(model: type[M], data: Any, where: str | os.PathLike | None = None) -> M:
+    """``model`` validated from ``data``; a :class:`ConfigError` names each key (and ``where``, the file, when
+    given). The one way a config, a job or a sweep file is validated."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, model, where=where)) from None
+
+
 def validate_config(data: dict, where: str | os.PathLike | None = None) -> LenstrainConfig:
     """The validated config; a :class:`ConfigError` names each key (and ``where``, the file, when given)."""
-    data = {k: v for k, v in data.items() if k not in LAUNCHER_SECTIONS}
-    try:
-        return LenstrainConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, LenstrainConfig, where=where)) from None
+    return validated(LenstrainConfig, {k: v for k, v in data.items() if k not in LAUNCHER_SECTIONS}, where)
 
 
 def read_config_file(path: str | Path) -> dict:

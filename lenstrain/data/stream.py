@@ -2,7 +2,7 @@
 
 Sample ``k`` of a stream is sample ``k`` of ``python -m shards simulate --preset P --task T --seed S`` with the
 stream's ``options`` as flags: a pure function of (seed, k). The stream's order is sequential
-(:class:`~lenstrain.data.loader.SequentialOrder`: position ``p`` of epoch ``e`` is sample ``e * epoch_size + p``), cut
+(:class:`~lenstrain.data.SequentialOrder`: position ``p`` of epoch ``e`` is sample ``e * epoch_size + p``), cut
 into global batches and rank slices exactly like a shard set's, and the cursor is the same, so a resume (after
 a signal or a SIGKILL, with the same or another world size) renders exactly the samples the uninterrupted run
 would have, and no sample index comes back in another epoch, on another rank or after a resume.
@@ -32,9 +32,9 @@ import torch
 
 from lenstrain.data.loader import BatchFinisher, TargetTransform, batch_buffer
 from lenstrain.data.normalize import like_image
+from shards.clikit import Problem
 from shards.pack import BadSample, _stored_image
 
-Problem = tuple[str, str]  # (dotted path, message)
 PREFIX = "data.stream"
 AUXILIARY = ("none", "smooth")  # data.stream.auxiliary: what else a stream batch may carry
 
@@ -120,7 +120,7 @@ class StreamPlan:
 
 
 def stream_plan(stream) -> tuple[StreamPlan | None, list[Problem]]:
-    """Check ``data.stream`` (a :class:`~lenstrain.config.schema.StreamConfig`) as ``shards simulate`` checks its flags;
+    """Check ``data.stream`` (a :class:`~lenstrain.config.StreamConfig`) as ``shards simulate`` checks its flags;
     the plan of a valid stream, or the problems of an invalid one, each named by its dotted path."""
     from shards.simulate.cli import SimulateError, plan
     from shards.simulate.options import physics_overrides
@@ -312,7 +312,7 @@ class StreamBatchBuilder(BatchFinisher):
 
     Each image is stored as the shard set stores its own (its dtype: float16 sets are rounded the same way)
     and read back as float32; the targets are encoded from the sample's labels with the shard set's scaling;
-    augmentation and normalisation are :class:`~lenstrain.data.loader.BatchFinisher`'s, with the shard set's pixel
+    augmentation and normalisation are :class:`~lenstrain.data.BatchFinisher`'s, with the shard set's pixel
     statistics. So training images are prepared exactly as the shard set's validation images are.
     """
 
