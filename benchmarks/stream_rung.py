@@ -171,6 +171,15 @@ def plot_curve() -> Path:
     return CURVE_PNG
 
 
+def curve_table() -> str:
+    """The curves as a markdown table: test macro AUC and accuracy at each checkpoint, with the CPU time."""
+    lines = ["| model | step | images seen | test macro AUC | test accuracy |", "|---|---|---|---|---|"]
+    for model, result in _curves().items():
+        lines += [f"| {model} | {p['step']} | {p['images_seen']:,} | {p['test_auc']:.3f} | {p['test_accuracy']:.3f} |"
+                  for p in result["points"]]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=186, help="training steps of each run (default 186: 2 epochs "
@@ -184,10 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=int, default=300, help="with --curve: steps between checkpoints")
     parser.add_argument("--curve-model", default="resnet18", choices=list(CURVE_JOBS),
                         help="with --curve: which stream job (default resnet18)")
-    parser.add_argument("--plot", action="store_true", help="only replot benchmarks/stream_curve.png")
+    parser.add_argument("--plot", action="store_true", help="only replot benchmarks/stream_curve.png and print "
+                        "the curves as a table")
     args = parser.parse_args(argv)
     if args.plot:
-        print(f"wrote {plot_curve()}")
+        print(f"wrote {plot_curve()}\n{curve_table()}")
         return 0
 
     args.root.mkdir(parents=True, exist_ok=True)
