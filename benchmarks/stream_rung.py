@@ -171,7 +171,7 @@ def plot_curve() -> Path:
     return CURVE_PNG
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=186, help="training steps of each run (default 186: 2 epochs "
                         "of the fixed set, 11,904 images)")
@@ -185,7 +185,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--curve-model", default="resnet18", choices=list(CURVE_JOBS),
                         help="with --curve: which stream job (default resnet18)")
     parser.add_argument("--plot", action="store_true", help="only replot benchmarks/stream_curve.png")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _rung_run(args: argparse.Namespace, shards: Path, arm: str, seed: int) -> dict:
+    """Train one arm of the rung (the fixed set or the stream) for args.steps and score it on the test split."""
+    name = f"{arm}-s{seed}-{args.steps}"
+    run_dir, log = args.root / "runs" / name, args.root / f"{name}.log"
+    subprocess.call(["rm", "-rf", str(run_dir), str(log)])
+    sets = [f"data.shards={shards}", "train.epochs=null", f"train.max_steps={args.steps}", f"seed={seed}",
+            f"train.val_every_steps={args.val_every}", "checkpoint.every_steps=0", "data.workers=1",
+            "log.every_steps=25"]
+    if arm == "stream":
+        sets.append(f"data.stream.seed={STREAM_SEEDS.get(seed, 11 + seed)}")
+    train = ["-m", "lenstrain", "train", FIXED_JOB if arm == "fixed" else STREAM_JOB, "--run-dir", str(run_dir)]
+    for item in sets:
+        train += ["--set", item]
+    wall = time.perf_counter()
+    cpu = _run(train, log)
+    wall = time.perf_counter() - wall
+    _run(["-m", "lenstrain", "eval", str(run_dir), "--split", "test", "--checkpoint", "latest"], log)
+    metrics = json.loads((run_dir / "eval" / "test" / "metrics.json").read_text())["metrics"]
+    return {
+        "arm": arm, "seed": seed, "stream_seed": STREAM_SEEDS.get(seed, 11 + seed) if arm == "stream" else None,
+        "steps": args.steps, "images_seen": args.steps * 64,
+        "distinct_images": args.steps * 64 if arm == "stream" else 6000,
+        "test_auc": metrics["auc"], "test_accuracy": metrics["accuracy"], "test_images": 750,
+        "val_curve": _curve(log, args.val_every, args.steps), "train_cpu_s": round(cpu, 1),
+        "train_wall_s": round(wall, 1),
+        "command": "python " + " ".join(train[:4] + [str(x) for x in train[4:]]).replace(str(ROOT) + "/", ""),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.plot:
         print(f"wrote {plot_curve()}")
         return 0
@@ -208,33 +241,10 @@ def main(argv: list[str] | None = None) -> int:
             if name in results["runs"] and not args.force:
                 print(f"{name}: kept (AUC {results['runs'][name]['test_auc']:.3f})")
                 continue
-            run_dir, log = args.root / "runs" / name, args.root / f"{name}.log"
-            subprocess.call(["rm", "-rf", str(run_dir), str(log)])
-            sets = [f"data.shards={shards}", "train.epochs=null", f"train.max_steps={args.steps}", f"seed={seed}",
-                    f"train.val_every_steps={args.val_every}", "checkpoint.every_steps=0", "data.workers=1",
-                    "log.every_steps=25"]
-            if arm == "stream":
-                sets.append(f"data.stream.seed={STREAM_SEEDS.get(seed, 11 + seed)}")
-            train = ["-m", "lenstrain", "train", FIXED_JOB if arm == "fixed" else STREAM_JOB, "--run-dir", str(run_dir)]
-            for item in sets:
-                train += ["--set", item]
-            wall = time.perf_counter()
-            cpu = _run(train, log)
-            wall = time.perf_counter() - wall
-            _run(["-m", "lenstrain", "eval", str(run_dir), "--split", "test", "--checkpoint", "latest"], log)
-            metrics = json.loads((run_dir / "eval" / "test" / "metrics.json").read_text())["metrics"]
-            results["runs"][name] = {
-                "arm": arm, "seed": seed, "stream_seed": STREAM_SEEDS.get(seed, 11 + seed) if arm == "stream" else None,
-                "steps": args.steps, "images_seen": args.steps * 64,
-                "distinct_images": args.steps * 64 if arm == "stream" else 6000,
-                "test_auc": metrics["auc"], "test_accuracy": metrics["accuracy"], "test_images": 750,
-                "val_curve": _curve(log, args.val_every, args.steps), "train_cpu_s": round(cpu, 1),
-                "train_wall_s": round(wall, 1),
-                "command": "python " + " ".join(train[:4] + [str(x) for x in train[4:]]).replace(str(ROOT) + "/", ""),
-            }
+            results["runs"][name] = run = _rung_run(args, shards, arm, seed)
             _save(results)
-            print(f"{name}: test AUC {metrics['auc']:.3f}, accuracy {metrics['accuracy']:.3f}, "
-                  f"{cpu / 60:.1f} CPU-min")
+            print(f"{name}: test AUC {run['test_auc']:.3f}, accuracy {run['test_accuracy']:.3f}, "
+                  f"{run['train_cpu_s'] / 60:.1f} CPU-min")
     return 0
 
 
