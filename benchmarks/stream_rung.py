@@ -22,6 +22,8 @@ there are kept (``--force`` reruns them).
 evaluates each checkpoint on the test split as it appears (``lenstrain eval --step N``), and writes the points
 to ``benchmarks/results/stream_curve.json`` as they come, then plots them to ``benchmarks/stream_curve.png``
 (``--plot`` only replots). Run again, it resumes the run from its last checkpoint and keeps the points it has.
+Each point holds the training CPU seconds (trainer and its workers) spent by then, so a run cut short still
+says what its points cost.
 """
 
 from __future__ import annotations
@@ -47,6 +49,17 @@ STREAM_SEEDS = {0: 11, 1: 12}
 def _child_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds so far of a process, its reaped children and its live descendants (Linux /proc; 0 when gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return 0.0
+    own = sum(int(x) for x in stat[11:15]) / os.sysconf("SC_CLK_TCK")  # utime, stime, cutime, cstime
+    return own + sum(_tree_cpu(int(child)) for child in children)
 
 
 def _run(argv: list[str], log: Path) -> float:
@@ -93,11 +106,13 @@ def _curves() -> dict:
     return data.get("curves", {"resnet18": data} if "points" in data else {})
 
 
-def _curve_point(run_dir: Path, step: int, log: Path) -> dict:
+def _curve_point(run_dir: Path, step: int, log: Path, train_cpu: float) -> dict:
+    """Test metrics of one checkpoint, with the training CPU seconds (trainer and its workers) spent by this call
+    when it was scored: an upper bound on the CPU the run took to reach it, partial runs included."""
     cpu = _run(["-m", "lenstrain", "eval", str(run_dir), "--split", "test", "--step", str(step)], log)
     metrics = json.loads((run_dir / "eval" / "test" / "metrics.json").read_text())["metrics"]
     return {"step": step, "images_seen": step * 64, "test_auc": metrics["auc"], "test_accuracy": metrics["accuracy"],
-            "eval_cpu_s": round(cpu, 1)}
+            "eval_cpu_s": round(cpu, 1), "train_cpu_s_at_scoring": round(train_cpu, 1)}
 
 
 def _complete_steps(run_dir: Path) -> list[int]:
@@ -127,9 +142,10 @@ def curve(args: argparse.Namespace, shards: Path) -> None:
     with open(log, "a") as fh:
         trainer = subprocess.Popen([sys.executable, *train], cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
     while True:
+        train_cpu = _tree_cpu(trainer.pid)  # before poll: an exited trainer keeps its times until it is reaped
         done = trainer.poll() is not None
         for step in (s for s in _complete_steps(run_dir) if s not in {p["step"] for p in result["points"]}):
-            result["points"].append(_curve_point(run_dir, step, log))
+            result["points"].append(_curve_point(run_dir, step, log, train_cpu))
             result["points"].sort(key=lambda p: p["step"])
             save()
             print(f"step {step}: test AUC {result['points'][-1]['test_auc']:.3f}", flush=True)
