@@ -22,6 +22,8 @@ there are kept (``--force`` reruns them).
 evaluates each checkpoint on the test split as it appears (``lenstrain eval --step N``), and writes the points
 to ``benchmarks/results/stream_curve.json`` as they come, then plots them to ``benchmarks/stream_curve.png``
 (``--plot`` only replots). Run again, it resumes the run from its last checkpoint and keeps the points it has.
+Each point holds the training CPU seconds (trainer and its workers) spent by then, so a run cut short still
+says what its points cost.
 """
 
 from __future__ import annotations
@@ -47,6 +49,17 @@ STREAM_SEEDS = {0: 11, 1: 12}
 def _child_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds so far of a process, its reaped children and its live descendants (Linux /proc; 0 when gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return 0.0
+    own = sum(int(x) for x in stat[11:15]) / os.sysconf("SC_CLK_TCK")  # utime, stime, cutime, cstime
+    return own + sum(_tree_cpu(int(child)) for child in children)
 
 
 def _run(argv: list[str], log: Path) -> float:
@@ -93,11 +106,13 @@ def _curves() -> dict:
     return data.get("curves", {"resnet18": data} if "points" in data else {})
 
 
-def _curve_point(run_dir: Path, step: int, log: Path) -> dict:
+def _curve_point(run_dir: Path, step: int, log: Path, train_cpu: float) -> dict:
+    """Test metrics of one checkpoint, with the training CPU seconds (trainer and its workers) spent by this call
+    when it was scored: an upper bound on the CPU the run took to reach it, partial runs included."""
     cpu = _run(["-m", "lenstrain", "eval", str(run_dir), "--split", "test", "--step", str(step)], log)
     metrics = json.loads((run_dir / "eval" / "test" / "metrics.json").read_text())["metrics"]
     return {"step": step, "images_seen": step * 64, "test_auc": metrics["auc"], "test_accuracy": metrics["accuracy"],
-            "eval_cpu_s": round(cpu, 1)}
+            "eval_cpu_s": round(cpu, 1), "train_cpu_s_at_scoring": round(train_cpu, 1)}
 
 
 def _complete_steps(run_dir: Path) -> list[int]:
@@ -127,9 +142,10 @@ def curve(args: argparse.Namespace, shards: Path) -> None:
     with open(log, "a") as fh:
         trainer = subprocess.Popen([sys.executable, *train], cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
     while True:
+        train_cpu = _tree_cpu(trainer.pid)  # before poll: an exited trainer keeps its times until it is reaped
         done = trainer.poll() is not None
         for step in (s for s in _complete_steps(run_dir) if s not in {p["step"] for p in result["points"]}):
-            result["points"].append(_curve_point(run_dir, step, log))
+            result["points"].append(_curve_point(run_dir, step, log, train_cpu))
             result["points"].sort(key=lambda p: p["step"])
             save()
             print(f"step {step}: test AUC {result['points'][-1]['test_auc']:.3f}", flush=True)
@@ -180,7 +196,7 @@ def curve_table() -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=186, help="training steps of each run (default 186: 2 epochs "
                         "of the fixed set, 11,904 images)")
@@ -195,7 +211,40 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --curve: which stream job (default resnet18)")
     parser.add_argument("--plot", action="store_true", help="only replot benchmarks/stream_curve.png and print "
                         "the curves as a table")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _rung_run(args: argparse.Namespace, shards: Path, arm: str, seed: int) -> dict:
+    """Train one arm of the rung (the fixed set or the stream) for args.steps and score it on the test split."""
+    name = f"{arm}-s{seed}-{args.steps}"
+    run_dir, log = args.root / "runs" / name, args.root / f"{name}.log"
+    subprocess.call(["rm", "-rf", str(run_dir), str(log)])
+    sets = [f"data.shards={shards}", "train.epochs=null", f"train.max_steps={args.steps}", f"seed={seed}",
+            f"train.val_every_steps={args.val_every}", "checkpoint.every_steps=0", "data.workers=1",
+            "log.every_steps=25"]
+    if arm == "stream":
+        sets.append(f"data.stream.seed={STREAM_SEEDS.get(seed, 11 + seed)}")
+    train = ["-m", "lenstrain", "train", FIXED_JOB if arm == "fixed" else STREAM_JOB, "--run-dir", str(run_dir)]
+    for item in sets:
+        train += ["--set", item]
+    wall = time.perf_counter()
+    cpu = _run(train, log)
+    wall = time.perf_counter() - wall
+    _run(["-m", "lenstrain", "eval", str(run_dir), "--split", "test", "--checkpoint", "latest"], log)
+    metrics = json.loads((run_dir / "eval" / "test" / "metrics.json").read_text())["metrics"]
+    return {
+        "arm": arm, "seed": seed, "stream_seed": STREAM_SEEDS.get(seed, 11 + seed) if arm == "stream" else None,
+        "steps": args.steps, "images_seen": args.steps * 64,
+        "distinct_images": args.steps * 64 if arm == "stream" else 6000,
+        "test_auc": metrics["auc"], "test_accuracy": metrics["accuracy"], "test_images": 750,
+        "val_curve": _curve(log, args.val_every, args.steps), "train_cpu_s": round(cpu, 1),
+        "train_wall_s": round(wall, 1),
+        "command": "python " + " ".join(train[:4] + [str(x) for x in train[4:]]).replace(str(ROOT) + "/", ""),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.plot:
         print(f"wrote {plot_curve()}\n{curve_table()}")
         return 0
@@ -218,33 +267,10 @@ def main(argv: list[str] | None = None) -> int:
             if name in results["runs"] and not args.force:
                 print(f"{name}: kept (AUC {results['runs'][name]['test_auc']:.3f})")
                 continue
-            run_dir, log = args.root / "runs" / name, args.root / f"{name}.log"
-            subprocess.call(["rm", "-rf", str(run_dir), str(log)])
-            sets = [f"data.shards={shards}", "train.epochs=null", f"train.max_steps={args.steps}", f"seed={seed}",
-                    f"train.val_every_steps={args.val_every}", "checkpoint.every_steps=0", "data.workers=1",
-                    "log.every_steps=25"]
-            if arm == "stream":
-                sets.append(f"data.stream.seed={STREAM_SEEDS.get(seed, 11 + seed)}")
-            train = ["-m", "lenstrain", "train", FIXED_JOB if arm == "fixed" else STREAM_JOB, "--run-dir", str(run_dir)]
-            for item in sets:
-                train += ["--set", item]
-            wall = time.perf_counter()
-            cpu = _run(train, log)
-            wall = time.perf_counter() - wall
-            _run(["-m", "lenstrain", "eval", str(run_dir), "--split", "test", "--checkpoint", "latest"], log)
-            metrics = json.loads((run_dir / "eval" / "test" / "metrics.json").read_text())["metrics"]
-            results["runs"][name] = {
-                "arm": arm, "seed": seed, "stream_seed": STREAM_SEEDS.get(seed, 11 + seed) if arm == "stream" else None,
-                "steps": args.steps, "images_seen": args.steps * 64,
-                "distinct_images": args.steps * 64 if arm == "stream" else 6000,
-                "test_auc": metrics["auc"], "test_accuracy": metrics["accuracy"], "test_images": 750,
-                "val_curve": _curve(log, args.val_every, args.steps), "train_cpu_s": round(cpu, 1),
-                "train_wall_s": round(wall, 1),
-                "command": "python " + " ".join(train[:4] + [str(x) for x in train[4:]]).replace(str(ROOT) + "/", ""),
-            }
+            results["runs"][name] = run = _rung_run(args, shards, arm, seed)
             _save(results)
-            print(f"{name}: test AUC {metrics['auc']:.3f}, accuracy {metrics['accuracy']:.3f}, "
-                  f"{cpu / 60:.1f} CPU-min")
+            print(f"{name}: test AUC {run['test_auc']:.3f}, accuracy {run['test_accuracy']:.3f}, "
+                  f"{run['train_cpu_s'] / 60:.1f} CPU-min")
     return 0
 
 
