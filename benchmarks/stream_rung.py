@@ -175,7 +175,7 @@ def plot_curve() -> Path:
         ax.plot([p["images_seen"] for p in points], [p["test_auc"] for p in points], "o-", label=CURVE_JOBS[model][1])
     fixed = [r for r in rung.values() if r["arm"] == "fixed"]
     if fixed:
-        ax.scatter([r["images_seen"] for r in fixed], [r["test_auc"] for r in fixed], marker="s", color="C1",
+        ax.scatter([r["images_seen"] for r in fixed], [r["test_auc"] for r in fixed], marker="s", color="C3",
                    label="ResNet-18, fixed 6,000 images")
     ax.axhline(0.5, color="grey", lw=0.8, ls="--", label="chance")
     ax.axhline(0.70, color="C2", lw=0.8, ls=":", label="goal 0.70")
