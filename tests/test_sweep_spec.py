@@ -187,3 +187,25 @@ def test_a_dead_array_task_decides_for_its_trial_as_a_run_does(tmp_path, base, m
     assert [t.user_attrs.get("retry_of") for t in trials if t.state == TrialState.WAITING] == [trial.number]
     assert runs.read_jobs(run_dir)["jobs"][0]["attempts"][-1]["outcome"] == "lost"
     assert "marked FAIL, its parameters are enqueued again" in capsys.readouterr().out
+
+
+def test_each_trial_of_a_multi_task_array_task_gets_its_own_master_port(monkeypatch):
+    """The leader and its followers agree on a port per trial, so no trial's rendezvous meets the last one's."""
+    import os
+
+    from launcher.sweep import orders
+    from lenstrain.parallel.distributed import MASTER_PORT_BASE, MASTER_PORT_SPAN, master_port_for_job
+
+    monkeypatch.setattr(orders, "_FIRST_PORT", [])
+    monkeypatch.setenv("SLURM_JOB_ID", "18144025")
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    ports = []
+    for trial in (0, 1, 2, 1):
+        orders.use_trial_port(trial)
+        ports.append(int(os.environ["MASTER_PORT"]))
+    job_port = master_port_for_job("18144025")
+    assert ports[:3] == [job_port + 1, job_port + 2, job_port + 3] and ports[3] == ports[1]
+    monkeypatch.setattr(orders, "_FIRST_PORT", [])
+    monkeypatch.setenv("MASTER_PORT", str(MASTER_PORT_BASE + MASTER_PORT_SPAN - 1))  # the user's, at the top
+    orders.use_trial_port(0)
+    assert int(os.environ["MASTER_PORT"]) == MASTER_PORT_BASE  # wrapped into the range

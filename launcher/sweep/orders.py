@@ -34,6 +34,23 @@ def task_count() -> int:
     return int(os.environ.get("SLURM_NTASKS", "1"))
 
 
+_FIRST_PORT: list[int] = []  # this worker's MASTER_PORT before its first trial (the job's, or the user's)
+
+
+def use_trial_port(trial: int) -> None:
+    """Give each trial of a multi-task array task its own MASTER_PORT (the job's port plus 1 + the trial number,
+    wrapped in the launcher's port range), set by the leader and each follower alike before the trial starts.
+    With one port for every trial, a task still closing the last trial's process group can reach the next
+    trial's rendezvous store, started on the same port, and upset its count."""
+    from lenstrain.parallel.distributed import MASTER_PORT_BASE, MASTER_PORT_SPAN, master_port_for_job
+
+    if not _FIRST_PORT:
+        given = os.environ.get("MASTER_PORT")
+        _FIRST_PORT.append(int(given) if given else master_port_for_job(os.environ.get("SLURM_JOB_ID", "0")))
+    offset = (_FIRST_PORT[0] - MASTER_PORT_BASE + 1 + trial) % MASTER_PORT_SPAN
+    os.environ["MASTER_PORT"] = str(MASTER_PORT_BASE + offset)
+
+
 @dataclass
 class Orders:
     """The order sequence of one attempt of one array task."""

@@ -31,7 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from launcher import runs
 from launcher.sweep.orders import DONE as ORDER_DONE
-from launcher.sweep.orders import TRAIN, Orders, task_count, task_rank
+from launcher.sweep.orders import TRAIN, Orders, task_count, task_rank, use_trial_port
 from launcher.sweep.spec import SweepSpec, with_params
 from launcher.sweep.study import (
     DONE,
@@ -195,6 +195,7 @@ def run_trial(sweep_root: Path, study: optuna.Study, spec: SweepSpec, job: dict,
     if flag.set:
         stop_between_trials(flag, sweep_root, study, trial)
     if orders is not None:
+        use_trial_port(trial.number)
         orders.give(TRAIN, trial.number)
     reporter = Reporter(study, trial, spec.metric)
     hooks.install(reporter, hparams={**trial.params, "trial": trial.number})
@@ -320,6 +321,7 @@ def follow(root: Path, job: dict, orders: Orders, flag: PreemptionFlag) -> dict[
         if order["order"] == ORDER_DONE:
             return {"sweep": str(root), "followed": trained}
         run_dir = SweepDir(root).trial(order["trial"])
+        use_trial_port(order["trial"])
         task = trial_task(run_dir, job)
         try:
             task()
