@@ -92,6 +92,7 @@ def test_local_caps_data_workers_and_says_so_once(capsys, launcher_shards, tmp_p
 # ------------------------------------------------------------------------------------ requeues
 
 
+@pytest.mark.slow  # several training processes, a run resumed again and again
 def test_max_requeues_counts_across_the_runs_resumes(capsys, launcher_shards, tmp_path):
     from launcher.spec import load_job
 

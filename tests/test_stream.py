@@ -147,6 +147,7 @@ def test_a_resume_from_two_ranks_to_one_renders_the_same_global_batches(eval_set
 # ------------------------------------------------------------------------------------ exact resume, end to end
 
 
+@pytest.mark.slow  # four training processes
 def test_signal_and_sigkill_resume_bit_identical_in_one_process(tmp_path, eval_set):
     config = write(tmp_path / "c.yaml", stream_config(eval_set, data={"workers": 1, "worker_kind": "process"}))
     straight = tmp_path / "straight"
@@ -167,6 +168,7 @@ def test_signal_and_sigkill_resume_bit_identical_in_one_process(tmp_path, eval_s
         assert_same_weights(final_weights(straight), final_weights(run))
 
 
+@pytest.mark.multiprocess  # two ranks
 def test_ddp_resume_is_bit_identical_and_two_ranks_resume_as_one(tmp_path, eval_set):
     config = write(tmp_path / "c.yaml", stream_config(eval_set))
     straight = tmp_path / "straight"
